@@ -1,0 +1,193 @@
+"""YAML → typed config: strict keys, strict types, dotted CLI overrides, resolved-config dump."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import yaml
+
+from .schema import RETIRED_KEYS, RETIRED_VALUES, SECTIONS, MegamemConfig
+from .validate import validate
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message is meant to be shown as is."""
+
+
+def _closest(name: str, options: Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(tp, str(tp))
+
+
+_NO = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return value as type tp, or _NO. Accepts '1e-4' for floats (YAML 1.1 reads it as a string)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value is False and "no" in typing.get_args(tp):
+            return "no"  # YAML 1.1 reads a bare `no` as false
+        for choice in typing.get_args(tp):
+            if value == choice and type(value) is type(choice):
+                return value
+            if isinstance(choice, int) and isinstance(value, str) and value.strip() == str(choice):
+                return choice
+        return _NO
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            out = _coerce(value, arg)
+            if out is not _NO:
+                return out
+        return _NO
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            return _NO
+        (item_tp,) = typing.get_args(tp)
+        items = [_coerce(v, item_tp) for v in value]
+        return _NO if any(i is _NO for i in items) else items
+    if tp is type(None):
+        return None if value is None else _NO
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _NO
+        return _NO
+    if tp is str:
+        return value if isinstance(value, str) else _NO
+    raise TypeError(f"unsupported config field type {tp}")
+
+
+def _field_types(cls) -> Dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _set_field(obj, section: str, key: str, value: Any, where: str) -> None:
+    types_ = _field_types(type(obj))
+    if key not in types_:
+        if (section, key) in RETIRED_KEYS:
+            raise ConfigError(f"{where}: {section}.{key} is not supported: {RETIRED_KEYS[(section, key)]}")
+        raise ConfigError(f"{where}: unknown key '{section}.{key}'{_closest(key, types_)}")
+    if isinstance(value, str) and (section, key, value) in RETIRED_VALUES:
+        raise ConfigError(f"{where}: {section}.{key}: '{value}' is not supported: {RETIRED_VALUES[(section, key, value)]}")
+    out = _coerce(value, types_[key])
+    if out is _NO:
+        raise ConfigError(
+            f"{where}: {section}.{key} = {value!r} has the wrong type: expected {_type_name(types_[key])}"
+        )
+    setattr(obj, key, out)
+
+
+def config_from_dict(data: Any, where: str = "<dict>") -> MegamemConfig:
+    cfg = MegamemConfig()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping with sections {', '.join(SECTIONS)}")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section '{section}'{_closest(str(section), SECTIONS)}; "
+                              f"valid sections: {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping of keys, got {type(values).__name__}")
+        for key, value in values.items():
+            _set_field(getattr(cfg, section), section, str(key), value, where)
+    return cfg
+
+
+def parse_overrides(args: List[str]) -> List[Tuple[str, str]]:
+    """['--memory.num_memory_tokens', '2048', '--model.dropout=0.1'] → [(dotted, raw)]."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument '{arg}': overrides look like --section.key VALUE "
+                              f"(sections: {', '.join(SECTIONS)})")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' needs a value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        out.append((key, raw))
+    return out
+
+
+def apply_overrides(cfg: MegamemConfig, overrides: List[Tuple[str, str]]) -> None:
+    for dotted, raw in overrides:
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or not key:
+            raise ConfigError(f"override --{dotted}: unknown section '{section}'{_closest(section, SECTIONS)}; "
+                              f"valid sections: {', '.join(SECTIONS)}")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_field(getattr(cfg, section), section, key, value, f"override --{dotted}")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> MegamemConfig:
+    """Load, override, validate. Every user error is a ConfigError naming the file and key."""
+    where = str(path) if path else "<defaults>"
+    data = None
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]} "
+                              f"({getattr(e, 'problem_mark', '') or ''})".replace(" ()", "")) from None
+    cfg = config_from_dict(data, where)
+    apply_overrides(cfg, parse_overrides(overrides or []))
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+    return cfg
+
+
+def config_to_dict(cfg: MegamemConfig) -> Dict[str, Dict[str, Any]]:
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+
+
+def dump_config(cfg: MegamemConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: MegamemConfig, path: str) -> None:
+    """Write the resolved config atomically (a crash never leaves half a file)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(dump_config(cfg))
+    os.replace(tmp, path)

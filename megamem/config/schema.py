@@ -1,0 +1,175 @@
+"""Typed config sections. Field names are the YAML keys of the memory-transformer configs.
+
+Defaults describe a small from-scratch memory model; `configs/*.yaml` documents every key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional, Union
+
+
+@dataclass
+class ModelConfig:
+    # architecture (from-scratch)
+    hidden_dim: int = 768
+    num_heads: int = 12
+    num_kv_heads: Optional[int] = None  # null = num_heads (multi-head); fewer = grouped-query
+    num_layers: int = 12
+    intermediate_dim: int = 2048
+    vocab_size: int = 32000
+    max_seq_len: int = 2048
+    # positions
+    use_rope: bool = True  # false = learned absolute position embeddings
+    rope_theta: float = 10000.0
+    # regularisation
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # normalisation / activation / init
+    norm_eps: float = 1e-6
+    use_rms_norm: bool = True
+    hidden_activation: Literal["silu", "gelu", "gelu_tanh"] = "silu"  # silu = SwiGLU; gelu = 2-layer GELU MLP
+    initializer_range: float = 0.02
+    tie_embeddings: bool = False
+    # tokenizer
+    tokenizer_name: Optional[str] = None
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+    pad_token_id: Optional[int] = 0
+    # adapter runs (memory injected into a pretrained Hugging Face model)
+    base_model_name: Optional[str] = None
+    freeze_base_model: bool = True
+    # performance
+    use_flash_attention: bool = True  # flash-attn on CUDA when installed, else SDPA
+
+
+@dataclass
+class MemoryConfig:
+    vanilla_mode: bool = False  # true = no memory modules or parameters at all (control run)
+    # bank
+    num_memory_tokens: int = 1024
+    memory_dim: Optional[int] = None  # null = hidden_dim
+    memory_num_heads: Optional[int] = None  # null = model.num_heads
+    memory_num_kv_heads: Optional[int] = None  # null = memory_num_heads
+    # placement and sharing
+    memory_layer_placement: Literal["all", "first_k", "last_k", "every_n", "custom", "none"] = "all"
+    memory_layer_k: int = 5
+    memory_layer_n: int = 3
+    memory_layer_indices: Optional[List[int]] = None
+    memory_sharing: Literal["shared", "per_layer", "every_k_layers"] = "shared"
+    memory_sharing_k: int = 2
+    memory_block_variant: Literal["A", "B"] = "A"
+    memory_dropout: float = 0.0
+    # low rank
+    use_low_rank_memory: bool = False
+    memory_rank: int = 64
+    low_rank_mode: Literal["factorized", "reduced_dim"] = "factorized"
+    use_low_rank_projections: bool = False
+    projection_rank: int = 64
+    # chapters
+    use_chapters: bool = False
+    num_chapters: int = 100
+    tokens_per_chapter: Optional[int] = None  # null = num_memory_tokens / num_chapters
+    top_k_chapters: int = 20
+    num_shared_chapters: int = 0
+    routed_scaling_factor: float = 1.0
+    routing_strategy_train: Literal["sequence", "token"] = "sequence"
+    routing_strategy_inference: Literal["sequence", "rolling", "token"] = "sequence"
+    use_load_balance_loss: bool = True
+    load_balance_coefficient: float = 0.01
+    use_auxiliary_loss: bool = False
+    auxiliary_loss_coefficient: float = 0.01
+    use_z_loss: bool = False
+    z_loss_coefficient: float = 0.001
+    # quantisation
+    quantize_memory: bool = False
+    memory_quant_bits: Literal[4, 8] = 8
+    # initialisation
+    wo_init_zero: bool = True
+    memory_init_std: float = 0.02
+    memory_gradient_checkpointing: bool = False
+    # LoRA and adapter mode flags (adapter runs)
+    use_lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_memory_adapter: bool = True
+    use_both_memory_and_lora: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    # learning rates per parameter group
+    memory_lr: float = 1e-4
+    lora_lr: float = 1e-4
+    base_model_lr: float = 1e-5
+    training_mode: Literal["pretraining", "instruction_finetuning"] = "pretraining"
+    # data
+    dataset_name: Optional[str] = None
+    dataset_subset: Optional[str] = None
+    dataset_split: str = "train"
+    eval_split: Optional[str] = None
+    text_field: Union[str, List[str]] = "text"
+    max_length: int = 1024
+    # distribution (DeepSpeed; see ds_configs/)
+    distributed_strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    num_gpus: Optional[int] = None  # informational; the launcher decides the world size
+    # loop
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_epochs: Optional[int] = None
+    max_steps: int = 10000
+    warmup_steps: int = 100
+    warmup_ratio: Optional[float] = None
+    # optimiser
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    scheduler: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    min_lr_ratio: float = 0.1
+    # precision
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    save_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    # checkpoints and evaluation
+    save_steps: int = 500
+    eval_steps: int = 500
+    save_total_limit: Optional[int] = 3
+    save_best_model: bool = True
+    early_stopping: bool = False
+    early_stopping_patience: int = 3
+    early_stopping_threshold: float = 0.0
+    # logging
+    logging_steps: int = 10
+    log_to_wandb: bool = False
+    wandb_project: str = "megamem"
+    wandb_run_name: Optional[str] = None
+    output_dir: str = "./outputs"
+    resume_from_checkpoint: Optional[str] = None
+    seed: int = 42
+
+
+@dataclass
+class MegamemConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+SECTIONS = {"model": ModelConfig, "memory": MemoryConfig, "training": TrainingConfig}
+
+# Keys of the earlier single-node trainer that have no meaning here: what to do instead.
+RETIRED_KEYS = {
+    ("training", "fsdp_sharding_strategy"): "megamem shards with DeepSpeed ZeRO: drop this key and "
+    "launch with --deepspeed ds_configs/zero3.json (ZeRO-3 partitions parameters like FSDP FULL_SHARD)",
+    ("memory", "memory_layer_custom"): "use memory.memory_layer_indices",
+}
+
+# distributed_strategy values of the earlier trainer, and what replaces them.
+RETIRED_VALUES = {
+    ("training", "distributed_strategy", "fsdp"): "use distributed_strategy: deepspeed with "
+    "--deepspeed ds_configs/zero3.json (ZeRO-3 shards parameters, gradients and optimizer state like FSDP)",
+}

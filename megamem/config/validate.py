@@ -1,0 +1,147 @@
+"""Cross-field checks: each returns a message naming the key and what would be valid."""
+from __future__ import annotations
+
+from typing import List
+
+from .schema import MegamemConfig
+
+
+def _positive(problems: List[str], section: str, obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            problems.append(f"{section}.{name} must be > 0, got {value}")
+
+
+def _fraction(problems: List[str], section: str, obj, *names: str, closed: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        ok = 0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0
+        if value is not None and not ok:
+            problems.append(f"{section}.{name} must be in [0, 1{']' if closed else ')'}, got {value}")
+
+
+def _validate_model(cfg: MegamemConfig, problems: List[str]) -> None:
+    m = cfg.model
+    _positive(problems, "model", m, "hidden_dim", "num_heads", "num_kv_heads", "num_layers",
+              "intermediate_dim", "vocab_size", "max_seq_len", "rope_theta", "norm_eps", "initializer_range")
+    _fraction(problems, "model", m, "dropout", "attention_dropout")
+    if m.hidden_dim > 0 and m.num_heads > 0 and m.hidden_dim % m.num_heads:
+        problems.append(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.num_heads ({m.num_heads})")
+    elif m.use_rope and m.num_heads > 0 and (m.hidden_dim // m.num_heads) % 2:
+        problems.append(f"model.use_rope needs an even head dim; hidden_dim/num_heads = {m.hidden_dim // m.num_heads}")
+    kv = m.num_kv_heads
+    if kv is not None and kv > 0 and m.num_heads > 0 and m.num_heads % kv:
+        problems.append(f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({kv})")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        tok = getattr(m, name)
+        if tok is not None and not 0 <= tok < m.vocab_size:
+            problems.append(f"model.{name} = {tok} is outside the vocabulary [0, {m.vocab_size})")
+
+
+def _validate_memory(cfg: MegamemConfig, problems: List[str]) -> None:
+    m, mem = cfg.model, cfg.memory
+    if mem.vanilla_mode:
+        return
+    _positive(problems, "memory", mem, "num_memory_tokens", "memory_dim", "memory_num_heads",
+              "memory_num_kv_heads", "memory_layer_k", "memory_layer_n", "memory_sharing_k",
+              "memory_rank", "projection_rank", "memory_init_std")
+    _fraction(problems, "memory", mem, "memory_dropout")
+    heads = mem.memory_num_heads or m.num_heads
+    kv_heads = mem.memory_num_kv_heads or heads
+    if heads > 0 and m.hidden_dim % heads:
+        problems.append(f"model.hidden_dim ({m.hidden_dim}) must be divisible by memory.memory_num_heads ({heads})")
+    if kv_heads > 0 and heads % kv_heads:
+        problems.append(f"memory.memory_num_heads ({heads}) must be divisible by memory.memory_num_kv_heads ({kv_heads})")
+    placement, n_layers = mem.memory_layer_placement, m.num_layers
+    if placement in ("first_k", "last_k") and not 1 <= mem.memory_layer_k <= n_layers:
+        problems.append(f"memory.memory_layer_k = {mem.memory_layer_k} must be in [1, {n_layers}] "
+                        f"(model.num_layers) for placement {placement}")
+    if placement == "custom":
+        idx = mem.memory_layer_indices
+        if not idx:
+            problems.append("memory.memory_layer_placement is 'custom' but memory.memory_layer_indices is empty; "
+                            "give a list such as [0, 5]")
+        else:
+            bad = [i for i in idx if not 0 <= i < n_layers]
+            if bad:
+                problems.append(f"memory.memory_layer_indices {bad} out of range: layers are 0..{n_layers - 1}")
+            if len(set(idx)) != len(idx):
+                problems.append(f"memory.memory_layer_indices {idx} has repeated layers")
+    elif mem.memory_layer_indices is not None:
+        problems.append(f"memory.memory_layer_indices is only used with memory_layer_placement: custom "
+                        f"(placement is '{placement}'); remove it or set placement to custom")
+    mem_dim = mem.memory_dim or m.hidden_dim
+    if mem.use_low_rank_memory and mem.memory_rank > mem_dim:
+        problems.append(f"memory.memory_rank ({mem.memory_rank}) must be <= the memory dim ({mem_dim})")
+    if mem.use_low_rank_projections:
+        limit = min(m.hidden_dim, mem.memory_rank if _reduced(cfg) else mem_dim)
+        if mem.projection_rank > limit:
+            problems.append(f"memory.projection_rank ({mem.projection_rank}) must be <= {limit} "
+                            f"(the smaller of hidden_dim and the bank dim)")
+    if mem.quantize_memory and mem.use_low_rank_memory and mem.low_rank_mode == "factorized":
+        problems.append("memory.quantize_memory works on banks stored as rows (full or reduced_dim); "
+                        "set memory.low_rank_mode: reduced_dim or turn quantize_memory off")
+    bank_dim = mem.memory_rank if _reduced(cfg) else mem_dim
+    if mem.quantize_memory and mem.memory_quant_bits == 4 and bank_dim % 2:
+        problems.append(f"memory.memory_quant_bits: 4 packs two values per byte and needs an even bank dim, got {bank_dim}")
+    _validate_chapters(cfg, problems)
+
+
+def _reduced(cfg: MegamemConfig) -> bool:
+    return cfg.memory.use_low_rank_memory and cfg.memory.low_rank_mode == "reduced_dim"
+
+
+def _validate_chapters(cfg: MegamemConfig, problems: List[str]) -> None:
+    mem = cfg.memory
+    if not mem.use_chapters:
+        return
+    _positive(problems, "memory", mem, "num_chapters", "tokens_per_chapter", "top_k_chapters")
+    if mem.top_k_chapters > mem.num_chapters:
+        problems.append(f"memory.top_k_chapters ({mem.top_k_chapters}) must be <= memory.num_chapters ({mem.num_chapters})")
+    if not 0 <= mem.num_shared_chapters < mem.num_chapters:
+        problems.append(f"memory.num_shared_chapters ({mem.num_shared_chapters}) must be in [0, num_chapters)")
+    tpc = mem.tokens_per_chapter
+    if tpc is None and mem.num_chapters > 0 and mem.num_memory_tokens % mem.num_chapters:
+        problems.append(f"memory.num_memory_tokens ({mem.num_memory_tokens}) is not divisible by "
+                        f"memory.num_chapters ({mem.num_chapters}); pick a divisor or set tokens_per_chapter")
+    elif tpc is not None and tpc * mem.num_chapters != mem.num_memory_tokens:
+        problems.append(f"memory.tokens_per_chapter ({tpc}) × num_chapters ({mem.num_chapters}) must equal "
+                        f"num_memory_tokens ({mem.num_memory_tokens})")
+
+
+def _validate_adapter(cfg: MegamemConfig, problems: List[str]) -> None:
+    mem = cfg.memory
+    if (mem.use_lora or mem.use_both_memory_and_lora) and cfg.model.base_model_name is None:
+        problems.append("memory.use_lora applies to adapter runs: set model.base_model_name "
+                        "(a pretrained Hugging Face model) or turn use_lora off")
+    _positive(problems, "memory", mem, "lora_rank", "lora_alpha")
+    _fraction(problems, "memory", mem, "lora_dropout")
+
+
+def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
+    t = cfg.training
+    _positive(problems, "training", t, "batch_size", "gradient_accumulation_steps", "num_epochs", "max_steps",
+              "max_length", "save_steps", "eval_steps", "save_total_limit", "logging_steps",
+              "early_stopping_patience", "memory_lr", "lora_lr", "base_model_lr", "adam_epsilon")
+    if t.warmup_steps < 0:
+        problems.append(f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if t.warmup_ratio is not None:
+        _fraction(problems, "training", t, "warmup_ratio", closed=True)
+    _fraction(problems, "training", t, "adam_beta1", "adam_beta2", "weight_decay")
+    _fraction(problems, "training", t, "min_lr_ratio", closed=True)
+    if t.max_grad_norm < 0:
+        problems.append(f"training.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+    if t.max_length > cfg.model.max_seq_len and cfg.model.base_model_name is None:
+        problems.append(f"training.max_length ({t.max_length}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    if isinstance(t.text_field, list) and not t.text_field:
+        problems.append("training.text_field is an empty list; give a field name or a list of field names")
+
+
+def validate(cfg: MegamemConfig) -> List[str]:
+    problems: List[str] = []
+    _validate_model(cfg, problems)
+    _validate_memory(cfg, problems)
+    _validate_adapter(cfg, problems)
+    _validate_training(cfg, problems)
+    return problems

@@ -1,0 +1,1 @@
+"""Memory banks, memory cross-attention and their placement across layers."""

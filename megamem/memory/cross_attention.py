@@ -1,0 +1,73 @@
+"""Memory cross-attention: queries from hidden states, keys/values from a memory bank."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # the cache lives with the model; only its type is needed here
+    from ..model.kv_cache import KVCache
+
+
+class LowRankLinear(nn.Module):
+    """x → up(down(x)) with a rank-r bottleneck."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(in_dim, rank, bias=False)
+        self.up = nn.Linear(rank, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+def _projection(in_dim: int, out_dim: int, rank: Optional[int]) -> nn.Module:
+    return LowRankLinear(in_dim, out_dim, rank) if rank else nn.Linear(in_dim, out_dim, bias=False)
+
+
+class MemoryCrossAttention(nn.Module):
+    """Every token attends to all bank rows (no causal mask, no positions).
+
+    The bank is projected to K/V once per call — not once per batch element: the batch is
+    folded into the query length, so all sequences share one [1, kv_heads, N_m, head_dim] K/V.
+    """
+
+    def __init__(self, dim: int, bank_dim: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0,
+                 projection_rank: Optional[int] = None, wo_init_zero: bool = True):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.q_proj = _projection(dim, num_heads * self.head_dim, projection_rank)
+        self.k_proj = _projection(bank_dim, num_kv_heads * self.head_dim, projection_rank)
+        self.v_proj = _projection(bank_dim, num_kv_heads * self.head_dim, projection_rank)
+        self.o_proj = _projection(num_heads * self.head_dim, dim, projection_rank)
+        self.dropout = nn.Dropout(dropout)
+        self.wo_init_zero = wo_init_zero
+
+    def zero_output(self) -> None:
+        """Make the memory branch start as the identity (the block sees no memory at step 0)."""
+        out = self.o_proj.up if isinstance(self.o_proj, LowRankLinear) else self.o_proj
+        nn.init.zeros_(out.weight)
+
+    def memory_kv(self, memory: torch.Tensor):
+        N = memory.shape[0]
+        k = self.k_proj(memory).view(1, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(memory).view(1, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor], cache: Optional["KVCache"] = None,
+                layer: int = 0) -> torch.Tensor:
+        B, S, _ = x.shape
+        H, hd = self.num_heads, self.head_dim
+        kv = cache.memory(layer) if cache is not None else None
+        if kv is None:
+            kv = self.memory_kv(memory.to(x.dtype))
+            if cache is not None:
+                cache.memory_kv[layer] = kv
+        k, v = kv
+        q = self.q_proj(x).view(1, B * S, H, hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.num_kv_heads != H)
+        y = y.transpose(1, 2).reshape(B, S, H * hd)
+        return self.dropout(self.o_proj(y))

@@ -1,0 +1,35 @@
+"""megamem: memory-augmented transformers pretrained at scale with DeepSpeed.
+
+torch is required but not pinned to a build: install the torch wheel that fits your machine
+(CUDA or CPU) first; `tools/setup_env.sh` does this for a CPU-only machine.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="megamem",
+    version="0.1.0",
+    description="DeepSpeed pretraining of memory-augmented transformers (memory banks, chapters, adapters)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megamem", "megamem.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",
+        "deepspeed>=0.16",
+        "transformers>=4.45",
+        "datasets>=2.19",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "accelerate>=0.34",
+        "peft>=0.12",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.43"],
+        "mpi": ["mpi4py>=3.1"],
+        "wandb": ["wandb>=0.17"],
+        "dev": ["pytest>=8.0"],
+    },
+)

@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from megamem.config import load_config  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def tiny_config(*overrides: str, **sections):
+    """A small valid config; overrides are `section.key=value` strings."""
+    base = ["--model.hidden_dim=32", "--model.num_heads=4", "--model.num_kv_heads=2", "--model.num_layers=4",
+            "--model.intermediate_dim=48", "--model.vocab_size=61", "--model.max_seq_len=64",
+            "--memory.num_memory_tokens=12", "--training.max_length=64"]
+    return load_config(None, base + [f"--{o}" for o in overrides])
+
+
+@pytest.fixture
+def root():
+    return ROOT

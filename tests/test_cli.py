@@ -1,0 +1,60 @@
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from megamem.config import load_config
+from megamem.model import build_model
+
+from conftest import ROOT
+
+TRAIN = os.path.join(ROOT, "scripts", "train.py")
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def run(*args):
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_dry_run_shipped_configs(path):
+    proc = run("--config", path, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    resolved = proc.stdout.split("# parameters")[0]
+    assert "model:" in resolved and "memory:" in resolved and "training:" in resolved
+    cfg = load_config(path)
+    counts = build_model(cfg).parameter_counts() if cfg.model.hidden_dim <= 256 else None
+    if counts:  # small configs: the printed counts (from a meta-device build) are the real model's
+        for key in ("total", "memory", "trainable"):
+            printed = re.search(rf"^{key}:\s+([\d,]+)", proc.stdout, re.M).group(1)
+            assert int(printed.replace(",", "")) == counts[key]
+
+
+def test_dry_run_with_overrides_prints_them(tmp_path):
+    proc = run("--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--dry-run",
+               "--memory.memory_sharing", "per_layer", "--memory.num_memory_tokens=64")
+    assert proc.returncode == 0, proc.stderr
+    assert "memory_sharing: per_layer" in proc.stdout and "num_memory_tokens: 64" in proc.stdout
+    assert proc.stdout.count("bank ") == 2  # two memory layers, one bank each
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--memory.num_memory_token", "5"], "unknown key 'memory.num_memory_token' (did you mean 'num_memory_tokens'?)"),
+    (["--model.num_heads", "3"], "model.hidden_dim (128) must be divisible by model.num_heads (3)"),
+    (["--memory.use_chapters", "true", "--memory.num_chapters", "4", "--memory.top_k_chapters", "2"],
+     "chapter routing is not available in this version"),
+])
+def test_bad_input_exits_2_with_one_line(args, message):
+    proc = run("--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--dry-run", *args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_missing_config_file():
+    proc = run("--config", "nope.yaml", "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: config file not found: nope.yaml"
