@@ -24,11 +24,12 @@ $PIP install --upgrade pip setuptools wheel 2>&1 | grep -v "is ignored" || true
 echo "[setup] installing $TORCH_SPEC"
 $PIP install "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
 # DeepSpeed's sdist imports torch at build time: build against the torch installed above.
-# DS_BUILD_OPS=0: no ops compiled at install; tests avoid JIT builds (see DESIGN notes in README).
+# DS_BUILD_OPS=0: no ops compiled at install (tests avoid JIT op builds).
 echo "[setup] installing $DEEPSPEED_SPEC"
 DS_BUILD_OPS=0 $PIP install --no-build-isolation "$DEEPSPEED_SPEC" 2>&1 | grep -v "is ignored" || true
+# compat editable mode: a plain path entry, so a checkout placed first on sys.path (tests) wins
 echo "[setup] installing megamem[$EXTRAS]"
-$PIP install -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored" || true
+$PIP install -e ".[$EXTRAS]" --config-settings editable_mode=compat 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import torch, deepspeed, transformers, megamem" \
   || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }
 echo "$stamp_value" > .venv/.megamem-setup
