@@ -70,7 +70,7 @@ def test_save_roundtrip(tmp_path):
 BAD_CONFIGS = [
     # (yaml text, overrides, expected message fragment)
     ("memory: {num_memory_token: 10}", [], r"unknown key 'memory.num_memory_token' \(did you mean 'num_memory_tokens'\?\)"),
-    ("optim: {lr: 1}", [], r"unknown section 'optim'; valid sections: model, memory, training"),
+    ("optim: {lr: 1}", [], r"unknown section 'optim'; valid sections: model, memory, training, parallel"),
     ("model: {hidden_dim: big}", [], r"model.hidden_dim = 'big' has the wrong type: expected integer"),
     ("model: {num_layers: true}", [], r"model.num_layers = True has the wrong type: expected integer"),
     ("memory: {memory_layer_placement: middle}", [],
@@ -96,7 +96,8 @@ BAD_CONFIGS = [
     ("model: {eos_token_id: 32000}", [], r"model.eos_token_id = 32000 is outside the vocabulary \[0, 32000\)"),
     ("training: {warmup_ratio: 1.5}", [], r"training.warmup_ratio must be in \[0, 1\], got 1.5"),
     ("model: {dropout: 1.0}", [], r"model.dropout must be in \[0, 1\), got 1.0"),
-    ("[1, 2]", [], r"the top level must be a mapping with sections model, memory, training"),
+    ("parallel: {ep_size: 2}", [], r"parallel.ep_size = 2 shards chapters across ranks, but memory.use_chapters is false"),
+    ("[1, 2]", [], r"the top level must be a mapping with sections model, memory, training, parallel"),
     ("model: [1, 2]", [], r"section 'model' must be a mapping of keys, got list"),
     ("model: {hidden_dim: 64", [], r"not valid YAML"),
     ("{}", ["--trainer.lr", "1"], r"override --trainer.lr: unknown section 'trainer'"),

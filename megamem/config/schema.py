@@ -153,13 +153,21 @@ class TrainingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Layouts DeepSpeed applies from outside the model (ZeRO stage comes from the DeepSpeed JSON)."""
+
+    ep_size: int = 1  # expert-parallel group size: chapters are sharded across this many ranks
+
+
+@dataclass
 class MegamemConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-SECTIONS = {"model": ModelConfig, "memory": MemoryConfig, "training": TrainingConfig}
+SECTIONS = {"model": ModelConfig, "memory": MemoryConfig, "training": TrainingConfig, "parallel": ParallelConfig}
 
 # Keys of the earlier single-node trainer that have no meaning here: what to do instead.
 RETIRED_KEYS = {

@@ -138,10 +138,18 @@ def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append("training.text_field is an empty list; give a field name or a list of field names")
 
 
+def _validate_parallel(cfg: MegamemConfig, problems: List[str]) -> None:
+    _positive(problems, "parallel", cfg.parallel, "ep_size")
+    if cfg.parallel.ep_size > 1 and not cfg.memory.use_chapters:
+        problems.append(f"parallel.ep_size = {cfg.parallel.ep_size} shards chapters across ranks, "
+                        "but memory.use_chapters is false; set ep_size: 1 or enable chapters")
+
+
 def validate(cfg: MegamemConfig) -> List[str]:
     problems: List[str] = []
     _validate_model(cfg, problems)
     _validate_memory(cfg, problems)
     _validate_adapter(cfg, problems)
     _validate_training(cfg, problems)
+    _validate_parallel(cfg, problems)
     return problems
