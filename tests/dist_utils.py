@@ -12,7 +12,8 @@ from megamem.parallel.distributed import free_port
 
 def _worker(rank, world, port, fn, args, out_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                      MEGAMEM_INIT_METHOD=f"file://{out_dir}/rendezvous")
     try:
         from megamem.parallel.distributed import init_distributed
 
@@ -20,6 +21,10 @@ def _worker(rank, world, port, fn, args, out_dir):
         result = fn(*args)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        import torch.distributed as dist
+
+        dist.barrier()  # tear down together: a gloo group whose peer is gone aborts at exit
+        dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
@@ -36,9 +41,13 @@ def run_ranks(fn, *args, world_size: int = 2, tmp_path):
         p.start()
     for p in procs:
         p.join(timeout=600)
+    for p in procs:
+        if p.is_alive():  # a hung rank must not hang the suite
+            p.kill()
+            p.join()
     errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
     if errors or any(p.exitcode != 0 for p in procs):
-        raise AssertionError("rank failed:\n" + "\n".join(errors or [f"exit codes {[p.exitcode for p in procs]}"]))
+        raise AssertionError(f"rank failed (exit codes {[p.exitcode for p in procs]}):\n" + "\n".join(errors))
     results = []
     for r in range(world_size):
         with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:

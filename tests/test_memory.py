@@ -23,7 +23,7 @@ def naive_attention(q, k, v, causal):
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 def test_memory_cross_attention_matches_dense_reference(heads, kv_heads):
     torch.manual_seed(0)
-    attn = MemoryCrossAttention(32, 24, heads, kv_heads, wo_init_zero=False)
+    attn = MemoryCrossAttention(32, 24, heads, kv_heads)
     torch.nn.init.normal_(attn.o_proj.weight, std=0.1)
     x, memory = torch.randn(3, 5, 32), torch.randn(17, 24)
     hd, rep = 32 // heads, heads // kv_heads

@@ -103,6 +103,7 @@ class TrainingConfig:
     memory_lr: float = 1e-4
     lora_lr: float = 1e-4
     base_model_lr: float = 1e-5
+    learning_rate: Optional[float] = None  # from-scratch runs: the non-memory weights; null = memory_lr
     training_mode: Literal["pretraining", "instruction_finetuning"] = "pretraining"
     # data
     dataset_name: Optional[str] = None
@@ -130,6 +131,8 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     scheduler: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     min_lr_ratio: float = 0.1
+    decay_start_ratio: float = 0.8  # wsd: fraction of the steps before the decay starts
+    bank_weight_decay: bool = False  # apply weight_decay to memory banks too
     # precision
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     save_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -139,11 +142,13 @@ class TrainingConfig:
     eval_steps: int = 500
     save_total_limit: Optional[int] = 3
     save_best_model: bool = True
+    eval_max_batches: Optional[int] = 50  # cap per evaluation (null = the whole eval split)
     early_stopping: bool = False
     early_stopping_patience: int = 3
     early_stopping_threshold: float = 0.0
     # logging
     logging_steps: int = 10
+    max_nonfinite_steps: int = 5  # consecutive NaN/inf losses (each step skipped) before the run aborts
     log_to_wandb: bool = False
     wandb_project: str = "megamem"
     wandb_run_name: Optional[str] = None

@@ -123,13 +123,14 @@ def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
     t = cfg.training
     _positive(problems, "training", t, "batch_size", "gradient_accumulation_steps", "num_epochs", "max_steps",
               "max_length", "save_steps", "eval_steps", "save_total_limit", "logging_steps",
-              "early_stopping_patience", "memory_lr", "lora_lr", "base_model_lr", "adam_epsilon")
+              "early_stopping_patience", "memory_lr", "lora_lr", "base_model_lr", "learning_rate",
+              "adam_epsilon", "eval_max_batches", "max_nonfinite_steps")
     if t.warmup_steps < 0:
         problems.append(f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
     if t.warmup_ratio is not None:
         _fraction(problems, "training", t, "warmup_ratio", closed=True)
     _fraction(problems, "training", t, "adam_beta1", "adam_beta2", "weight_decay")
-    _fraction(problems, "training", t, "min_lr_ratio", closed=True)
+    _fraction(problems, "training", t, "min_lr_ratio", "decay_start_ratio", closed=True)
     if t.max_grad_norm < 0:
         problems.append(f"training.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
     if t.max_length > cfg.model.max_seq_len and cfg.model.base_model_name is None:

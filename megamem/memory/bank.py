@@ -92,10 +92,17 @@ class QuantizedMemoryBank(nn.Module):
 
     def __init__(self, num_tokens: int, dim: int, bits: int, init_std: float):
         super().__init__()
-        self.num_tokens, self.dim, self.bits = num_tokens, dim, bits
+        self.num_tokens, self.dim, self.bits, self.init_std = num_tokens, dim, bits, init_std
         codes, scales = quantize_rows(torch.randn(num_tokens, dim) * init_std, bits)
         self.register_buffer("codes", codes)
         self.scales = nn.Parameter(scales)
+
+    def reset_parameters(self) -> None:
+        codes, scales = quantize_rows(torch.randn(self.num_tokens, self.dim, device=self.codes.device) * self.init_std,
+                                      self.bits)
+        with torch.no_grad():
+            self.codes.copy_(codes)
+            self.scales.copy_(scales)
 
     @classmethod
     def from_float(cls, memory: torch.Tensor, bits: int) -> "QuantizedMemoryBank":

@@ -35,7 +35,7 @@ class MemoryCrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, bank_dim: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0,
-                 projection_rank: Optional[int] = None, wo_init_zero: bool = True):
+                 projection_rank: Optional[int] = None):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
@@ -44,12 +44,10 @@ class MemoryCrossAttention(nn.Module):
         self.v_proj = _projection(bank_dim, num_kv_heads * self.head_dim, projection_rank)
         self.o_proj = _projection(num_heads * self.head_dim, dim, projection_rank)
         self.dropout = nn.Dropout(dropout)
-        self.wo_init_zero = wo_init_zero
 
-    def zero_output(self) -> None:
-        """Make the memory branch start as the identity (the block sees no memory at step 0)."""
-        out = self.o_proj.up if isinstance(self.o_proj, LowRankLinear) else self.o_proj
-        nn.init.zeros_(out.weight)
+    def output_layer(self) -> nn.Linear:
+        """The last linear map of the branch: zeroed by wo_init_zero so the block starts without memory."""
+        return self.o_proj.up if isinstance(self.o_proj, LowRankLinear) else self.o_proj
 
     def memory_kv(self, memory: torch.Tensor):
         N = memory.shape[0]

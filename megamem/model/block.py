@@ -5,7 +5,7 @@ Layout B: x → self-attn → MLP → memory → MLP (a second MLP after the mem
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,7 @@ class MemoryBranch(nn.Module):
         self.norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
         self.attn = MemoryCrossAttention(
             model.hidden_dim, bank_dim, heads, mem.memory_num_kv_heads or heads, mem.memory_dropout,
-            mem.projection_rank if mem.use_low_rank_projections else None, mem.wo_init_zero)
+            mem.projection_rank if mem.use_low_rank_projections else None)
         if mem.memory_block_variant == "B":
             self.mlp_norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
             self.mlp = make_mlp(model.hidden_dim, model.intermediate_dim, model.hidden_activation, model.dropout)
@@ -35,11 +35,9 @@ class MemoryBranch(nn.Module):
             self.mlp = None
         self.checkpointed = mem.memory_gradient_checkpointing
 
-    def zero_output(self) -> None:
-        """With wo_init_zero the whole branch (its MLP included) starts as the identity."""
-        self.attn.zero_output()
-        if self.mlp is not None:
-            nn.init.zeros_(self.mlp.down_proj.weight)
+    def output_layers(self) -> List[nn.Linear]:
+        """Layers zeroed by wo_init_zero, so the whole branch (layout B's MLP included) starts as identity."""
+        return [self.attn.output_layer()] + ([self.mlp.down_proj] if self.mlp is not None else [])
 
     def _read(self, x, memory, cache, layer):
         return self.attn(self.norm(x), memory, cache, layer)

@@ -52,19 +52,27 @@ class MemoryTransformer(nn.Module):
             self.lm_head.weight = self.tok_embeddings.weight
 
     def reset_parameters(self) -> None:
-        std = self.model_config.initializer_range
+        zero_ids = self.zero_init_ids()
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        for bank in self.banks:
-            if hasattr(bank, "reset_parameters"):
-                bank.reset_parameters()
-        if self.memory_config.wo_init_zero:
-            for block in self.blocks:
-                if block.memory is not None:
-                    block.memory.zero_output()
+            self.init_module(module, zero_ids)
+
+    def init_module(self, module: nn.Module, zero_ids: set) -> None:
+        """Initialise one module's own parameters (ZeRO-3 calls this per module, gathered)."""
+        if any(module is bank for bank in self.banks):
+            module.reset_parameters()
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            if id(module) in zero_ids:
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, std=self.model_config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def zero_init_ids(self) -> set:
+        """Output projections of memory branches when wo_init_zero: the memory path starts as identity."""
+        if not self.memory_config.wo_init_zero:
+            return set()
+        return {id(m) for block in self.blocks if block.memory is not None for m in block.memory.output_layers()}
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,

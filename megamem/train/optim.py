@@ -1,0 +1,73 @@
+"""Parameter groups, optimizer and learning-rate schedule, all from the YAML's training section."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers.optimization import (get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup,
+                                       get_wsd_schedule)
+
+from ..config import TrainingConfig
+
+
+def parameter_groups(model: nn.Module, t: TrainingConfig) -> List[Dict]:
+    """Named groups: memory (memory_lr) vs the rest (learning_rate, default memory_lr).
+
+    No weight decay on 1-D parameters (norms, biases, quantised-bank scales) and, unless
+    training.bank_weight_decay, on memory banks: decay would pull unread bank rows to zero.
+    """
+    banks = {id(p) for bank in getattr(model, "banks", []) for p in bank.parameters()}
+    memory = {id(p) for p in model.memory_parameters()} if hasattr(model, "memory_parameters") else set()
+    base_lr = t.learning_rate if t.learning_rate is not None else t.memory_lr
+    groups: Dict[str, Dict] = {}
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        part = "memory" if id(p) in memory else "base"
+        no_decay = p.ndim < 2 or (id(p) in banks and not t.bank_weight_decay)
+        key = f"{part}{'_no_decay' if no_decay else ''}"
+        group = groups.setdefault(key, {"name": key, "params": [], "param_names": [],
+                                        "lr": t.memory_lr if part == "memory" else base_lr,
+                                        "weight_decay": 0.0 if no_decay else t.weight_decay})
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(groups: List[Dict], t: TrainingConfig) -> torch.optim.Optimizer:
+    """torch optimizers, fused where supported (5-10x faster than foreach on CPU; no JIT-compiled ops)."""
+    clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    if t.optimizer in ("adamw", "adam"):
+        cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        return cls(clean, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=True)
+    return torch.optim.SGD(clean, momentum=0.9)
+
+
+def warmup_steps(t: TrainingConfig, total_steps: int) -> int:
+    return math.ceil(t.warmup_ratio * total_steps) if t.warmup_ratio is not None else t.warmup_steps
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainingConfig, total_steps: int) -> LambdaLR:
+    """Linear warmup, then cosine / linear to min_lr_ratio, constant, or WSD (stable, then decay)."""
+    warm = min(warmup_steps(t, total_steps), total_steps)
+    if t.scheduler == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warm, total_steps, min_lr_rate=t.min_lr_ratio)
+    if t.scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warm)
+    if t.scheduler == "wsd":
+        decay_start = max(int(t.decay_start_ratio * total_steps), warm)
+        return get_wsd_schedule(optimizer, warm, num_decay_steps=total_steps - decay_start,
+                                num_stable_steps=decay_start - warm, decay_type="linear", min_lr_ratio=t.min_lr_ratio)
+
+    def linear(step: int) -> float:
+        if step < warm:
+            return step / max(warm, 1)
+        frac = min((step - warm) / max(total_steps - warm, 1), 1.0)
+        return 1.0 - (1.0 - t.min_lr_ratio) * frac
+
+    return LambdaLR(optimizer, linear)
