@@ -1,0 +1,96 @@
+"""What a run reports: a tqdm bar on rank 0, metrics.jsonl, optional wandb, throughput and MFU.
+
+metrics.jsonl has one JSON object per line; training records carry
+    {"kind": "train", "step", "loss", "lm_loss", <aux loss names>, "lr" (first group), "lr_<group>",
+     "grad_norm", "tokens_per_s", "mfu", "step_time_s", "skipped_nonfinite"}
+and evaluation records {"kind": "eval", "step", "eval_loss", "eval_ppl", "eval_tokens"}.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..config import ConfigError, MegamemConfig, config_to_dict
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward ≈ 3 × forward), matmuls only.
+
+    Weights: 6 per non-embedding parameter (the LM head counts). Self-attention: QKᵀ and PV over
+    an average causal context of seq_len/2. Memory attention: QKᵀ and PV over all N_m rows.
+    """
+    m, mem = model.model_config, model.memory_config
+    embed = model.tok_embeddings.weight.numel() + (model.pos_embeddings.weight.numel() if model.pos_embeddings else 0)
+    bank_params = sum(p.numel() for b in model.banks for p in b.parameters())
+    dense = 6 * (model.parameter_counts()["total"] - embed - bank_params)
+    if m.tie_embeddings:
+        dense += 6 * model.tok_embeddings.weight.numel()
+    attn = 6 * 2 * m.num_layers * (seq_len / 2) * m.hidden_dim
+    heads = mem.memory_num_heads or m.num_heads
+    memory = 6 * 2 * len(model.memory_layers) * mem.num_memory_tokens * heads * (m.hidden_dim // heads)
+    return dense + attn + memory
+
+
+def measure_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
+    """Achievable matmul FLOP/s of this process's device and threads (the MFU denominator)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    (a @ b).sum().item()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+class MetricsLogger:
+    def __init__(self, cfg: MegamemConfig, output_dir: str, rank: int, total_steps: int, start_step: int = 0):
+        self.rank, self.t = rank, cfg.training
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.bar = None
+        self.wandb = None
+        if rank != 0:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                        disable=os.environ.get("MEGAMEM_NO_PROGRESS") == "1")
+        if self.t.log_to_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("training.log_to_wandb: wandb is not installed; pip install 'megamem[wandb]' "
+                                  "or set log_to_wandb: false") from None
+            self.wandb = wandb.init(project=self.t.wandb_project, name=self.t.wandb_run_name, dir=output_dir,
+                                    config=config_to_dict(cfg), resume="allow")
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        clean = {k: (float(v) if isinstance(v, (float, torch.Tensor)) else v) for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if k not in ("kind", "step")}, step=clean["step"])
+        if clean.get("kind") == "eval" and self.bar is not None:
+            self.bar.write(f"step {clean['step']}: eval loss {clean['eval_loss']:.4f}, ppl {clean['eval_ppl']:.2f}")
+
+    def step(self, loss: Optional[float]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None and math.isfinite(loss):
+                self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()

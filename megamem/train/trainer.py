@@ -1,0 +1,216 @@
+"""The training loop: one code path for every launcher, ZeRO stage and precision."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+
+from ..config import ConfigError, MegamemConfig, dump_config
+from ..parallel.distributed import init_distributed
+from ..parallel.zero import build_model_for_zero, gathered_state_dict
+from .checkpoint import CheckpointManager, resolve_resume, tag_for
+from .ds_config import resolve_ds_config, zero_stage
+from .metrics import MetricsLogger, flops_per_token, measure_peak_flops
+from .optim import build_optimizer, build_scheduler, parameter_groups
+
+LoaderFactory = Callable[[str, int, int], Iterable[Dict[str, torch.Tensor]]]  # (split, rank, world) → loader
+
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: MegamemConfig, ds_config_path: Optional[str], loaders: LoaderFactory,
+                 tokenizer=None, has_eval: bool = True):
+        import deepspeed
+
+        self.cfg, self.t, self.tokenizer, self.loaders, self.has_eval = cfg, cfg.training, tokenizer, loaders, has_eval
+        self.rank, self.local_rank, self.world = init_distributed()
+        self.ds = resolve_ds_config(ds_config_path, cfg, self.world)
+        self.output_dir = self.t.output_dir
+        torch.manual_seed(self.t.seed)  # every rank builds the same initial weights
+        model = build_model_for_zero(cfg, self.ds, zero_stage(self.ds))
+        model.gradient_checkpointing = self.t.gradient_checkpointing
+        self.train_loader = loaders("train", self.rank, self.world)
+        self.total_steps = self._total_steps()
+        self.groups = parameter_groups(model, self.t)
+        optimizer = build_optimizer(self.groups, self.t)
+        scheduler = build_scheduler(optimizer, self.t, self.total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds, dist_init_required=False)
+        self.model = model
+        self.ckpt = CheckpointManager(self.output_dir, self.rank, self.world, self.t.save_total_limit)
+        self.step, self.best_eval, self.bad_evals, self.skipped = 0, float("inf"), 0, 0
+        if self.t.resume_from_checkpoint:
+            self._resume(self.t.resume_from_checkpoint)
+        self.tokens_per_step = self.t.batch_size * self.t.max_length * self.t.gradient_accumulation_steps * self.world
+        self.flops_per_token = flops_per_token(model, self.t.max_length)
+        self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision == "bf16" else torch.float32)
+
+    def _total_steps(self) -> int:
+        if self.t.num_epochs is None:
+            return self.t.max_steps
+        n = getattr(self.train_loader, "num_batches", None)
+        if not n:
+            raise ConfigError("training.num_epochs needs data of known length (pre-tokenized shards or local files); "
+                              "for streaming data set num_epochs: null and use max_steps")
+        return math.ceil(n * self.t.num_epochs / self.t.gradient_accumulation_steps)
+
+    # ------------------------------------------------------------------ state
+    def _run_state(self) -> Dict[str, Any]:
+        return {"step": self.step, "data": self.train_loader.state_dict(), "best_eval": self.best_eval,
+                "bad_evals": self.bad_evals, "skipped": self.skipped}
+
+    def _resume(self, where: str) -> None:
+        ckpt_dir, tag = resolve_resume(where, self.output_dir)
+        state = self.ckpt.load(self.engine, ckpt_dir, tag)
+        self.train_loader.load_state_dict(state["data"])
+        self.step, self.best_eval = state["step"], state["best_eval"]
+        self.bad_evals, self.skipped = state["bad_evals"], state["skipped"]
+
+    def save(self, best: bool = False) -> str:
+        return self.ckpt.save(self.engine, self.step, self._run_state(), dump_config(self.cfg), self.tokenizer, best)
+
+    # --------------------------------------------------------------- helpers
+    def _all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        import deepspeed.comm as dist
+
+        if self.world > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
+        return values
+
+    def _forward(self, batch: Dict[str, torch.Tensor]):
+        kwargs = {k: v.to(self.engine.device) for k, v in batch.items() if k not in ("input_ids",)}
+        return self.engine(batch["input_ids"].to(self.engine.device), **kwargs)
+
+    # ------------------------------------------------------------------ train
+    def train_step(self, batches) -> Dict[str, float]:
+        """One optimizer step over gradient_accumulation_steps micro-batches; non-finite ones are skipped."""
+        losses, aux, micro, in_a_row = [], {}, 0, 0
+        while micro < self.t.gradient_accumulation_steps:
+            out = self._forward(next(batches))
+            loss = out.loss + sum(out.aux_losses.values()) if out.aux_losses else out.loss
+            finite = self._all_reduce(torch.tensor([float(torch.isfinite(loss.detach()).all())]), "min")
+            if finite.item() == 0:  # any rank: skip this micro-batch everywhere (no backward), count it
+                self.skipped += 1
+                in_a_row += 1
+                if in_a_row >= self.t.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"loss was NaN/inf on {in_a_row} micro-batches in a row at step {self.step + 1}; stopping. "
+                        "Lower the learning rate, check the data, or use bf16/fp32")
+                continue
+            in_a_row = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            micro += 1
+            losses.append(out.loss.detach().float())
+            for name, value in out.aux_losses.items():
+                aux[name] = aux.get(name, 0.0) + value.detach().float() / self.t.gradient_accumulation_steps
+        lm = self._all_reduce(torch.stack(losses).mean().reshape(1)).item() / self.world
+        record = {"lm_loss": lm, **{k: self._all_reduce(v.reshape(1)).item() / self.world for k, v in aux.items()}}
+        record["loss"] = lm + sum(v for k, v in record.items() if k != "lm_loss")
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        if not self.has_eval:
+            return None
+        self.engine.eval()
+        it = iter(self.loaders("eval", self.rank, self.world))
+        total = torch.zeros(2, dtype=torch.float64)
+        for i in range(self.t.eval_max_batches or 2**62):
+            batch = next(it, None)
+            # every rank runs the same number of forwards (ZeRO-3 gathers are collective)
+            if self._all_reduce(torch.tensor([0.0 if batch is None else 1.0]), "min").item() == 0:
+                break
+            out = self._forward(batch)
+            n = (batch["labels"][:, 1:] != -100).sum().item()
+            total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
+        self.engine.train()
+        total = self._all_reduce(total)
+        if total[1] == 0:
+            return None
+        loss = (total[0] / total[1]).item()
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": int(total[1])}
+
+    def fit(self) -> Dict[str, Any]:
+        log = MetricsLogger(self.cfg, self.output_dir, self.rank, self.total_steps, self.step)
+        batches = iter(self.train_loader)
+        self.engine.train()
+        last_eval, history, stop = None, [], False
+        try:
+            while self.step < self.total_steps and not stop:
+                start = time.perf_counter()
+                record = self.train_step(batches)
+                self.step += 1
+                elapsed = time.perf_counter() - start
+                history.append(record["loss"])
+                log.step(record["loss"])
+                if self.step % self.t.logging_steps == 0 or self.step == self.total_steps:
+                    log.log(self._train_record(record, elapsed))
+                saved = False
+                if self.t.eval_steps and self.step % self.t.eval_steps == 0 or self.step == self.total_steps:
+                    last_eval = self.evaluate()
+                    stop, saved = self._after_eval(last_eval, log)
+                if not saved and (self.step % self.t.save_steps == 0 or self.step == self.total_steps or stop):
+                    self.save()
+            self.export(os.path.join(self.output_dir, "final"))
+        finally:
+            log.close()
+        return {"steps": self.step, "train_losses": history, "eval": last_eval, "skipped_nonfinite": self.skipped}
+
+    def _train_record(self, record: Dict[str, float], elapsed: float) -> Dict[str, Any]:
+        tps = self.tokens_per_step / elapsed
+        lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g}
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"kind": "train", "step": self.step, **record, "lr": self.optimizer.param_groups[0]["lr"], **lrs,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": tps,
+                "mfu": tps * self.flops_per_token / (self.peak_flops * self.world), "step_time_s": elapsed,
+                "skipped_nonfinite": self.skipped}
+
+    def _after_eval(self, result: Optional[Dict[str, float]], log: MetricsLogger) -> tuple:
+        """Log, track the best eval loss, save the best checkpoint, decide early stopping."""
+        if result is None:
+            return False, False
+        log.log({"kind": "eval", "step": self.step, **result})
+        improved = result["eval_loss"] < self.best_eval - self.t.early_stopping_threshold
+        saved = False
+        if improved:
+            self.best_eval, self.bad_evals = result["eval_loss"], 0
+            if self.t.save_best_model:
+                self.save(best=True)
+                saved = True
+        else:
+            self.bad_evals += 1
+        return self.t.early_stopping and self.bad_evals >= self.t.early_stopping_patience, saved
+
+    def export(self, path: str) -> None:
+        """Consolidated weights (safetensors, in save_precision) + resolved config, written atomically."""
+        from safetensors.torch import save_file
+
+        import deepspeed.comm as dist
+
+        state = gathered_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank)
+        if self.rank == 0:
+            tmp = f"{path}.tmp"
+            os.makedirs(tmp, exist_ok=True)
+            save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"step": str(self.step)})
+            with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(dump_config(self.cfg))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            if os.path.isdir(path):
+                import shutil
+
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        dist.barrier()
+
+
+__all__ = ["Trainer", "NonFiniteLossError", "tag_for"]
