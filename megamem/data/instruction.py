@@ -93,7 +93,7 @@ class Encoder:
         for i, (rec, where) in enumerate(zip(records, wheres)):
             try:
                 content = record_content(rec, self.text_field, self.template, where)
-                if held_out(content, self.eval_fraction) != self.eval_side:
+                if self.eval_fraction > 0 and held_out(content, self.eval_fraction) != self.eval_side:
                     out[i] = Skip(None, where)
                 elif isinstance(content, list):
                     out[i] = self._chat(content, where)
