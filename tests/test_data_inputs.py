@@ -1,6 +1,5 @@
 """Tokenizer round trip and id checks; every bad input gives one clear message (or a counted skip)."""
 import gzip
-import os
 
 import pytest
 from transformers import AutoTokenizer

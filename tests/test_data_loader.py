@@ -1,7 +1,5 @@
 """Loader: exact resume (accumulation 2) for streaming text, local files and shards; disjoint ranks; mixtures."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
