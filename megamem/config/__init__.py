@@ -1,9 +1,9 @@
 """Typed megamem config: `load_config(path, overrides)` is the one way in."""
 from .load import (ConfigError, apply_overrides, config_from_dict, config_to_dict, dump_config, load_config,
                    parse_overrides, save_config)
-from .schema import MegamemConfig, MemoryConfig, ModelConfig, ParallelConfig, TrainingConfig
+from .schema import DataConfig, DatasetSpec, MegamemConfig, MemoryConfig, ModelConfig, ParallelConfig, TrainingConfig
 from .validate import validate
 
-__all__ = ["ConfigError", "MegamemConfig", "MemoryConfig", "ModelConfig", "ParallelConfig", "TrainingConfig", "apply_overrides",
+__all__ = ["ConfigError", "DataConfig", "DatasetSpec", "MegamemConfig", "MemoryConfig", "ModelConfig", "ParallelConfig", "TrainingConfig", "apply_overrides",
            "config_from_dict", "config_to_dict", "dump_config", "load_config", "parse_overrides", "save_config",
            "validate"]

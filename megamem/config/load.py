@@ -18,6 +18,10 @@ class ConfigError(ValueError):
     """A user error in a config file or override; the message is meant to be shown as is."""
 
 
+class _EntryError(Exception):
+    """An error inside a list entry (e.g. one of data.datasets); _set_field adds where and key."""
+
+
 def _closest(name: str, options: Iterable[str]) -> str:
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
@@ -33,6 +37,8 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
     return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(tp, str(tp))
 
 
@@ -61,10 +67,15 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             return _NO
         (item_tp,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item_tp):
+            return [coerce_entry(v, item_tp, f"entry {i}" + (f" ('{v.get('name')}')" if isinstance(v, dict)
+                                                               and v.get("name") else "")) for i, v in enumerate(value)]
         items = [_coerce(v, item_tp) for v in value]
         return _NO if any(i is _NO for i in items) else items
     if tp is type(None):
         return None if value is None else _NO
+    if dataclasses.is_dataclass(tp):
+        return coerce_entry(value, tp)
     if tp is bool:
         return value if isinstance(value, bool) else _NO
     if tp is int:
@@ -83,6 +94,25 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config field type {tp}")
 
 
+def coerce_entry(value: Any, cls, label: str = "entry") -> Any:
+    """A mapping → dataclass cls; unknown keys and wrong types raise _EntryError naming the key."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise _EntryError(f"{label} must be a mapping of keys ({', '.join(_field_types(cls))}), got {value!r}")
+    types_ = _field_types(cls)
+    out = cls()
+    for key, v in value.items():
+        key = str(key)
+        if key not in types_:
+            raise _EntryError(f"{label}: unknown key '{key}'{_closest(key, types_)}")
+        got = _coerce(v, types_[key])
+        if got is _NO:
+            raise _EntryError(f"{label}: {key} = {v!r} has the wrong type: expected {_type_name(types_[key])}")
+        setattr(out, key, got)
+    return out
+
+
 def _field_types(cls) -> Dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -96,7 +126,10 @@ def _set_field(obj, section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: unknown key '{section}.{key}'{_closest(key, types_)}")
     if isinstance(value, str) and (section, key, value) in RETIRED_VALUES:
         raise ConfigError(f"{where}: {section}.{key}: '{value}' is not supported: {RETIRED_VALUES[(section, key, value)]}")
-    out = _coerce(value, types_[key])
+    try:
+        out = _coerce(value, types_[key])
+    except _EntryError as e:
+        raise ConfigError(f"{where}: {section}.{key} {e}") from None
     if out is _NO:
         raise ConfigError(
             f"{where}: {section}.{key} = {value!r} has the wrong type: expected {_type_name(types_[key])}"

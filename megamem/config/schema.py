@@ -165,14 +165,54 @@ class ParallelConfig:
 
 
 @dataclass
+class DatasetSpec:
+    """One entry of `data.datasets` (or of a named mix): a hub dataset or local files, and its weight."""
+
+    name: Optional[str] = None  # hub dataset name, or a label for local files
+    path: Optional[Union[str, List[str]]] = None  # local file(s) or glob(s): txt, jsonl/json, parquet, csv (+ .gz/.bz2/.zst/.xz)
+    subset: Optional[str] = None  # hub config name
+    split: str = "train"
+    eval_split: Optional[str] = None  # hub split for evaluation
+    eval_path: Optional[Union[str, List[str]]] = None  # local evaluation file(s)
+    weight: float = 1.0  # relative sampling weight (documents) in a mixture
+    text_field: Optional[Union[str, List[str]]] = None  # null = training.text_field
+    text_template: Optional[str] = None  # e.g. "Q: {question}\nA: {answer}"; wins over text_field
+    streaming: Optional[bool] = None  # null = true for hub datasets, false for local files
+    sample_by: Literal["line", "paragraph", "document"] = "line"  # .txt files: what one record is
+
+
+@dataclass
+class DataConfig:
+    """Data pipeline keys beyond training.dataset_* (sources, mixtures, packing, shards, workers)."""
+
+    datasets: List[DatasetSpec] = field(default_factory=list)  # several sources mixed by weight
+    data_mix: Optional[str] = None  # a named mix from data_mixes_file
+    data_mixes_file: Optional[str] = None  # YAML file with `data_mixes: {name: [entries like datasets]}`
+    text_template: Optional[str] = None  # default text_template of every source
+    document_masking: bool = False  # packed rows carry document_ids; attention stays inside a document
+    pack_instructions: bool = True  # instruction_finetuning: pack several examples per row (else one, padded)
+    overlong: Literal["truncate", "skip"] = "truncate"  # instruction examples longer than max_length
+    bad_records: Literal["error", "skip"] = "error"  # record without text / assistant turn: stop, or skip and count
+    shards: Optional[str] = None  # directory of pre-tokenized shards (tools/preprocess_data.py); wins over sources
+    shuffle: bool = True  # shuffle documents each epoch (train split)
+    shuffle_buffer: int = 1000  # streaming sources: documents in the shuffle buffer
+    eval_fraction: float = 0.0  # hold out this fraction of documents (by content hash) when no eval split exists
+    num_workers: int = 1  # 0 = build batches in the training thread; 1 = a background prefetch thread
+    prefetch_batches: int = 8  # batches the background worker keeps ready
+    cache_dir: Optional[str] = None  # datasets cache for local files loaded as map-style; null = HF default
+
+
+@dataclass
 class MegamemConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
-SECTIONS = {"model": ModelConfig, "memory": MemoryConfig, "training": TrainingConfig, "parallel": ParallelConfig}
+SECTIONS = {"model": ModelConfig, "memory": MemoryConfig, "training": TrainingConfig, "parallel": ParallelConfig,
+            "data": DataConfig}
 
 # Keys of the earlier single-node trainer that have no meaning here: what to do instead.
 RETIRED_KEYS = {

@@ -146,6 +146,30 @@ def _validate_parallel(cfg: MegamemConfig, problems: List[str]) -> None:
                         "but memory.use_chapters is false; set ep_size: 1 or enable chapters")
 
 
+def _validate_data(cfg: MegamemConfig, problems: List[str]) -> None:
+    d = cfg.data
+    if d.data_mix is not None and d.data_mixes_file is None:
+        problems.append(f"data.data_mix '{d.data_mix}' needs data.data_mixes_file (the YAML file that defines the mixes)")
+    if d.data_mix is not None and d.datasets:
+        problems.append("data.data_mix and data.datasets both name sources; keep one")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        problems.append(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    if d.num_workers not in (0, 1):
+        problems.append(f"data.num_workers must be 0 (no prefetch) or 1 (a background thread), got {d.num_workers}")
+    if d.prefetch_batches < 1:
+        problems.append(f"data.prefetch_batches must be >= 1, got {d.prefetch_batches}")
+    if d.shuffle_buffer < 0:
+        problems.append(f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
+    for i, spec in enumerate(d.datasets):
+        label = f"data.datasets entry {i}" + (f" ('{spec.name}')" if spec.name else "")
+        if spec.name is None and spec.path is None:
+            problems.append(f"{label} needs a name (hub dataset) or a path (local files)")
+        if not spec.weight > 0:
+            problems.append(f"{label}: weight must be > 0, got {spec.weight}")
+        if isinstance(spec.text_field, list) and not spec.text_field:
+            problems.append(f"{label}: text_field is an empty list")
+
+
 def validate(cfg: MegamemConfig) -> List[str]:
     problems: List[str] = []
     _validate_model(cfg, problems)
@@ -153,4 +177,5 @@ def validate(cfg: MegamemConfig) -> List[str]:
     _validate_adapter(cfg, problems)
     _validate_training(cfg, problems)
     _validate_parallel(cfg, problems)
+    _validate_data(cfg, problems)
     return problems

@@ -19,6 +19,14 @@ def flash_attention_usable(x: torch.Tensor) -> bool:
     return _HAS_FLASH_ATTN and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] document ids → [B, 1, S, S] bool mask: causal and inside one document (built once per forward)."""
+    S = document_ids.shape[1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(S, S, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal)[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, attention_dropout: float = 0.0,
                  dropout: float = 0.0, use_flash_attention: bool = True):
@@ -32,7 +40,9 @@ class CausalSelfAttention(nn.Module):
         self.use_flash_attention = use_flash_attention
 
     def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+                cache: Optional[KVCache] = None, layer: int = 0,
+                document_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """document_mask: [B, 1, S, S] bool (True = may attend), from document_mask(); None = plain causal."""
         B, S, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * hd, KV * hd, KV * hd], dim=-1)
@@ -46,7 +56,10 @@ class CausalSelfAttention(nn.Module):
             past = cache.length
             k, v = cache.update(layer, k, v)
         p = self.attention_dropout if self.training else 0.0
-        if self.use_flash_attention and flash_attention_usable(x):
+        if document_mask is not None:  # packed documents: block-diagonal causal mask through SDPA
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask, dropout_p=p,
+                                               enable_gqa=KV != H).transpose(1, 2).reshape(B, S, H * hd)
+        elif self.use_flash_attention and flash_attention_usable(x):
             from flash_attn import flash_attn_func  # guarded import: CUDA-only package
 
             # flash-attn aligns the causal mask bottom-right, which is what a KV cache needs

@@ -64,8 +64,8 @@ class Block(nn.Module):
         self.layout = mem.memory_block_variant
 
     def forward(self, x: torch.Tensor, cos, sin, memory: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+                cache: Optional[KVCache] = None, layer: int = 0, document_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, document_mask)
         if self.memory is not None and self.layout == "A":
             x = self.memory(x, memory, cache, layer)
         x = x + self.mlp(self.mlp_norm(x))

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import MemoryConfig, ModelConfig
 from ..memory.bank import bank_dim, build_bank
 from ..memory.placement import bank_assignment, memory_layers, num_banks
+from .attention import document_mask as make_document_mask
 from .block import Block
 from .kv_cache import KVCache
 from .layers import RotaryEmbedding, make_norm
@@ -76,9 +77,13 @@ class MemoryTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> CausalLMOutput:
+                cache: Optional[KVCache] = None, document_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        """document_ids [B, S]: packed documents attend only within themselves (positions stay global)."""
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
+        if document_ids is not None and cache is not None:
+            raise ValueError("document_ids (packed training rows) cannot be combined with a KV cache")
+        doc_mask = make_document_mask(document_ids) if document_ids is not None else None
         if past + S > self.model_config.max_seq_len:
             raise ValueError(f"sequence of {past + S} tokens exceeds model.max_seq_len = {self.model_config.max_seq_len}")
         positions = torch.arange(past, past + S, device=input_ids.device)
@@ -95,9 +100,9 @@ class MemoryTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             memory = bank_tensors[self.bank_of_layer[i]] if i in self.bank_of_layer else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, memory, cache, i, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, memory, cache, i, doc_mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, memory, cache, i)
+                x = block(x, cos, sin, memory, cache, i, doc_mask)
         if cache is not None:
             cache.advance(S)
         logits = self.lm_head(self.norm(x))
