@@ -31,16 +31,17 @@ def _worker(rank, world, port, fn, args, out_dir):
         raise
 
 
-def run_ranks(fn, *args, world_size: int = 2, tmp_path):
+def run_ranks(fn, *args, world_size: int = 2, tmp_path, timeout: float = 300):
     """fn must be importable (module level). Returns the list of per-rank results."""
     out_dir = str(tmp_path)
+    os.makedirs(out_dir, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, out_dir)) for r in range(world_size)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=600)
+        p.join(timeout=timeout)
     for p in procs:
         if p.is_alive():  # a hung rank must not hang the suite
             p.kill()

@@ -58,7 +58,7 @@ def init_distributed(pin_cores: bool = True) -> tuple:
         # MEGAMEM_INIT_METHOD (e.g. file:///tmp/x) replaces the TCP rendezvous: tests use it to avoid port races
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", auto_mpi_discovery=False,
                                    verbose=False, init_method=os.environ.get("MEGAMEM_INIT_METHOD"),
-                                   rank=rank if world > 1 else -1, world_size=world if world > 1 else -1)
+                                   rank=rank, world_size=world)
     if not on_cpu:
         torch.cuda.set_device(local)
     return rank, local, world

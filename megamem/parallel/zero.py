@@ -10,21 +10,27 @@ from ..config import MegamemConfig
 from ..model import MemoryTransformer, build_model
 
 
-def build_model_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_stage: int) -> MemoryTransformer:
+def build_model_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_stage: int, seed: int) -> MemoryTransformer:
     """ZeRO-0/1/2: a plain model. ZeRO-3: built under deepspeed.zero.Init, so each rank allocates only
     1/world of each parameter (a 100k-token bank never exists whole on one rank at rest).
 
     Custom initialisation (normal init, zero-init memory outputs, bank init) then runs module by
     module on gathered parameters with rank 0's values broadcast, so ZeRO-3 starts from exactly
-    the weights a 1-rank run with the same seed starts from.
+    the weights a 1-rank run with the same seed starts from: both re-seed right before the init.
     """
     if zero_stage < 3:
-        return build_model(cfg)
+        model = build_model(cfg)
+        torch.manual_seed(seed)
+        model.reset_parameters()
+        return model
     import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32):
+    # no dtype argument: zero.Init then takes it from the config's bf16/fp16 flags. An explicit
+    # dtype is overridden by bf16 on a CPU accelerator (deepspeed 0.19.8 operator precedence).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = build_model(cfg)
     zero_ids = model.zero_init_ids()
+    torch.manual_seed(seed)
     for module in model.modules():
         own = list(module.parameters(recurse=False))
         if own:

@@ -155,11 +155,13 @@ class safe_torch_load:
     """
 
     def __enter__(self):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
 
         self._orig = torch.load
-        torch.serialization.add_safe_globals([ZeroStageEnum, fragment_address, set, argparse_namespace()])
+        torch.serialization.add_safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set,
+                                              argparse_namespace()])
         orig = self._orig
 
         def load(*args, **kwargs):

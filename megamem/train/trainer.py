@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from typing import Any, Callable, Dict, Iterable, Optional
 
@@ -34,8 +35,7 @@ class Trainer:
         self.rank, self.local_rank, self.world = init_distributed()
         self.ds = resolve_ds_config(ds_config_path, cfg, self.world)
         self.output_dir = self.t.output_dir
-        torch.manual_seed(self.t.seed)  # every rank builds the same initial weights
-        model = build_model_for_zero(cfg, self.ds, zero_stage(self.ds))
+        model = build_model_for_zero(cfg, self.ds, zero_stage(self.ds), self.t.seed)  # same weights on every rank
         model.gradient_checkpointing = self.t.gradient_checkpointing
         self.train_loader = loaders("train", self.rank, self.world)
         self.total_steps = self._total_steps()
@@ -47,11 +47,17 @@ class Trainer:
         self.model = model
         self.ckpt = CheckpointManager(self.output_dir, self.rank, self.world, self.t.save_total_limit)
         self.step, self.best_eval, self.bad_evals, self.skipped = 0, float("inf"), 0, 0
+        self.stop_requested = False  # set by SIGUSR1 (e.g. SLURM --signal before the time limit)
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self._request_stop)
         if self.t.resume_from_checkpoint:
             self._resume(self.t.resume_from_checkpoint)
         self.tokens_per_step = self.t.batch_size * self.t.max_length * self.t.gradient_accumulation_steps * self.world
         self.flops_per_token = flops_per_token(model, self.t.max_length)
         self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision == "bf16" else torch.float32)
+
+    def _request_stop(self, *_) -> None:
+        self.stop_requested = True
 
     def _total_steps(self) -> int:
         if self.t.num_epochs is None:
@@ -143,7 +149,7 @@ class Trainer:
         log = MetricsLogger(self.cfg, self.output_dir, self.rank, self.total_steps, self.step)
         batches = iter(self.train_loader)
         self.engine.train()
-        last_eval, history, stop = None, [], False
+        last_eval, history, stop, preempted = None, [], False, False
         try:
             while self.step < self.total_steps and not stop:
                 start = time.perf_counter()
@@ -158,12 +164,17 @@ class Trainer:
                 if self.t.eval_steps and self.step % self.t.eval_steps == 0 or self.step == self.total_steps:
                     last_eval = self.evaluate()
                     stop, saved = self._after_eval(last_eval, log)
+                # a stop request on any rank stops every rank after this step, with a checkpoint
+                preempted = self._all_reduce(torch.tensor([float(self.stop_requested)])).item() > 0
+                stop = stop or preempted
                 if not saved and (self.step % self.t.save_steps == 0 or self.step == self.total_steps or stop):
                     self.save()
-            self.export(os.path.join(self.output_dir, "final"))
+            if not preempted:
+                self.export(os.path.join(self.output_dir, "final"))
         finally:
             log.close()
-        return {"steps": self.step, "train_losses": history, "eval": last_eval, "skipped_nonfinite": self.skipped}
+        return {"steps": self.step, "train_losses": history, "eval": last_eval, "skipped_nonfinite": self.skipped,
+                "preempted": preempted}
 
     def _train_record(self, record: Dict[str, float], elapsed: float) -> Dict[str, Any]:
         tps = self.tokens_per_step / elapsed

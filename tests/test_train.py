@@ -1,0 +1,153 @@
+"""Training through the DeepSpeed engine on CPU ranks: ZeRO-3 parity, resume, crash safety, logging."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_config
+from dist_utils import run_ranks
+from synthetic_data import factory
+
+ZERO = {s: os.path.join(ROOT, "ds_configs", f"zero{s}.json") for s in (0, 1, 2, 3)}
+SYN = ("memory.wo_init_zero=false", "training.mixed_precision=no", "training.max_length=16", "training.warmup_steps=2",
+       "training.logging_steps=1", "training.eval_steps=1000", "training.save_steps=1000", "memory.num_memory_tokens=16")
+
+
+def make_cfg(out, *extra):
+    return tiny_config(*SYN, f"training.output_dir={out}", *extra)
+
+
+def _fit(out, ds, batch, extra):
+    from megamem.train.trainer import Trainer
+
+    trainer = Trainer(make_cfg(out, f"training.batch_size={batch}", *extra), ds, factory(61, batch, 16))
+    result = trainer.fit()
+    bank = trainer.model.banks[0].memory
+    result["bank_local"] = bank.ds_tensor.numel() if hasattr(bank, "ds_tensor") else bank.numel()
+    result["bank_total"] = bank.ds_numel if hasattr(bank, "ds_numel") else bank.numel()
+    result["groups"] = {g["name"]: (g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups}
+    return result
+
+
+def test_zero3_two_ranks_match_one_rank(tmp_path):
+    steps = ("training.max_steps=5",)
+    one = run_ranks(_fit, str(tmp_path / "one"), ZERO[0], 4, steps, world_size=1, tmp_path=tmp_path / "r1")[0]
+    two = run_ranks(_fit, str(tmp_path / "two"), ZERO[3], 2, steps, world_size=2, tmp_path=tmp_path / "r2")
+    for rank in two:
+        assert rank["bank_local"] * 2 == rank["bank_total"] == 16 * 32  # each rank stores half the bank
+    assert one["train_losses"][0] > one["train_losses"][-1]
+    assert torch.allclose(torch.tensor(two[0]["train_losses"]), torch.tensor(one["train_losses"]), atol=1e-4, rtol=0)
+
+
+def _resume_run(out, ds, extra, stop_after=None):
+    """stop_after: send this process SIGUSR1 during that step (a preemption notice)."""
+    if stop_after is not None:
+        from megamem.train.trainer import Trainer
+
+        original = Trainer.train_step
+
+        def step_and_signal(self, batches):
+            if self.step + 1 == stop_after:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return original(self, batches)
+
+        Trainer.train_step = step_and_signal
+    return _fit(out, ds, 2, ("training.gradient_accumulation_steps=2", "training.save_steps=1000",
+                             "training.max_steps=10", *extra))
+
+
+def test_preempt_and_resume_equals_unbroken_run(tmp_path):
+    full = run_ranks(_resume_run, str(tmp_path / "a"), ZERO[1], (), world_size=1, tmp_path=tmp_path / "r1")[0]
+    first = run_ranks(_resume_run, str(tmp_path / "b"), ZERO[1], (), 5, world_size=1, tmp_path=tmp_path / "r2")[0]
+    assert first["preempted"] and first["steps"] == 5
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step00000005"
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = run_ranks(_resume_run, str(tmp_path / "b"), ZERO[1], ("training.resume_from_checkpoint=latest",),
+                        world_size=1, tmp_path=tmp_path / "r3")[0]
+    assert first["train_losses"] == full["train_losses"][:5]
+    assert resumed["steps"] == 10 and len(resumed["train_losses"]) == 5
+    assert torch.allclose(torch.tensor(resumed["train_losses"]), torch.tensor(full["train_losses"][5:]), atol=1e-6,
+                          rtol=0)
+
+
+def _die_during_second_save(out):
+    from megamem.train import checkpoint
+
+    original = checkpoint._atomic_write
+
+    def write_then_maybe_die(path, text):
+        if "step00000004" in path and os.path.basename(path).startswith("run_state"):
+            os.kill(os.getpid(), signal.SIGKILL)  # engine files of step 4 are on disk, the commit is not
+        original(path, text)
+
+    checkpoint._atomic_write = write_then_maybe_die
+    _fit(out, ZERO[3], 2, ("training.max_steps=6", "training.save_steps=2"))
+
+
+def test_kill_during_save_keeps_latest_on_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(AssertionError, match=r"exit codes \[-9, -9\]"):
+        run_ranks(_die_during_second_save, str(out), world_size=2, tmp_path=tmp_path / "r1")
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step00000002"
+    assert (ckpt / "step00000004").is_dir() and not (ckpt / "step00000004" / "COMPLETE").exists()
+    unbroken = run_ranks(_fit, str(tmp_path / "u"), ZERO[3], 2, ("training.max_steps=6",), world_size=2,
+                         tmp_path=tmp_path / "r2")[0]
+    resumed = run_ranks(_fit, str(out), ZERO[3], 2, ("training.max_steps=6", "training.resume_from_checkpoint=latest"),
+                        world_size=2, tmp_path=tmp_path / "r3")[0]
+    assert torch.allclose(torch.tensor(resumed["train_losses"]), torch.tensor(unbroken["train_losses"][2:]), atol=1e-6,
+                          rtol=0)
+    assert (ckpt / "latest").read_text() == "step00000006"
+
+
+def _nan_run(out, bad_calls, max_bad):
+    from megamem.train.trainer import Trainer
+
+    trainer = Trainer(make_cfg(out, "training.max_steps=4", f"training.max_nonfinite_steps={max_bad}"), None,
+                      factory(61, 2, 16))
+    forward, calls = trainer._forward, [0]
+
+    def poisoned(batch):
+        calls[0] += 1
+        out = forward(batch)
+        if calls[0] in bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer._forward = poisoned
+    try:
+        return trainer.fit()
+    except Exception as e:  # noqa: BLE001 - the message is what is tested
+        return f"{type(e).__name__}: {e}"
+
+
+def test_nonfinite_loss_is_skipped_then_aborts(tmp_path):
+    ok = run_ranks(_nan_run, str(tmp_path / "a"), {2}, 3, world_size=1, tmp_path=tmp_path / "r1")[0]
+    assert ok["skipped_nonfinite"] == 1 and ok["steps"] == 4 and all(map(torch.isfinite, torch.tensor(ok["train_losses"])))
+    bad = run_ranks(_nan_run, str(tmp_path / "b"), {2, 3, 4}, 3, world_size=1, tmp_path=tmp_path / "r2")[0]
+    assert bad.startswith("NonFiniteLossError: loss was NaN/inf on 3 micro-batches in a row at step 2")
+
+
+def _logged_run(out):
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    return _fit(out, ZERO[2], 2, ("training.max_steps=3", "training.log_to_wandb=true", "training.eval_steps=3",
+                                  "training.memory_lr=0.01", "training.learning_rate=0.002",
+                                  "training.weight_decay=0.1"))
+
+
+def test_metrics_jsonl_wandb_offline_and_groups(tmp_path):
+    result = run_ranks(_logged_run, str(tmp_path / "run"), world_size=1, tmp_path=tmp_path / "r")[0]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for key in ("loss", "lm_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "skipped_nonfinite",
+                "lr_memory", "lr_base", "lr_memory_no_decay", "lr_base_no_decay"):
+        assert key in train[0], key
+    assert [r["eval_loss"] for r in records if r["kind"] == "eval"] == [result["eval"]["eval_loss"]]
+    assert train[0]["lr_memory"] / train[0]["lr_base"] == pytest.approx(5.0)
+    assert result["groups"]["memory"][1] == 0.1 and result["groups"]["memory_no_decay"][1] == 0.0
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
