@@ -24,6 +24,7 @@ setup(
         "peft>=0.12",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "matplotlib>=3.7",
         "numpy>=1.24",
         "protobuf>=4.25",  # converting a trained SentencePiece model to a fast tokenizer
         "zstandard>=0.22",  # .zst corpora
@@ -33,6 +34,6 @@ setup(
         "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.43"],
         "mpi": ["mpi4py>=3.1"],
         "wandb": ["wandb>=0.17"],
-        "dev": ["pytest>=8.0"],
+        "dev": ["pytest>=8.0", "wandb>=0.17"],
     },
 )

@@ -3,7 +3,11 @@
 
     python scripts/train.py --config configs/tiny_cpu.yaml [--section.key VALUE ...] [--dry-run]
 
---dry-run prints the resolved config and parameter counts, then exits without touching data.
+    deepspeed --num_gpus 2 scripts/train.py --config ... --deepspeed ds_configs/zero3.json
+    torchrun --standalone --nproc_per_node 2 scripts/train.py --config ... --deepspeed ds_configs/zero3.json
+
+--dry-run prints the resolved config, parameter counts and the parallel layout, then exits
+without touching data.
 User errors (bad config, bad override) exit with code 2 and one line on stderr.
 """
 from __future__ import annotations
@@ -28,16 +32,65 @@ def parse_args(argv):
     return parser.parse_known_args(argv)
 
 
+def world_size_from_env() -> int:
+    from megamem.parallel.distributed import rank_env
+
+    return rank_env()[2]
+
+
+def dry_run(cfg, ds_path) -> int:
+    from megamem.train.ds_config import describe_layout, resolve_ds_config
+
+    world = world_size_from_env()
+    ds = resolve_ds_config(ds_path, cfg, world)  # refuses impossible layouts before anything starts
+    print("# resolved config")
+    print(dump_config(cfg))
+    print(parameter_report(cfg))
+    print("# parallel layout")
+    print(describe_layout(ds, world))
+    return 0
+
+
+def train(cfg, ds_path) -> int:
+    from megamem.config import ConfigError
+    from megamem.data import build_loader, load_tokenizer
+    from megamem.parallel.distributed import rank_env
+    from megamem.train.trainer import Trainer
+
+    if not cfg.model.tokenizer_name:
+        raise ConfigError("model.tokenizer_name is not set: point it at a tokenizer folder "
+                          "(python tools/train_tokenizer.py makes one)")
+    tokenizer = load_tokenizer(cfg)
+    rank, _, world = rank_env()
+    has_eval = True
+    try:
+        build_loader(cfg, tokenizer, "eval", rank, world).close()
+    except ConfigError as e:
+        if "no evaluation data" not in str(e):
+            raise
+        has_eval = False
+        if rank == 0:
+            print(f"warning: evaluation disabled: {e}", file=sys.stderr)
+    trainer = Trainer(cfg, ds_path, lambda split, r, w: build_loader(cfg, tokenizer, split, r, w),
+                      tokenizer=tokenizer, has_eval=has_eval)
+    result = trainer.fit()
+    if rank == 0:
+        ev = result["eval"]
+        summary = f"done: {result['steps']} steps"
+        if ev:
+            summary += f", eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}"
+        if result["preempted"]:
+            summary += " (stopped early on a preemption signal; checkpoint saved)"
+        print(summary + f"; outputs in {cfg.training.output_dir}")
+    return 0
+
+
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     if args.dry_run:
-        print("# resolved config")
-        print(dump_config(cfg))
-        print(parameter_report(cfg))
-        return 0
-    print("error: training is not available in this version of megamem; run with --dry-run", file=sys.stderr)
-    return 2
+        return dry_run(cfg, args.deepspeed)
+    return train(cfg, args.deepspeed)
 
 
 if __name__ == "__main__":

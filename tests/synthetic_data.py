@@ -23,6 +23,8 @@ class SyntheticLoader:
         return (start + stride * torch.arange(self.seq)) % self.vocab
 
     def __iter__(self):
+        if self.split == "eval":
+            self.index = 0  # each iteration over eval data is one pass
         return self
 
     def __next__(self):

@@ -4,7 +4,6 @@ Defined once, without parallelism; ZeRO, expert and pipeline parallelism wrap it
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -22,11 +21,24 @@ from .layers import RotaryEmbedding, make_norm
 from .sampling import select_next_token
 
 
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None  # language-model loss (mean over labelled tokens)
-    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)  # router losses, logged separately
+class CausalLMOutput(dict):
+    """logits, loss (LM loss, mean over labelled tokens), aux_losses (router losses, logged separately).
+
+    A dict with attribute access: ZeRO-3's hooks look for tensors inside dicts, not other objects.
+    """
+
+    def __init__(self, logits: torch.Tensor, loss: Optional[torch.Tensor] = None,
+                 aux_losses: Optional[Dict[str, torch.Tensor]] = None, **extra):
+        super().__init__(logits=logits, loss=loss, aux_losses=aux_losses if aux_losses is not None else {}, **extra)
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
 
 
 class MemoryTransformer(nn.Module):

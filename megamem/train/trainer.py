@@ -13,13 +13,12 @@ from ..config import ConfigError, MegamemConfig, dump_config
 from ..parallel.distributed import init_distributed
 from ..parallel.zero import build_model_for_zero, gathered_state_dict
 from .checkpoint import CheckpointManager, resolve_resume, tag_for
+from .export import SAVE_DTYPES, export_model
 from .ds_config import resolve_ds_config, zero_stage
 from .metrics import MetricsLogger, flops_per_token, measure_peak_flops
 from .optim import build_optimizer, build_scheduler, parameter_groups
 
 LoaderFactory = Callable[[str, int, int], Iterable[Dict[str, torch.Tensor]]]  # (split, rank, world) → loader
-
-SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,6 +37,7 @@ class Trainer:
         model = build_model_for_zero(cfg, self.ds, zero_stage(self.ds), self.t.seed)  # same weights on every rank
         model.gradient_checkpointing = self.t.gradient_checkpointing
         self.train_loader = loaders("train", self.rank, self.world)
+        self.eval_loader = None
         self.total_steps = self._total_steps()
         self.groups = parameter_groups(model, self.t)
         optimizer = build_optimizer(self.groups, self.t)
@@ -128,7 +128,9 @@ class Trainer:
         if not self.has_eval:
             return None
         self.engine.eval()
-        it = iter(self.loaders("eval", self.rank, self.world))
+        if self.eval_loader is None:
+            self.eval_loader = self.loaders("eval", self.rank, self.world)
+        it = iter(self.eval_loader)  # each iter() is one pass over the eval split
         total = torch.zeros(2, dtype=torch.float64)
         for i in range(self.t.eval_max_batches or 2**62):
             batch = next(it, None)
@@ -173,6 +175,9 @@ class Trainer:
                 self.export(os.path.join(self.output_dir, "final"))
         finally:
             log.close()
+            for loader in (self.train_loader, self.eval_loader):
+                if hasattr(loader, "close"):
+                    loader.close()
         return {"steps": self.step, "train_losses": history, "eval": last_eval, "skipped_nonfinite": self.skipped,
                 "preempted": preempted}
 
@@ -202,25 +207,11 @@ class Trainer:
         return self.t.early_stopping and self.bad_evals >= self.t.early_stopping_patience, saved
 
     def export(self, path: str) -> None:
-        """Consolidated weights (safetensors, in save_precision) + resolved config, written atomically."""
-        from safetensors.torch import save_file
-
-        import deepspeed.comm as dist
-
         state = gathered_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank)
         if self.rank == 0:
-            tmp = f"{path}.tmp"
-            os.makedirs(tmp, exist_ok=True)
-            save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"step": str(self.step)})
-            with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(dump_config(self.cfg))
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-            if os.path.isdir(path):
-                import shutil
+            export_model(state, self.cfg, self.tokenizer, path, self.step)
+        import deepspeed.comm as dist
 
-                shutil.rmtree(path)
-            os.replace(tmp, path)
         dist.barrier()
 
 

@@ -1,0 +1,58 @@
+"""Consolidated weights of a finished run: `model.safetensors` + `config.yaml` (+ `tokenizer/`).
+
+The folder loads back with `load_exported(path)` — safetensors only, no pickled code.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Dict, Optional
+
+import torch
+
+from ..config import ConfigError, dump_config, load_config
+
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_model(state: Dict[str, torch.Tensor], cfg, tokenizer, path: str, step: int) -> None:
+    """Write into `path.tmp`, then swap it in: a crash never leaves a half-written export."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step), "format": "megamem"})
+    with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(dump_config(cfg))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_exported(path: str, dtype: Optional[torch.dtype] = None):
+    """(model, cfg, tokenizer or None) from an exported folder."""
+    from safetensors.torch import load_file
+
+    from ..model import build_model
+
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise ConfigError(f"{path}: no model.safetensors (expected a folder written at the end of training, "
+                          "e.g. outputs/<run>/final)")
+    cfg = load_config(os.path.join(path, "config.yaml"))
+    model = build_model(cfg)
+    state = load_file(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ConfigError(f"{weights} does not match its config.yaml: missing {sorted(set(missing) - tied)[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    model = model.to(dtype or state["tok_embeddings.weight"].dtype).eval()
+    tokenizer = None
+    if os.path.isdir(os.path.join(path, "tokenizer")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    return model, cfg, tokenizer
