@@ -39,7 +39,7 @@ def world_size_from_env() -> int:
 
 
 def dry_run(cfg, ds_path) -> int:
-    from megamem.train.ds_config import describe_layout, resolve_ds_config
+    from megamem.train.ds_config import describe_layout, resolve_ds_config, zero_stage
 
     world = world_size_from_env()
     ds = resolve_ds_config(ds_path, cfg, world)  # refuses impossible layouts before anything starts
@@ -48,6 +48,15 @@ def dry_run(cfg, ds_path) -> int:
     print(parameter_report(cfg))
     print("# parallel layout")
     print(describe_layout(ds, world))
+    if zero_stage(ds) == 3 and world > 1:
+        from megamem.model import build_model
+        import torch
+
+        with torch.device("meta"):
+            banks = build_model(cfg).parameter_counts()["banks"]
+        for i, bank in enumerate(banks):
+            print(f"bank {i}: {bank['parameters'] * 4 / world / 1e6:.2f} MB of fp32 parameters per rank at rest "
+                  f"(1/{world} of {bank['parameters'] * 4 / 1e6:.2f} MB), gathered while the forward uses it")
     return 0
 
 

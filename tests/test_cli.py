@@ -33,6 +33,23 @@ def test_dry_run_shipped_configs(path):
             assert int(printed.replace(",", "")) == counts[key]
 
 
+def test_dry_run_prints_layout_and_per_rank_bank_bytes():
+    env = {**os.environ, "WORLD_SIZE": "4"}
+    proc = subprocess.run([sys.executable, TRAIN, "--config", os.path.join(ROOT, "configs", "base_small.yaml"),
+                           "--dry-run", "--deepspeed", os.path.join(ROOT, "ds_configs", "zero3.json")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "world size 4, ZeRO-3: parameters (banks included) + gradients + optimizer state sharded" in proc.stdout
+    assert "= 128 sequences per step" in proc.stdout  # 8 per rank x 4 accumulation x 4 ranks
+    assert "bank 0: 0.79 MB of fp32 parameters per rank at rest (1/4 of 3.15 MB)" in proc.stdout
+
+
+def test_dry_run_refuses_impossible_layout():
+    proc = run("--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--dry-run", "--training.mixed_precision",
+               "fp16")
+    assert proc.returncode == 2 and "fp16 needs a GPU" in proc.stderr
+
+
 def test_dry_run_with_overrides_prints_them(tmp_path):
     proc = run("--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--dry-run",
                "--memory.memory_sharing", "per_layer", "--memory.num_memory_tokens=64")

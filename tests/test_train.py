@@ -151,3 +151,43 @@ def test_metrics_jsonl_wandb_offline_and_groups(tmp_path):
     assert result["groups"]["memory"][1] == 0.1 and result["groups"]["memory_no_decay"][1] == 0.0
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def _data_run(out, tok_dir, path, extra, stop_after=None):
+    """A run on real text through megamem.data (streaming jsonl), like scripts/train.py does."""
+    from megamem.data import build_loader, load_tokenizer
+    from megamem.train.trainer import Trainer
+
+    if stop_after is not None:
+        original = Trainer.train_step
+
+        def step_and_signal(self, batches):
+            if self.step + 1 == stop_after:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return original(self, batches)
+
+        Trainer.train_step = step_and_signal
+    cfg = tiny_config(*SYN, f"training.output_dir={out}", f"model.tokenizer_name={tok_dir}", "model.vocab_size=400",
+                      "training.max_length=32", "training.batch_size=2", "training.gradient_accumulation_steps=2",
+                      "training.max_steps=8", "training.eval_steps=4", "training.eval_max_batches=2",
+                      f"data.datasets=[{{path: {path}, eval_path: {path}, streaming: true}}]", "data.shuffle_buffer=8",
+                      *extra)
+    tok = load_tokenizer(cfg)
+    trainer = Trainer(cfg, ZERO[2], lambda split, r, w: build_loader(cfg, tok, split, r, w), tokenizer=tok)
+    return trainer.fit()
+
+
+def test_streaming_data_preempt_resume_two_ranks(tmp_path):
+    from data_utils import make_docs, tokenizer_dir, write_jsonl
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in make_docs(40)])
+    args = (tokenizer_dir(), str(path))
+    full = run_ranks(_data_run, str(tmp_path / "a"), *args, (), world_size=2, tmp_path=tmp_path / "r1")[0]
+    first = run_ranks(_data_run, str(tmp_path / "b"), *args, (), 3, world_size=2, tmp_path=tmp_path / "r2")[0]
+    resumed = run_ranks(_data_run, str(tmp_path / "b"), *args, ("training.resume_from_checkpoint=latest",),
+                        world_size=2, tmp_path=tmp_path / "r3")[0]
+    assert first["preempted"] and first["train_losses"] == full["train_losses"][:3]
+    assert torch.allclose(torch.tensor(resumed["train_losses"]), torch.tensor(full["train_losses"][3:]), atol=1e-6,
+                          rtol=0)
+    assert resumed["eval"]["eval_loss"] == pytest.approx(full["eval"]["eval_loss"], abs=1e-6)
+    assert (tmp_path / "b" / "checkpoints" / "step00000003" / "tokenizer" / "tokenizer.json").is_file()

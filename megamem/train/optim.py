@@ -7,8 +7,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers.optimization import (get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup,
-                                       get_wsd_schedule)
+from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from ..config import TrainingConfig
 
@@ -59,15 +58,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainingConfig, total_s
         return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warm, total_steps, min_lr_rate=t.min_lr_ratio)
     if t.scheduler == "constant":
         return get_constant_schedule_with_warmup(optimizer, warm)
-    if t.scheduler == "wsd":
-        decay_start = max(int(t.decay_start_ratio * total_steps), warm)
-        return get_wsd_schedule(optimizer, warm, num_decay_steps=total_steps - decay_start,
-                                num_stable_steps=decay_start - warm, decay_type="linear", min_lr_ratio=t.min_lr_ratio)
+    # linear, and wsd (warmup → stable → linear decay from decay_start_ratio; transformers' WSD warms
+    # up from min_lr_ratio instead of 0, unlike the other schedules)
+    decay_start = max(int(t.decay_start_ratio * total_steps), warm) if t.scheduler == "wsd" else warm
 
-    def linear(step: int) -> float:
+    def linear_decay(step: int) -> float:
         if step < warm:
             return step / max(warm, 1)
-        frac = min((step - warm) / max(total_steps - warm, 1), 1.0)
+        frac = min(max(step - decay_start, 0) / max(total_steps - decay_start, 1), 1.0)
         return 1.0 - (1.0 - t.min_lr_ratio) * frac
 
-    return LambdaLR(optimizer, linear)
+    return LambdaLR(optimizer, linear_decay)
