@@ -41,19 +41,23 @@ def test_zero3_two_ranks_match_one_rank(tmp_path):
     assert torch.allclose(torch.tensor(two[0]["train_losses"]), torch.tensor(one["train_losses"]), atol=1e-4, rtol=0)
 
 
+def _preempt_during(step):
+    """Send this process SIGUSR1 (a preemption notice) while it trains `step`."""
+    from megamem.train.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def step_and_signal(self, batches):
+        if self.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, batches)
+
+    Trainer.train_step = step_and_signal
+
+
 def _resume_run(out, ds, extra, stop_after=None):
-    """stop_after: send this process SIGUSR1 during that step (a preemption notice)."""
     if stop_after is not None:
-        from megamem.train.trainer import Trainer
-
-        original = Trainer.train_step
-
-        def step_and_signal(self, batches):
-            if self.step + 1 == stop_after:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return original(self, batches)
-
-        Trainer.train_step = step_and_signal
+        _preempt_during(stop_after)
     return _fit(out, ds, 2, ("training.gradient_accumulation_steps=2", "training.save_steps=1000",
                              "training.max_steps=10", *extra))
 
@@ -159,14 +163,7 @@ def _data_run(out, tok_dir, path, extra, stop_after=None):
     from megamem.train.trainer import Trainer
 
     if stop_after is not None:
-        original = Trainer.train_step
-
-        def step_and_signal(self, batches):
-            if self.step + 1 == stop_after:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return original(self, batches)
-
-        Trainer.train_step = step_and_signal
+        _preempt_during(stop_after)
     cfg = tiny_config(*SYN, f"training.output_dir={out}", f"model.tokenizer_name={tok_dir}", "model.vocab_size=400",
                       "training.max_length=32", "training.batch_size=2", "training.gradient_accumulation_steps=2",
                       "training.max_steps=8", "training.eval_steps=4", "training.eval_max_batches=2",
