@@ -24,9 +24,10 @@ def _fit(out, ds, batch, extra):
 
     trainer = Trainer(make_cfg(out, f"training.batch_size={batch}", *extra), ds, factory(61, batch, 16))
     result = trainer.fit()
-    bank = trainer.model.banks[0].memory
-    result["bank_local"] = bank.ds_tensor.numel() if hasattr(bank, "ds_tensor") else bank.numel()
-    result["bank_total"] = bank.ds_numel if hasattr(bank, "ds_numel") else bank.numel()
+    if len(trainer.model.banks):
+        bank = trainer.model.banks[0].memory
+        result["bank_local"] = bank.ds_tensor.numel() if hasattr(bank, "ds_tensor") else bank.numel()
+        result["bank_total"] = bank.ds_numel if hasattr(bank, "ds_numel") else bank.numel()
     result["groups"] = {g["name"]: (g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups}
     return result
 

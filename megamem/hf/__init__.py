@@ -1,0 +1,1 @@
+"""Hugging Face interoperability: export megamem weights to transformers model folders."""
