@@ -26,6 +26,8 @@ class CausalLMOutput:
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None  # language-model loss (mean over labelled tokens)
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)  # router losses, logged separately
+    # chapters: per memory layer, how many units (tokens or sequences) read each chapter
+    chapter_usage: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class MemoryTransformer(nn.Module):
@@ -47,6 +49,10 @@ class MemoryTransformer(nn.Module):
         self.norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
         self.lm_head = nn.Linear(model.hidden_dim, model.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        if memory.use_chapters and memory.shared_router and self.memory_layers:
+            router = self.blocks[self.memory_layers[0]].memory.attn.router
+            for i in self.memory_layers[1:]:
+                self.blocks[i].memory.attn.router = router
         self.reset_parameters()
         if model.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
@@ -82,7 +88,7 @@ class MemoryTransformer(nn.Module):
         if self.rotary is not None:
             cos, sin = self.rotary(positions, x.dtype)
         # each bank is materialised once per forward (not per layer); skipped when cached K/V exist
-        need_banks = cache is None or len(cache.memory_kv) < len(self.memory_layers)
+        need_banks = cache is None or len(cache.memory_kv) < len(self.memory_layers) or self.memory_config.use_chapters
         bank_tensors = [bank() for bank in self.banks] if need_banks else [None] * len(self.banks)
         for i, block in enumerate(self.blocks):
             memory = bank_tensors[self.bank_of_layer[i]] if i in self.bank_of_layer else None
@@ -96,7 +102,21 @@ class MemoryTransformer(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        aux, usage = self._routing_stats() if self.memory_config.use_chapters and cache is None else ({}, {})
+        return CausalLMOutput(logits=logits, loss=loss, aux_losses=aux, chapter_usage=usage)
+
+    def _routing_stats(self):
+        """Router losses averaged over memory layers (already weighted), and chapter usage per layer."""
+        aux, usage = {}, {}
+        for i in self.memory_layers:
+            attn = self.blocks[i].memory.attn
+            if attn.stats is None:
+                continue
+            _, losses, usage[i] = attn.stats
+            for name, value in losses.items():
+                aux[name] = aux.get(name, 0.0) + value / len(self.memory_layers)
+            attn.stats = None
+        return aux, usage
 
     # --------------------------------------------------------------- generation
     def new_cache(self, batch: int, max_len: int) -> KVCache:
