@@ -106,9 +106,10 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         """generate(): K/V of the chosen chapters are cached per layer and recomputed on re-routing."""
         st = cache.routing.setdefault(layer, {"window": x[:, :0], "since": 0, "routes": []})
         window = torch.cat([st["window"], x], 1)[:, -self.cfg.rolling_window:] if rolling else None
-        if "kv" not in st or (rolling and st["since"] >= self.cfg.rolling_interval):
+        first = "routing" not in st
+        if first or (rolling and st["since"] >= self.cfg.rolling_interval):
             st["routing"] = self.router((window if rolling else x).mean(1))
-            st["since"] = 0
+            st["since"] = 0 if first else x.shape[1]  # tokens read with this routing (the prompt not counted)
             st["routes"].append(cache.length)
             if self.expert is None:
                 st["kv"] = self._chapter_kv(memory, st["routing"].chapters)

@@ -17,23 +17,31 @@ CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32)
 
 
 def _plan(chap: torch.Tensor, num_chapters: int, per_slot: int, chunk_elements: int) -> List[Tuple]:
-    """[(chapter ids [n], pair ids [n, cap], valid [n, cap])], one entry per chunk."""
+    """[(chapter ids [n], pair ids [n, cap], valid [n, cap])], one entry per chunk.
+
+    A chapter with more pairs than fit one chunk is split into segments (its id repeats in a chunk).
+    """
     order = torch.argsort(chap, stable=True)
     counts = torch.bincount(chap, minlength=num_chapters)
     starts = torch.cumsum(counts, 0) - counts
+    limit = 1 << max(0, (chunk_elements // per_slot).bit_length() - 1)  # largest power of two that fits
     used = counts.nonzero().squeeze(1)
-    caps = 2 ** torch.ceil(torch.log2(counts[used].double())).long()
+    segs = (counts[used] + limit - 1) // limit
+    seg_chap = used.repeat_interleave(segs)
+    j = torch.arange(len(seg_chap), device=chap.device) - (torch.cumsum(segs, 0) - segs).repeat_interleave(segs)
+    seg_start = starts[seg_chap] + j * limit
+    seg_count = (counts[seg_chap] - j * limit).clamp(max=limit)
+    caps = 2 ** torch.ceil(torch.log2(seg_count.double())).long()
     chunks = []
     for cap in caps.unique().tolist():
-        chapters = used[caps == cap]
+        sel = (caps == cap).nonzero().squeeze(1)
         per_chunk = max(1, chunk_elements // (cap * per_slot))
         slot = torch.arange(cap, device=chap.device)
-        for i in range(0, len(chapters), per_chunk):
-            cs = chapters[i:i + per_chunk]
-            pos = starts[cs, None] + slot
-            valid = slot < counts[cs, None]
-            pairs = order[torch.where(valid, pos, starts[cs, None])]
-            chunks.append((cs, pairs, valid))
+        for i in range(0, len(sel), per_chunk):
+            seg = sel[i:i + per_chunk]
+            valid = slot < seg_count[seg, None]
+            pairs = order[torch.where(valid, seg_start[seg, None] + slot, seg_start[seg, None])]
+            chunks.append((seg_chap[seg], pairs, valid))
     return chunks
 
 
@@ -60,7 +68,7 @@ class _PairAttention(torch.autograd.Function):
             n, cap = pairs.shape
             s, _ = _logits(q, keys, cs, pairs, tok, bias, scale)
             m = s.amax(-1, keepdim=True)
-            p = (s - m).exp_()
+            p = s.sub_(m).exp_()
             l = p.sum(-1, keepdim=True)
             o = torch.bmm(p.view(n * G, -1, T), values[cs].transpose(1, 2).reshape(n * G, T, f))
             o = (o.view(n, G, cap, -1, f) / l).permute(0, 2, 1, 3, 4).reshape(n, cap, H, f)
@@ -90,11 +98,11 @@ class _PairAttention(torch.autograd.Function):
             vmask = valid.to(q.dtype).view(n, cap, 1)
             dop = (d_out[pairs] * vmask[..., None]).view(n, cap, G, r, f).permute(0, 2, 1, 3, 4)
             grp = lambda t: t.view(n, cap, G, r).permute(0, 2, 1, 3)[..., None]  # noqa: E731
-            p = (s - grp(lse[pairs])).exp_()  # [n, G, cap, r, T]; padded slots repeat a real pair: finite
+            p = s.sub_(grp(lse[pairs])).exp_()  # [n, G, cap, r, T]; padded slots repeat a real pair: finite
             vc = values[cs].permute(0, 2, 1, 3).reshape(n * G, T, f)
             dop_f = dop.reshape(n * G, cap * r, f)
             dp = torch.bmm(dop_f, vc.transpose(1, 2)).view(n, G, cap, r, T)
-            ds = p * (dp - grp(delta[pairs] * vmask) + grp(d_lse[pairs] * vmask))
+            ds = dp.sub_(grp(delta[pairs] * vmask)).add_(grp(d_lse[pairs] * vmask)).mul_(p)
             dv_c = torch.bmm(p.view(n * G, cap * r, T).transpose(1, 2), dop_f)  # [nG, T, f]
             dv.index_add_(0, cs, dv_c.view(n, G, T, f).transpose(1, 2))
             ds_f = ds.view(n * G, cap * r, T)
