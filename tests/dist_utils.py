@@ -20,6 +20,10 @@ def _worker(rank, world, port, fn, args, out_dir):
         result = fn(*args)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()  # a gloo group left to interpreter exit sometimes aborts the process
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
