@@ -105,6 +105,9 @@ def _validate_chapters(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append(f"memory.top_k_chapters ({mem.top_k_chapters}) must be <= num_chapters - num_shared_chapters "
                         f"({mem.num_chapters - mem.num_shared_chapters}): shared chapters are read anyway, not routed")
     _positive(problems, "memory", mem, "rolling_interval", "rolling_window", "routed_scaling_factor")
+    if mem.sparse_bank_grad and (mem.quantize_memory or (mem.use_low_rank_memory and mem.low_rank_mode == "factorized")):
+        problems.append("memory.sparse_bank_grad needs a bank stored as trainable rows (full or reduced_dim); "
+                        "factorized and quantized banks get dense gradients: set sparse_bank_grad: false")
     tpc = mem.tokens_per_chapter
     if tpc is None and mem.num_chapters > 0 and mem.num_memory_tokens % mem.num_chapters:
         problems.append(f"memory.num_memory_tokens ({mem.num_memory_tokens}) is not divisible by "

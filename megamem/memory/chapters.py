@@ -24,6 +24,7 @@ from ..config import MemoryConfig
 from .cross_attention import LowRankLinear, MemoryCrossAttention
 from .routed_attention import merge_partials, pair_attention
 from .router import ChapterRouter, Routing, chapter_usage, router_losses
+from .sparse_rows import gather_chapters
 
 if TYPE_CHECKING:
     from ..model.kv_cache import KVCache
@@ -86,7 +87,7 @@ class ChapterMemoryAttention(MemoryCrossAttention):
     def _chapter_kv(self, memory: torch.Tensor, chapters: torch.Tensor):
         """K/V [B, kv_heads, m·T, hd] of each sequence's chapters, the bank rows selected by index."""
         B, m = chapters.shape
-        rows = memory.view(-1, self.chapter_len, memory.shape[-1])[chapters].flatten(1, 2)
+        rows = gather_chapters(memory, chapters, self.chapter_len, self.cfg.sparse_bank_grad).flatten(1, 2)
         k = self.k_proj(rows).view(B, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(rows).view(B, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
@@ -132,9 +133,10 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         chap, pair_bias, scale = chapters.flatten(), bias.flatten(), 1 / math.sqrt(hd)
         bank = memory.view(-1, T, 1, memory.shape[-1])  # [C, T, 1, d]
         q = self.q_proj(h).view(N, H, hd)
+        sparse = self.cfg.sparse_bank_grad and self.expert is None
         if self.expert is None and not self._absorbed(N * m, chap):
             uniq, inv = torch.unique(chap, return_inverse=True)
-            rows = bank[uniq, :, 0]
+            rows = gather_chapters(memory, uniq, T, sparse)
             k = self.k_proj(rows).view(len(uniq), T, self.num_kv_heads, hd)
             v = self.v_proj(rows).view(len(uniq), T, self.num_kv_heads, hd)
             out, lse = pair_attention(q, k, v, tok, inv, pair_bias, scale)
@@ -143,6 +145,9 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         wk = _weight(self.k_proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)  # [H, hd, d]
         wv = _weight(self.v_proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)
         q_abs = torch.einsum("nhe,hed->nhd", q, wk.to(q.dtype))
+        if sparse:  # read only the touched chapters, so the bank's gradient holds only their rows
+            uniq, chap = torch.unique(chap, return_inverse=True)
+            bank = gather_chapters(memory, uniq, T, True)[:, :, None]
         attend, rows = self.expert or pair_attention, bank.to(q.dtype)
         out, lse = attend(q_abs, rows, rows, tok, chap, pair_bias, scale)
         y = merge_partials(out.view(N, m, H, -1), lse.view(N, m, H))  # [N, H, d]
