@@ -9,6 +9,9 @@ One memory layer, k·tokens_per_chapter fixed, forward + backward + fused AdamW 
 ratio of each step time to the same mode's smallest bank, and writes a PNG plot. Step time is the
 CPU time of the single compute thread (best of `steps` steps after a warm-up step): on a shared
 machine it measures the step's work, not the other processes' load; wall time is printed too.
+Each process runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for large
+allocations): without it, first-touch page faults of fresh multi-MB buffers cost about half of a
+1M-token step.
 """
 from __future__ import annotations
 
@@ -102,6 +105,8 @@ def main() -> int:
     ap.add_argument("--modes", nargs="*", default=MODES, choices=MODES)
     ap.add_argument("--dense-max", type=int, default=131_072, help="skip dense memory above this bank size")
     ap.add_argument("--out", default="bench_chapters.png")
+    ap.add_argument("--no-hugepages", action="store_true",
+                    help="do not set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (large buffers then page-fault 512x more)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one (mode, bank) and print JSON
     args = ap.parse_args()
     p = FULL if args.full else SMALL
@@ -115,14 +120,16 @@ def main() -> int:
             if mode == "dense" and bank > args.dense_max:
                 continue
             cmd = [sys.executable, __file__, f"--one={mode}:{bank}"] + (["--full"] if args.full else [])
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ) if args.no_hugepages else {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode:
                 print(f"{mode} {bank}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"  {mode:15s} {bank:>9,d}  {rows[-1]['step_s']:.3f} s", file=sys.stderr, flush=True)
     desc = (f"B={p['batch']} S={p['seq']} d={p['dim']} heads={p['heads']} k={p['k']} "
-            f"tokens/chapter={p['chapter']} (k·T={p['k'] * p['chapter']}), fp32, 1 thread")
+            f"tokens/chapter={p['chapter']} (k·T={p['k'] * p['chapter']}), fp32, 1 thread"
+            + ("" if args.no_hugepages else ", malloc hugetlb=1"))
     print(f"# {desc}\n")
     print("| mode | memory tokens | chapters touched | step CPU (s) | × smallest bank | wall (s) | peak RSS (GB) |")
     print("|---|---|---|---|---|---|---|")

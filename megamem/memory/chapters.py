@@ -146,8 +146,9 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         wv = _weight(self.v_proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)
         q_abs = torch.einsum("nhe,hed->nhd", q, wk.to(q.dtype))
         if sparse:  # read only the touched chapters, so the bank's gradient holds only their rows
-            uniq, chap = torch.unique(chap, return_inverse=True)
-            bank = gather_chapters(memory, uniq, T, True)[:, :, None]
+            uniq, inv = torch.unique(chap, return_inverse=True)
+            if 2 * len(uniq) <= bank.shape[0]:  # else a dense gradient is cheaper than gathering most of the bank
+                bank, chap = gather_chapters(memory, uniq, T, True)[:, :, None], inv
         attend, rows = self.expert or pair_attention, bank.to(q.dtype)
         out, lse = attend(q_abs, rows, rows, tok, chap, pair_bias, scale)
         y = merge_partials(out.view(N, m, H, -1), lse.view(N, m, H))  # [N, H, d]

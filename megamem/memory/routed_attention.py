@@ -45,14 +45,20 @@ def _plan(chap: torch.Tensor, num_chapters: int, per_slot: int, chunk_elements: 
     return chunks
 
 
-def _logits(q, keys, cs, pairs, tok, bias, scale):
+def _rows(t: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """[n·G, T, e]: the rows of chapters cs, one slice per kv group (no copy beyond the gather if G = 1)."""
+    x = t[cs]
+    n, T, G, e = x.shape
+    return x.view(n, T, e) if G == 1 else x.permute(0, 2, 1, 3).reshape(n * G, T, e)
+
+
+def _logits(q, kg, G, pairs, tok, bias, scale):
     """Chunk logits [n, G, cap, r, T] for pairs (n chapters × cap slots), G kv groups of r heads."""
     n, cap = pairs.shape
-    G, e = keys.shape[2], keys.shape[3]
+    e = kg.shape[-1]
     r = q.shape[1] // G
     qc = q[tok[pairs]].view(n, cap, G, r, e).permute(0, 2, 1, 3, 4).reshape(n * G, cap * r, e)
-    kc = keys[cs].permute(0, 2, 3, 1).reshape(n * G, e, -1)
-    s = torch.bmm(qc, kc).mul_(scale).view(n, G, cap, r, -1)
+    s = torch.bmm(qc, kg.transpose(1, 2)).mul_(scale).view(n, G, cap, r, -1)
     return s.add_(bias[pairs].to(s.dtype).view(n, 1, cap, 1, 1)), qc
 
 
@@ -61,22 +67,25 @@ class _PairAttention(torch.autograd.Function):
     def forward(ctx, q, keys, values, tok, chap, bias, scale, chunk_elements):
         P, H = tok.shape[0], q.shape[1]
         C, T, G, f = values.shape
+        same_kv = keys is values
         out = q.new_zeros(P, H, f)
         lse = q.new_zeros(P, H)
         plan = _plan(chap, C, H * T, chunk_elements)
         for cs, pairs, valid in plan:
             n, cap = pairs.shape
-            s, _ = _logits(q, keys, cs, pairs, tok, bias, scale)
+            kg = _rows(keys, cs)
+            vg = kg if same_kv else _rows(values, cs)
+            s, _ = _logits(q, kg, G, pairs, tok, bias, scale)
             m = s.amax(-1, keepdim=True)
             p = s.sub_(m).exp_()
             l = p.sum(-1, keepdim=True)
-            o = torch.bmm(p.view(n * G, -1, T), values[cs].transpose(1, 2).reshape(n * G, T, f))
+            o = torch.bmm(p.view(n * G, -1, T), vg)
             o = (o.view(n, G, cap, -1, f) / l).permute(0, 2, 1, 3, 4).reshape(n, cap, H, f)
             ls = (m + l.log()).squeeze(-1).permute(0, 2, 1, 3).reshape(n, cap, H)
             out[pairs[valid]] = o[valid]
             lse[pairs[valid]] = ls[valid]
         ctx.save_for_backward(q, keys, values, tok, chap, bias, out, lse)
-        ctx.plan, ctx.scale, ctx.same_kv = plan, scale, keys is values
+        ctx.plan, ctx.scale, ctx.same_kv = plan, scale, same_kv
         return out, lse
 
     @staticmethod
@@ -85,32 +94,36 @@ class _PairAttention(torch.autograd.Function):
         scale, H = ctx.scale, q.shape[1]
         C, T, G, f = values.shape
         e = keys.shape[3]
+        r = H // G
         d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
         d_lse = torch.zeros_like(lse) if d_lse is None else d_lse.contiguous()
         dq, dk = torch.zeros_like(q), torch.zeros_like(keys)
         dv = dk if ctx.same_kv else torch.zeros_like(values)
         dbias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device)
         delta = (d_out * out).sum(-1)  # [P, H]
+        to_chapters = lambda t, n: t.view(n, G, T, -1).transpose(1, 2)  # noqa: E731  [nG, T, x] → [n, T, G, x]
         for cs, pairs, valid in ctx.plan:
             n, cap = pairs.shape
-            r = H // G
-            s, qc = _logits(q, keys, cs, pairs, tok, bias, scale)
+            kg = _rows(keys, cs)
+            vg = kg if ctx.same_kv else _rows(values, cs)
+            s, qc = _logits(q, kg, G, pairs, tok, bias, scale)
             vmask = valid.to(q.dtype).view(n, cap, 1)
             dop = (d_out[pairs] * vmask[..., None]).view(n, cap, G, r, f).permute(0, 2, 1, 3, 4)
             grp = lambda t: t.view(n, cap, G, r).permute(0, 2, 1, 3)[..., None]  # noqa: E731
             p = s.sub_(grp(lse[pairs])).exp_()  # [n, G, cap, r, T]; padded slots repeat a real pair: finite
-            vc = values[cs].permute(0, 2, 1, 3).reshape(n * G, T, f)
             dop_f = dop.reshape(n * G, cap * r, f)
-            dp = torch.bmm(dop_f, vc.transpose(1, 2)).view(n, G, cap, r, T)
+            dp = torch.bmm(dop_f, vg.transpose(1, 2)).view(n, G, cap, r, T)
             ds = dp.sub_(grp(delta[pairs] * vmask)).add_(grp(d_lse[pairs] * vmask)).mul_(p)
             dv_c = torch.bmm(p.view(n * G, cap * r, T).transpose(1, 2), dop_f)  # [nG, T, f]
-            dv.index_add_(0, cs, dv_c.view(n, G, T, f).transpose(1, 2))
             ds_f = ds.view(n * G, cap * r, T)
-            kc = keys[cs].permute(0, 2, 1, 3).reshape(n * G, T, e)
-            dq_c = torch.bmm(ds_f, kc).mul_(scale).view(n, G, cap, r, e).permute(0, 2, 1, 3, 4).reshape(n, cap, H, e)
+            dq_c = torch.bmm(ds_f, kg).mul_(scale).view(n, G, cap, r, e).permute(0, 2, 1, 3, 4).reshape(n, cap, H, e)
             dq.index_add_(0, tok[pairs].flatten(), dq_c.flatten(0, 1))
             dk_c = torch.bmm(ds_f.transpose(1, 2), qc).mul_(scale)  # [nG, T, e]
-            dk.index_add_(0, cs, dk_c.view(n, G, T, e).transpose(1, 2))
+            if ctx.same_kv:
+                dk.index_add_(0, cs, to_chapters(dk_c.add_(dv_c), n))
+            else:
+                dk.index_add_(0, cs, to_chapters(dk_c, n))
+                dv.index_add_(0, cs, to_chapters(dv_c, n))
             db = ds.sum(dim=(1, 3, 4))  # [n, cap]
             dbias[pairs[valid]] = db[valid]
         return (dq, dk, None if ctx.same_kv else dv, None, None, dbias.to(bias.dtype), None, None)
