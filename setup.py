@@ -31,5 +31,6 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         "wandb": ["wandb>=0.17"],
         "dev": ["pytest>=8.0"],
+        "bench": ["matplotlib>=3.7"],
     },
 )

@@ -188,3 +188,25 @@ def test_model_with_all_chapters_equals_dense_model(bank, strategy):
     named = dict(routed.named_parameters())
     for name, p in dense.named_parameters():
         close(named[name].grad, p.grad)
+
+
+@pytest.mark.parametrize("strategy", ["sequence", "token"])
+def test_gradient_checkpointing_with_chapters(strategy):
+    """Block and memory-only recomputation give the same loss, router losses and gradients."""
+    results = []
+    for mode in ("none", "blocks", "memory"):
+        torch.manual_seed(0)
+        model = build_model(tiny_config("memory.use_chapters=true", "memory.num_chapters=4",
+                                        "memory.num_memory_tokens=16", "memory.top_k_chapters=2",
+                                        "memory.wo_init_zero=false", f"memory.routing_strategy_train={strategy}",
+                                        f"memory.memory_gradient_checkpointing={str(mode == 'memory').lower()}"))
+        model.gradient_checkpointing = mode == "blocks"
+        ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
+        out = model(ids, labels=ids)
+        (out.loss + sum(out.aux_losses.values())).backward()
+        results.append((out.loss.item(), {k: v.item() for k, v in out.aux_losses.items()},
+                        [p.grad.clone() for p in model.parameters()]))
+    for loss, aux, grads_ in results[1:]:
+        assert loss == pytest.approx(results[0][0], abs=1e-6) and aux == pytest.approx(results[0][1], abs=1e-6)
+        for a, b in zip(grads_, results[0][2]):
+            close(a, b)
