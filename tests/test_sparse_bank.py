@@ -32,6 +32,22 @@ def test_sparse_bank_gradient_equals_dense(strategy, form):
     assert rows == touched and len(rows) < 8  # only the chapters that were read carry gradient
 
 
+def test_sparse_gradient_when_most_of_the_bank_is_read():
+    """Reads touching more than half the bank use the bank in place; its gradient is still row-sparse."""
+    from megamem.memory.chapters import absorbed_pairs
+
+    torch.manual_seed(0)
+    memory = torch.randn(8 * 4, 6, requires_grad=True)
+    q, tok = torch.randn(5, 2, 6), torch.arange(5).repeat_interleave(2)
+    chap, bias = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4]), torch.zeros(10)
+    grads = []
+    for sparse in (False, True):
+        out, lse = absorbed_pairs(q, memory, 4, tok, chap, bias, 0.3, sparse)
+        grads.append(torch.autograd.grad((out.sum() + lse.sum()), memory)[0])
+    assert grads[1].is_sparse and torch.allclose(grads[1].to_dense(), grads[0], atol=1e-6)
+    assert sorted(set(grads[1].indices()[0].div(4, rounding_mode="floor").tolist())) == [0, 1, 2, 3, 4]
+
+
 def test_row_sparse_adamw_is_adamw_on_touched_rows():
     torch.manual_seed(0)
     p_ref, p_dense, p_sparse = (torch.nn.Parameter(torch.randn(6, 3)) for _ in range(3))

@@ -24,7 +24,7 @@ from ..config import MemoryConfig
 from .cross_attention import LowRankLinear, MemoryCrossAttention
 from .routed_attention import merge_partials, pair_attention
 from .router import ChapterRouter, Routing, chapter_usage, router_losses
-from .sparse_rows import gather_chapters
+from .sparse_rows import gather_chapters, keep_chapter_rows
 
 if TYPE_CHECKING:
     from ..model.kv_cache import KVCache
@@ -42,6 +42,21 @@ def build_router(hidden_dim: int, cfg: MemoryConfig) -> ChapterRouter:
 def _weight(proj: torch.nn.Module) -> torch.Tensor:
     """The [out, in] matrix of a bias-free projection (a low-rank one multiplied out)."""
     return proj.up.weight @ proj.down.weight if isinstance(proj, LowRankLinear) else proj.weight
+
+
+def absorbed_pairs(q, memory, rows_per_chapter, tok, chap, bias, scale, sparse: bool):
+    """Pair attention on raw bank rows (absorbed formulation). With sparse, the bank's gradient holds
+    only the touched chapters' rows: they are gathered, or, when they are more than half the bank
+    (a gather would copy most of it), the bank is read in place and its gradient cut to them."""
+    bank = memory.view(-1, rows_per_chapter, 1, memory.shape[-1])  # [C, T, 1, d]
+    if sparse:
+        uniq, inv = torch.unique(chap, return_inverse=True)
+        if 2 * len(uniq) <= bank.shape[0]:
+            bank, chap = gather_chapters(memory, uniq, rows_per_chapter, True)[:, :, None], inv
+        else:
+            bank = keep_chapter_rows(memory, uniq, rows_per_chapter).view(bank.shape)
+    rows = bank.to(q.dtype)
+    return pair_attention(q, rows, rows, tok, chap, bias, scale)
 
 
 class ChapterMemoryAttention(MemoryCrossAttention):
@@ -131,9 +146,8 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         H, hd, T = self.num_heads, self.head_dim, self.chapter_len
         tok = torch.arange(N, device=h.device).repeat_interleave(m)
         chap, pair_bias, scale = chapters.flatten(), bias.flatten(), 1 / math.sqrt(hd)
-        bank = memory.view(-1, T, 1, memory.shape[-1])  # [C, T, 1, d]
         q = self.q_proj(h).view(N, H, hd)
-        sparse = self.cfg.sparse_bank_grad and self.expert is None
+        sparse = self.cfg.sparse_bank_grad
         if self.expert is None and not self._absorbed(N * m, chap):
             uniq, inv = torch.unique(chap, return_inverse=True)
             rows = gather_chapters(memory, uniq, T, sparse)
@@ -145,12 +159,8 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         wk = _weight(self.k_proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)  # [H, hd, d]
         wv = _weight(self.v_proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)
         q_abs = torch.einsum("nhe,hed->nhd", q, wk.to(q.dtype))
-        if sparse:  # read only the touched chapters, so the bank's gradient holds only their rows
-            uniq, inv = torch.unique(chap, return_inverse=True)
-            if 2 * len(uniq) <= bank.shape[0]:  # else a dense gradient is cheaper than gathering most of the bank
-                bank, chap = gather_chapters(memory, uniq, T, True)[:, :, None], inv
-        attend, rows = self.expert or pair_attention, bank.to(q.dtype)
-        out, lse = attend(q_abs, rows, rows, tok, chap, pair_bias, scale)
+        attend = self.expert or absorbed_pairs  # the expert sends pairs to the rank owning their chapter
+        out, lse = attend(q_abs, memory, T, tok, chap, pair_bias, scale, sparse)
         y = merge_partials(out.view(N, m, H, -1), lse.view(N, m, H))  # [N, H, d]
         return torch.einsum("nhd,hed->nhe", y, wv.to(y.dtype)).reshape(N, H * hd)
 

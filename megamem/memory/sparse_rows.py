@@ -30,6 +30,34 @@ class _GatherChapters(torch.autograd.Function):
                                        is_coalesced=True), None, None
 
 
+class _KeepChapterRows(torch.autograd.Function):
+    """Identity whose backward keeps only the rows of the given chapters, as a sparse gradient."""
+
+    @staticmethod
+    def forward(ctx, memory, chapters, rows_per_chapter):
+        ctx.save_for_backward(chapters)
+        ctx.rows = rows_per_chapter
+        return memory.view_as(memory)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (chapters,) = ctx.saved_tensors
+        T, d = ctx.rows, grad.shape[-1]
+        values = grad.reshape(-1, T, d)[chapters].reshape(-1, d)
+        rows = (chapters[:, None] * T + torch.arange(T, device=chapters.device)).reshape(1, -1)
+        return torch.sparse_coo_tensor(rows, values, grad.shape, check_invariants=False, is_coalesced=True), None, None
+
+
+def keep_chapter_rows(memory: torch.Tensor, chapters: torch.Tensor, rows_per_chapter: int) -> torch.Tensor:
+    """The bank itself, whose gradient is made row-sparse (only `chapters`, sorted and unique, kept).
+
+    For reads that touch most of the bank, where gathering rows would copy nearly all of it.
+    """
+    if torch.is_grad_enabled() and memory.requires_grad:
+        return _KeepChapterRows.apply(memory, chapters, rows_per_chapter)
+    return memory
+
+
 def gather_chapters(memory: torch.Tensor, ids: torch.Tensor, rows_per_chapter: int, sparse: bool) -> torch.Tensor:
     """memory [C·T, d] → [*ids.shape, T, d]; with sparse=True the bank gets a row-sparse gradient."""
     if sparse and torch.is_grad_enabled() and memory.requires_grad:
@@ -45,8 +73,9 @@ class RowSparseAdamW(torch.optim.Optimizer):
     SparseAdam). Dense gradients get the ordinary AdamW update of every row. Touched rows are
     gathered in blocks of `block_rows` (a chapter), updated by torch's fused AdamW kernel, and
     written back. With `group` (a process group), sparse gradients are summed across its ranks
-    (all-gather of rows) and divided by `world` (the data-parallel size), as data-parallel replicas
-    of a bank need.
+    (all-gather of rows); with `world`, sparse gradients are divided by it (the data-parallel size):
+    replicas of a bank pass both, expert-parallel shards (gradients already summed over all ranks'
+    tokens by the all-to-all) pass their expert-data-parallel group and the data-parallel size.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -71,8 +100,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
         dist.all_gather(all_v, pad_v, group=self.process_group)
         idx = torch.cat([i[:, :int(c)] for i, c in zip(all_i, counts)], 1)
         val = torch.cat([v[:int(c)] for v, c in zip(all_v, counts)])
-        scale = 1.0 / (self.world or size)
-        return torch.sparse_coo_tensor(idx, val * scale, grad.shape, check_invariants=False).coalesce()
+        return torch.sparse_coo_tensor(idx, val, grad.shape, check_invariants=False).coalesce()
 
     @staticmethod
     def _adamw(p, g, m, v, step, group):
@@ -98,6 +126,8 @@ class RowSparseAdamW(torch.optim.Optimizer):
                 grad = grad.coalesce()
                 if self.process_group is not None:
                     grad = self._reduce(grad)
+                if self.world:  # data-parallel mean (expert shards: summed over all ranks' tokens)
+                    grad = grad * (1.0 / self.world)
                 rows, g = grad.indices()[0], grad.values()
                 B = group["block_rows"]
                 if B > 1 and rows.numel() % B == 0 and bool((rows.view(-1, B) == rows.view(-1, B)[:, :1]

@@ -25,8 +25,8 @@ from deepspeed.utils import groups
 
 from ..config import MegamemConfig
 from ..memory.bank import MemoryBank
-from ..memory.chapters import ChapterMemoryAttention, tokens_per_chapter
-from ..memory.routed_attention import pair_attention
+from ..memory.chapters import ChapterMemoryAttention, absorbed_pairs, tokens_per_chapter
+from ..memory.sparse_rows import RowSparseAdamW
 
 
 def check_layout(cfg: MegamemConfig, zero_stage: int) -> Optional[str]:
@@ -58,12 +58,12 @@ class _AllToAll(torch.autograd.Function):
 
 
 class ChapterDispatch:
-    """Drop-in for `pair_attention` on a sharded bank: pairs go to their chapter's owner and back."""
+    """Drop-in for `absorbed_pairs` on a sharded bank: pairs go to their chapter's owner and back."""
 
     def __init__(self, group, ep_size: int, local_chapters: int):
         self.group, self.ep_size, self.local = group, ep_size, local_chapters
 
-    def __call__(self, q, keys, values, tok, chap, bias, scale):
+    def __call__(self, q, memory, rows_per_chapter, tok, chap, bias, scale, sparse):
         owner = chap // self.local
         order = torch.argsort(owner, stable=True)
         send = torch.bincount(owner, minlength=self.ep_size)
@@ -73,7 +73,8 @@ class ChapterDispatch:
         go = lambda t: _AllToAll.apply(t, send_l, recv_l, self.group)  # noqa: E731
         back = lambda t: _AllToAll.apply(t, recv_l, send_l, self.group)  # noqa: E731
         rq, rb, rc = go(q[tok[order]]), go(bias[order]), go((chap % self.local)[order])
-        out, lse = pair_attention(rq, keys, values, torch.arange(len(rc), device=q.device), rc, rb, scale)
+        arange = torch.arange(len(rc), device=q.device)
+        out, lse = absorbed_pairs(rq, memory, rows_per_chapter, arange, rc, rb, scale, sparse)
         inv = torch.argsort(order)
         return back(out)[inv], back(lse)[inv]
 
@@ -103,6 +104,8 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> str:
     Call after the default process group exists and before `deepspeed.initialize`. Rank r of the
     group keeps chapters [r·C/ep, (r+1)·C/ep) of the bank it was built with (same seed on every
     rank ⇒ the shards of an ep_size run are exactly the rows of the ep_size = 1 bank).
+    With memory.sparse_bank_grad the shards are left to `RowSparseAdamW` (`expert_data_parallel_group`
+    for its group), outside the engine's optimizer, so no MoE marker is added for the engine.
     """
     cfg = model.memory_config
     if not cfg.use_chapters:
@@ -124,14 +127,39 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> str:
     for module in model.modules():
         if isinstance(module, ChapterMemoryAttention):
             module.expert = dispatch
-    model.add_module("chapter_experts", ChapterExperts(cfg.num_chapters, ep_size, name))
+    if not cfg.sparse_bank_grad:
+        model.add_module("chapter_experts", ChapterExperts(cfg.num_chapters, ep_size, name))
+    model.chapter_ep_size = ep_size
     return name
 
 
+def expert_data_parallel_group(ep_size: int):
+    """The ranks holding replicas of the same chapter shard (their gradients are averaged)."""
+    return groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0, lr: Optional[float] = None) -> List[Dict]:
-    """Dense and expert (chapter-shard) parameter groups, split the way DeepSpeed's MoE expects."""
-    group: Dict = {"name": "params", "params": [p for p in model.parameters() if p.requires_grad],
-                   "weight_decay": weight_decay}
+    """Dense and expert (chapter-shard) parameter groups, split the way DeepSpeed's MoE expects.
+
+    With memory.sparse_bank_grad the banks are left out: `sparse_bank_optimizer` updates them.
+    """
+    skip = {id(p) for p in model.banks.parameters()} if model.memory_config.sparse_bank_grad else set()
+    group: Dict = {"name": "params", "weight_decay": weight_decay,
+                   "params": [p for p in model.parameters() if p.requires_grad and id(p) not in skip]}
     if lr is not None:
         group["lr"] = lr
     return split_params_into_different_moe_groups_for_optimizer(group)
+
+
+def sparse_bank_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                          eps: float = 1e-8) -> RowSparseAdamW:
+    """Lazy AdamW for the banks of a sparse_bank_grad model, stepped after `engine.step()`.
+
+    Gradients are reduced like DeepSpeed reduces them: replicated banks over the data-parallel
+    group, expert shards over their expert-data-parallel group; both divided by the data-parallel size.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    ep = getattr(model, "chapter_ep_size", 1)
+    group = None if world == 1 else (dist.group.WORLD if ep == 1 else expert_data_parallel_group(ep))
+    return RowSparseAdamW(model.banks.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                          block_rows=tokens_per_chapter(model.memory_config), group=group, world=world)
