@@ -61,8 +61,8 @@ def test_dry_run_with_overrides_prints_them(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--memory.num_memory_token", "5"], "unknown key 'memory.num_memory_token' (did you mean 'num_memory_tokens'?)"),
     (["--model.num_heads", "3"], "model.hidden_dim (128) must be divisible by model.num_heads (3)"),
-    (["--memory.use_chapters", "true", "--memory.num_chapters", "4", "--memory.top_k_chapters", "2"],
-     "chapter routing is not available in this version"),
+    (["--memory.use_chapters", "true", "--memory.num_chapters", "4", "--memory.top_k_chapters", "4",
+      "--memory.num_shared_chapters", "1"], "memory.top_k_chapters (4) must be <= num_chapters - num_shared_chapters (3)"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message):
     proc = run("--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--dry-run", *args)

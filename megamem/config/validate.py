@@ -101,6 +101,13 @@ def _validate_chapters(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append(f"memory.top_k_chapters ({mem.top_k_chapters}) must be <= memory.num_chapters ({mem.num_chapters})")
     if not 0 <= mem.num_shared_chapters < mem.num_chapters:
         problems.append(f"memory.num_shared_chapters ({mem.num_shared_chapters}) must be in [0, num_chapters)")
+    elif mem.num_chapters - mem.num_shared_chapters < mem.top_k_chapters <= mem.num_chapters:
+        problems.append(f"memory.top_k_chapters ({mem.top_k_chapters}) must be <= num_chapters - num_shared_chapters "
+                        f"({mem.num_chapters - mem.num_shared_chapters}): shared chapters are read anyway, not routed")
+    _positive(problems, "memory", mem, "rolling_interval", "rolling_window", "routed_scaling_factor")
+    if mem.sparse_bank_grad and (mem.quantize_memory or (mem.use_low_rank_memory and mem.low_rank_mode == "factorized")):
+        problems.append("memory.sparse_bank_grad needs a bank stored as trainable rows (full or reduced_dim); "
+                        "factorized and quantized banks get dense gradients: set sparse_bank_grad: false")
     tpc = mem.tokens_per_chapter
     if tpc is None and mem.num_chapters > 0 and mem.num_memory_tokens % mem.num_chapters:
         problems.append(f"memory.num_memory_tokens ({mem.num_memory_tokens}) is not divisible by "
@@ -141,9 +148,17 @@ def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
 
 def _validate_parallel(cfg: MegamemConfig, problems: List[str]) -> None:
     _positive(problems, "parallel", cfg.parallel, "ep_size")
-    if cfg.parallel.ep_size > 1 and not cfg.memory.use_chapters:
-        problems.append(f"parallel.ep_size = {cfg.parallel.ep_size} shards chapters across ranks, "
+    ep, mem = cfg.parallel.ep_size, cfg.memory
+    if ep > 1 and not mem.use_chapters:
+        problems.append(f"parallel.ep_size = {ep} shards chapters across ranks, "
                         "but memory.use_chapters is false; set ep_size: 1 or enable chapters")
+    elif ep > 1:
+        if mem.num_chapters % ep:
+            problems.append(f"parallel.ep_size ({ep}) must divide memory.num_chapters ({mem.num_chapters}): "
+                            "each rank stores num_chapters / ep_size chapters")
+        if mem.quantize_memory or (mem.use_low_rank_memory and mem.low_rank_mode == "factorized"):
+            problems.append("parallel.ep_size > 1 shards banks stored as trainable rows (full or reduced_dim); "
+                            "factorized and quantized banks are not sharded: set ep_size: 1 or use a full bank")
 
 
 def _validate_data(cfg: MegamemConfig, problems: List[str]) -> None:

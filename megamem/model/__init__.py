@@ -8,9 +8,6 @@ def build_model(cfg: MegamemConfig) -> MemoryTransformer:
     if cfg.model.base_model_name is not None:
         raise ConfigError("model.base_model_name is set: memory adapters on pretrained Hugging Face models "
                           "are not available in this version; remove base_model_name to train from scratch")
-    if cfg.memory.use_chapters and not cfg.memory.vanilla_mode:
-        raise ConfigError("memory.use_chapters: chapter routing is not available in this version; "
-                          "set use_chapters: false (the dense bank is read whole)")
     return MemoryTransformer(cfg.model, cfg.memory)
 
 

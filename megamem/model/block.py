@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import MemoryConfig, ModelConfig
+from ..memory.chapters import ChapterMemoryAttention
 from ..memory.cross_attention import MemoryCrossAttention
 from .attention import CausalSelfAttention
 from .kv_cache import KVCache
@@ -25,9 +26,12 @@ class MemoryBranch(nn.Module):
         super().__init__()
         heads = mem.memory_num_heads or model.num_heads
         self.norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
-        self.attn = MemoryCrossAttention(
-            model.hidden_dim, bank_dim, heads, mem.memory_num_kv_heads or heads, mem.memory_dropout,
-            mem.projection_rank if mem.use_low_rank_projections else None)
+        args = (model.hidden_dim, bank_dim, heads, mem.memory_num_kv_heads or heads)
+        rank = mem.projection_rank if mem.use_low_rank_projections else None
+        if mem.use_chapters:  # routed chapters of the bank instead of the whole bank
+            self.attn = ChapterMemoryAttention(*args, mem, mem.memory_dropout, rank)
+        else:
+            self.attn = MemoryCrossAttention(*args, mem.memory_dropout, rank)
         if mem.memory_block_variant == "B":
             self.mlp_norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
             self.mlp = make_mlp(model.hidden_dim, model.intermediate_dim, model.hidden_activation, model.dropout)

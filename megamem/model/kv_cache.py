@@ -21,6 +21,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # tokens already stored (same for every layer once a forward completes)
         self.memory_kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # chapters: per-layer routing state (chosen chapters, their K/V, rolling window, re-route log)
+        self.routing: Dict[int, dict] = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, kv_heads, S, hd] after the current length; return all keys/values so far."""

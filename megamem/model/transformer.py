@@ -22,14 +22,18 @@ from .sampling import select_next_token
 
 
 class CausalLMOutput(dict):
-    """logits, loss (LM loss, mean over labelled tokens), aux_losses (router losses, logged separately).
+    """logits, loss (LM loss, mean over labelled tokens), aux_losses (router losses, logged separately),
+    chapter_usage.
 
     A dict with attribute access: ZeRO-3's hooks look for tensors inside dicts, not other objects.
     """
 
     def __init__(self, logits: torch.Tensor, loss: Optional[torch.Tensor] = None,
-                 aux_losses: Optional[Dict[str, torch.Tensor]] = None, **extra):
-        super().__init__(logits=logits, loss=loss, aux_losses=aux_losses if aux_losses is not None else {}, **extra)
+                 aux_losses: Optional[Dict[str, torch.Tensor]] = None,
+                 chapter_usage: Optional[Dict[int, torch.Tensor]] = None):
+        # chapter_usage: per memory layer, how many units (tokens or sequences) read each chapter
+        super().__init__(logits=logits, loss=loss, aux_losses=aux_losses if aux_losses is not None else {},
+                         chapter_usage=chapter_usage if chapter_usage is not None else {})
 
     def __getattr__(self, name):
         try:
@@ -60,6 +64,10 @@ class MemoryTransformer(nn.Module):
         self.norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
         self.lm_head = nn.Linear(model.hidden_dim, model.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        if memory.use_chapters and memory.shared_router and self.memory_layers:
+            router = self.blocks[self.memory_layers[0]].memory.attn.router
+            for i in self.memory_layers[1:]:
+                self.blocks[i].memory.attn.router = router
         self.reset_parameters()
         if model.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
@@ -70,16 +78,21 @@ class MemoryTransformer(nn.Module):
             self.init_module(module, zero_ids)
 
     def init_module(self, module: nn.Module, zero_ids: set) -> None:
-        """Initialise one module's own parameters (ZeRO-3 calls this per module, gathered)."""
-        if any(module is bank for bank in self.banks):
-            module.reset_parameters()
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
+        """Initialise one module's own parameters (ZeRO-3 calls this per module, gathered).
+
+        Linear and embedding weights: normal(initializer_range), or zeros for memory outputs when
+        wo_init_zero. Other modules with their own reset_parameters (banks, routers, LayerNorm) use it.
+        """
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             if id(module) in zero_ids:
                 nn.init.zeros_(module.weight)
             else:
                 nn.init.normal_(module.weight, std=self.model_config.initializer_range)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+        elif callable(getattr(module, "reset_parameters", None)) and next(module.parameters(recurse=False), None) \
+                is not None:
+            module.reset_parameters()
 
     def zero_init_ids(self) -> set:
         """Output projections of memory branches when wo_init_zero: the memory path starts as identity."""
@@ -107,7 +120,7 @@ class MemoryTransformer(nn.Module):
         if self.rotary is not None:
             cos, sin = self.rotary(positions, x.dtype)
         # each bank is materialised once per forward (not per layer); skipped when cached K/V exist
-        need_banks = cache is None or len(cache.memory_kv) < len(self.memory_layers)
+        need_banks = cache is None or len(cache.memory_kv) < len(self.memory_layers) or self.memory_config.use_chapters
         bank_tensors = [bank() for bank in self.banks] if need_banks else [None] * len(self.banks)
         for i, block in enumerate(self.blocks):
             memory = bank_tensors[self.bank_of_layer[i]] if i in self.bank_of_layer else None
@@ -121,7 +134,21 @@ class MemoryTransformer(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        aux, usage = self._routing_stats() if self.memory_config.use_chapters and cache is None else ({}, {})
+        return CausalLMOutput(logits=logits, loss=loss, aux_losses=aux, chapter_usage=usage)
+
+    def _routing_stats(self):
+        """Router losses averaged over memory layers (already weighted), and chapter usage per layer."""
+        aux, usage = {}, {}
+        for i in self.memory_layers:
+            attn = self.blocks[i].memory.attn
+            if attn.stats is None:
+                continue
+            _, losses, usage[i] = attn.stats
+            for name, value in losses.items():
+                aux[name] = aux.get(name, 0.0) + value / len(self.memory_layers)
+            attn.stats = None
+        return aux, usage
 
     # --------------------------------------------------------------- generation
     def new_cache(self, batch: int, max_len: int) -> KVCache:

@@ -1,0 +1,147 @@
+"""Exact attention of (query, chapter) pairs, grouped by chapter, memory-bounded; plus the LSE merge.
+
+A token that reads k chapters is k pairs. Each pair's partial attention (the softmax-normalised
+output over that chapter's T rows, and its log-sum-exp) is computed here; `merge_partials`
+combines a token's partials into ONE softmax over the union of its chapters. Pairs are sorted by
+chapter and padded into power-of-two capacity buckets, so one batched matmul serves many
+chapters; chunks hold at most `chunk_elements` logits. Backward recomputes the logits chunk by
+chunk (flash-style), so no [pairs, T] tensor outlives a chunk and no key is ever gathered per pair.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32)
+
+
+def _plan(chap: torch.Tensor, num_chapters: int, per_slot: int, chunk_elements: int) -> List[Tuple]:
+    """[(chapter ids [n], pair ids [n, cap], valid [n, cap])], one entry per chunk.
+
+    A chapter with more pairs than fit one chunk is split into segments (its id repeats in a chunk).
+    """
+    order = torch.argsort(chap, stable=True)
+    counts = torch.bincount(chap, minlength=num_chapters)
+    starts = torch.cumsum(counts, 0) - counts
+    limit = 1 << max(0, (chunk_elements // per_slot).bit_length() - 1)  # largest power of two that fits
+    used = counts.nonzero().squeeze(1)
+    segs = (counts[used] + limit - 1) // limit
+    seg_chap = used.repeat_interleave(segs)
+    j = torch.arange(len(seg_chap), device=chap.device) - (torch.cumsum(segs, 0) - segs).repeat_interleave(segs)
+    seg_start = starts[seg_chap] + j * limit
+    seg_count = (counts[seg_chap] - j * limit).clamp(max=limit)
+    caps = 2 ** torch.ceil(torch.log2(seg_count.double())).long()
+    chunks = []
+    for cap in caps.unique().tolist():
+        sel = (caps == cap).nonzero().squeeze(1)
+        per_chunk = max(1, chunk_elements // (cap * per_slot))
+        slot = torch.arange(cap, device=chap.device)
+        for i in range(0, len(sel), per_chunk):
+            seg = sel[i:i + per_chunk]
+            valid = slot < seg_count[seg, None]
+            pairs = order[torch.where(valid, seg_start[seg, None] + slot, seg_start[seg, None])]
+            chunks.append((seg_chap[seg], pairs, valid))
+    return chunks
+
+
+def _rows(t: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """[n·G, T, e]: the rows of chapters cs, one slice per kv group (no copy beyond the gather if G = 1)."""
+    x = t[cs]
+    n, T, G, e = x.shape
+    return x.view(n, T, e) if G == 1 else x.permute(0, 2, 1, 3).reshape(n * G, T, e)
+
+
+def _logits(q, kg, G, pairs, tok, bias, scale):
+    """Chunk logits [n, G, cap, r, T] for pairs (n chapters × cap slots), G kv groups of r heads."""
+    n, cap = pairs.shape
+    e = kg.shape[-1]
+    r = q.shape[1] // G
+    qc = q[tok[pairs]].view(n, cap, G, r, e).permute(0, 2, 1, 3, 4).reshape(n * G, cap * r, e)
+    s = torch.bmm(qc, kg.transpose(1, 2)).mul_(scale).view(n, G, cap, r, -1)
+    return s.add_(bias[pairs].to(s.dtype).view(n, 1, cap, 1, 1)), qc
+
+
+class _PairAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, keys, values, tok, chap, bias, scale, chunk_elements):
+        P, H = tok.shape[0], q.shape[1]
+        C, T, G, f = values.shape
+        same_kv = keys is values
+        out = q.new_zeros(P, H, f)
+        lse = q.new_zeros(P, H)
+        plan = _plan(chap, C, H * T, chunk_elements)
+        for cs, pairs, valid in plan:
+            n, cap = pairs.shape
+            kg = _rows(keys, cs)
+            vg = kg if same_kv else _rows(values, cs)
+            s, _ = _logits(q, kg, G, pairs, tok, bias, scale)
+            m = s.amax(-1, keepdim=True)
+            p = s.sub_(m).exp_()
+            l = p.sum(-1, keepdim=True)
+            o = torch.bmm(p.view(n * G, -1, T), vg)
+            o = (o.view(n, G, cap, -1, f) / l).permute(0, 2, 1, 3, 4).reshape(n, cap, H, f)
+            ls = (m + l.log()).squeeze(-1).permute(0, 2, 1, 3).reshape(n, cap, H)
+            out[pairs[valid]] = o[valid]
+            lse[pairs[valid]] = ls[valid]
+        ctx.save_for_backward(q, keys, values, tok, chap, bias, out, lse)
+        ctx.plan, ctx.scale, ctx.same_kv = plan, scale, same_kv
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, keys, values, tok, chap, bias, out, lse = ctx.saved_tensors
+        scale, H = ctx.scale, q.shape[1]
+        C, T, G, f = values.shape
+        e = keys.shape[3]
+        r = H // G
+        d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
+        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse.contiguous()
+        dq, dk = torch.zeros_like(q), torch.zeros_like(keys)
+        dv = dk if ctx.same_kv else torch.zeros_like(values)
+        dbias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device)
+        delta = (d_out * out).sum(-1)  # [P, H]
+        to_chapters = lambda t, n: t.view(n, G, T, -1).transpose(1, 2)  # noqa: E731  [nG, T, x] → [n, T, G, x]
+        for cs, pairs, valid in ctx.plan:
+            n, cap = pairs.shape
+            kg = _rows(keys, cs)
+            vg = kg if ctx.same_kv else _rows(values, cs)
+            s, qc = _logits(q, kg, G, pairs, tok, bias, scale)
+            vmask = valid.to(q.dtype).view(n, cap, 1)
+            dop = (d_out[pairs] * vmask[..., None]).view(n, cap, G, r, f).permute(0, 2, 1, 3, 4)
+            grp = lambda t: t.view(n, cap, G, r).permute(0, 2, 1, 3)[..., None]  # noqa: E731
+            p = s.sub_(grp(lse[pairs])).exp_()  # [n, G, cap, r, T]; padded slots repeat a real pair: finite
+            dop_f = dop.reshape(n * G, cap * r, f)
+            dp = torch.bmm(dop_f, vg.transpose(1, 2)).view(n, G, cap, r, T)
+            ds = dp.sub_(grp(delta[pairs] * vmask)).add_(grp(d_lse[pairs] * vmask)).mul_(p)
+            dv_c = torch.bmm(p.view(n * G, cap * r, T).transpose(1, 2), dop_f)  # [nG, T, f]
+            ds_f = ds.view(n * G, cap * r, T)
+            dq_c = torch.bmm(ds_f, kg).mul_(scale).view(n, G, cap, r, e).permute(0, 2, 1, 3, 4).reshape(n, cap, H, e)
+            dq.index_add_(0, tok[pairs].flatten(), dq_c.flatten(0, 1))
+            dk_c = torch.bmm(ds_f.transpose(1, 2), qc).mul_(scale)  # [nG, T, e]
+            if ctx.same_kv:
+                dk.index_add_(0, cs, to_chapters(dk_c.add_(dv_c), n))
+            else:
+                dk.index_add_(0, cs, to_chapters(dk_c, n))
+                dv.index_add_(0, cs, to_chapters(dv_c, n))
+            db = ds.sum(dim=(1, 3, 4))  # [n, cap]
+            dbias[pairs[valid]] = db[valid]
+        return (dq, dk, None if ctx.same_kv else dv, None, None, dbias.to(bias.dtype), None, None)
+
+
+def pair_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tok: torch.Tensor,
+                   chap: torch.Tensor, bias: torch.Tensor, scale: float, chunk_elements: int = CHUNK_ELEMENTS):
+    """Partial attention of each pair p = (tok[p], chap[p]).
+
+    q [N, H, e] (per token), keys [C, T, G, e], values [C, T, G, f] (G kv groups; heads H = G·r),
+    bias [P] added to every logit of the pair (the router's gate). Returns (out [P, H, f], lse [P, H]):
+    out is softmax-normalised within the chapter. Pass the same tensor as keys and values to
+    share storage and gradient (the absorbed formulation reads raw bank rows as both).
+    """
+    return _PairAttention.apply(q, keys, values, tok, chap, bias, scale, chunk_elements)
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """[N, k, H, f] partials + [N, k, H] log-sum-exps → [N, H, f]: one softmax over the k chapters."""
+    w = torch.softmax(lse, dim=1)
+    return (w.unsqueeze(-1) * out).sum(1)

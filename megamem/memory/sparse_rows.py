@@ -1,0 +1,145 @@
+"""Row-sparse bank gradients and a lazy AdamW for them.
+
+With chapters a step reads a few chapters of a bank that may hold 1M rows; a dense gradient (and
+a dense AdamW update) of the whole bank would then cost more than the step itself. With
+`memory.sparse_bank_grad`, chapter rows are gathered by `gather_chapters`, whose backward returns
+a sparse COO gradient holding only the touched rows, and `RowSparseAdamW` updates only those rows.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+
+class _GatherChapters(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, memory, ids, rows_per_chapter):
+        ctx.save_for_backward(ids)
+        ctx.shape, ctx.rows = memory.shape, rows_per_chapter
+        return memory.view(-1, rows_per_chapter, memory.shape[-1])[ids]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        T, d = ctx.rows, grad.shape[-1]
+        chapters, inv = torch.unique(ids.flatten(), return_inverse=True)  # sorted: a coalesced result
+        summed = grad.new_zeros(len(chapters), T, d).index_add_(0, inv, grad.reshape(-1, T, d))
+        rows = (chapters[:, None] * T + torch.arange(T, device=ids.device)).reshape(1, -1)
+        return torch.sparse_coo_tensor(rows, summed.view(-1, d), ctx.shape, check_invariants=False,
+                                       is_coalesced=True), None, None
+
+
+class _KeepChapterRows(torch.autograd.Function):
+    """Identity whose backward keeps only the rows of the given chapters, as a sparse gradient."""
+
+    @staticmethod
+    def forward(ctx, memory, chapters, rows_per_chapter):
+        ctx.save_for_backward(chapters)
+        ctx.rows = rows_per_chapter
+        return memory.view_as(memory)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (chapters,) = ctx.saved_tensors
+        T, d = ctx.rows, grad.shape[-1]
+        values = grad.reshape(-1, T, d)[chapters].reshape(-1, d)
+        rows = (chapters[:, None] * T + torch.arange(T, device=chapters.device)).reshape(1, -1)
+        return torch.sparse_coo_tensor(rows, values, grad.shape, check_invariants=False, is_coalesced=True), None, None
+
+
+def keep_chapter_rows(memory: torch.Tensor, chapters: torch.Tensor, rows_per_chapter: int) -> torch.Tensor:
+    """The bank itself, whose gradient is made row-sparse (only `chapters`, sorted and unique, kept).
+
+    For reads that touch most of the bank, where gathering rows would copy nearly all of it.
+    """
+    if torch.is_grad_enabled() and memory.requires_grad:
+        return _KeepChapterRows.apply(memory, chapters, rows_per_chapter)
+    return memory
+
+
+def gather_chapters(memory: torch.Tensor, ids: torch.Tensor, rows_per_chapter: int, sparse: bool) -> torch.Tensor:
+    """memory [C·T, d] → [*ids.shape, T, d]; with sparse=True the bank gets a row-sparse gradient."""
+    if sparse and torch.is_grad_enabled() and memory.requires_grad:
+        return _GatherChapters.apply(memory, ids, rows_per_chapter)
+    return memory.view(-1, rows_per_chapter, memory.shape[-1])[ids]
+
+
+class RowSparseAdamW(torch.optim.Optimizer):
+    """AdamW that updates only the rows present in a sparse gradient (lazy Adam).
+
+    Rows absent from a step's gradient are untouched: no weight decay, their Adam moments keep
+    their last values, and bias correction uses the parameter's global step (as torch's
+    SparseAdam). Dense gradients get the ordinary AdamW update of every row. Touched rows are
+    gathered in blocks of `block_rows` (a chapter), updated by torch's fused AdamW kernel, and
+    written back. With `group` (a process group), sparse gradients are summed across its ranks
+    (all-gather of rows); with `world`, sparse gradients are divided by it (the data-parallel size):
+    replicas of a bank pass both, expert-parallel shards (gradients already summed over all ranks'
+    tokens by the all-to-all) pass their expert-data-parallel group and the data-parallel size.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, block_rows: int = 1, group=None, world: Optional[int] = None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_rows=block_rows))
+        self.process_group, self.world = group, world
+
+    def _reduce(self, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        size = dist.get_world_size(self.process_group)
+        idx, val = grad.indices(), grad.values()
+        counts = [torch.zeros(1, dtype=torch.long) for _ in range(size)]
+        dist.all_gather(counts, torch.tensor([idx.shape[1]]), group=self.process_group)
+        top = max(int(c) for c in counts)
+        pad_i = idx.new_zeros(1, top)
+        pad_i[:, :idx.shape[1]] = idx
+        pad_v = val.new_zeros((top,) + val.shape[1:])
+        pad_v[:idx.shape[1]] = val
+        all_i, all_v = [torch.empty_like(pad_i) for _ in range(size)], [torch.empty_like(pad_v) for _ in range(size)]
+        dist.all_gather(all_i, pad_i, group=self.process_group)
+        dist.all_gather(all_v, pad_v, group=self.process_group)
+        idx = torch.cat([i[:, :int(c)] for i, c in zip(all_i, counts)], 1)
+        val = torch.cat([v[:int(c)] for v, c in zip(all_v, counts)])
+        return torch.sparse_coo_tensor(idx, val, grad.shape, check_invariants=False).coalesce()
+
+    @staticmethod
+    def _adamw(p, g, m, v, step, group):
+        b1, b2 = group["betas"]
+        torch._fused_adamw_([p], [g], [m], [v], [], [step], lr=group["lr"], beta1=b1, beta2=b2,
+                            weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                m, v, grad = state["exp_avg"], state["exp_avg_sq"], p.grad
+                if not grad.is_sparse:
+                    self._adamw(p, grad, m, v, state["step"], group)
+                    continue
+                grad = grad.coalesce()
+                if self.process_group is not None:
+                    grad = self._reduce(grad)
+                if self.world:  # data-parallel mean (expert shards: summed over all ranks' tokens)
+                    grad = grad * (1.0 / self.world)
+                rows, g = grad.indices()[0], grad.values()
+                B = group["block_rows"]
+                if B > 1 and rows.numel() % B == 0 and bool((rows.view(-1, B) == rows.view(-1, B)[:, :1]
+                                                             + torch.arange(B)).all()) and bool((rows[::B] % B == 0).all()):
+                    rows, g = rows[::B] // B, g.reshape(-1, B * g.shape[-1])  # whole chapters: block copies
+                    view = lambda t: t.view(-1, B * t.shape[-1])  # noqa: E731
+                else:
+                    view = lambda t: t.view(t.shape[0], -1)  # noqa: E731
+                pv, mv, vv = view(p), view(m), view(v)
+                ps, ms, vs = pv.index_select(0, rows), mv.index_select(0, rows), vv.index_select(0, rows)
+                self._adamw(ps, g.contiguous(), ms, vs, state["step"], group)
+                pv.index_copy_(0, rows, ps)
+                mv.index_copy_(0, rows, ms)
+                vv.index_copy_(0, rows, vs)
+        return None
