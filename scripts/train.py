@@ -81,6 +81,8 @@ def train(cfg, ds_path) -> int:
                           "(python tools/train_tokenizer.py makes one)")
     tokenizer = load_tokenizer(cfg)
     rank, _, world = rank_env()
+    if rank == 0:  # from here on a SIGUSR1 is honoured (checkpoint after the next step, exit code 75)
+        print(f"training: {world} rank{'s' if world > 1 else ''}, output {cfg.training.output_dir}", flush=True)
     has_eval = True
     try:
         build_loader(cfg, tokenizer, "eval", rank, world).close()

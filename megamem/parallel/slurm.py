@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -134,6 +135,9 @@ def main(argv: List[str]) -> int:
         return 0
     if argv[:2] == ["exec", "--"] and len(argv) > 2:
         os.environ.update(task_env(os.environ))
+        # a preemption notice forwarded by srun before the program has installed its handler must not
+        # kill the task (USR1's default action); an ignored disposition survives exec, the handler replaces it
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         os.execvp(argv[2], argv[2:])
     print("usage: python -m megamem.parallel.slurm rendezvous | hostfile PATH SLOTS | exec -- CMD... | "
           "prepare RUN_NAME --config C [...]", file=sys.stderr)
