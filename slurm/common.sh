@@ -31,6 +31,7 @@ megamem_run() {
   # USR1 may come at any moment, even before the ranks exist: remember it, forward it once they do
   PREEMPT_REQUESTED=0
   LAUNCH_PID=""
+  RESEND_PID=""
   trap on_usr1 USR1
 
   # 1. environment: modules, venv, conda ... (a file the user writes; sourced in this shell)
@@ -107,6 +108,7 @@ megamem_run() {
     rc=0
     wait "$LAUNCH_PID" || rc=$?
   fi
+  [ -z "$RESEND_PID" ] || kill "$RESEND_PID" 2>/dev/null || true
 
   # 6. preempted → requeue (the next run resumes from latest); finished or failed → done
   if [ "$rc" = "$PREEMPTED_EXIT_CODE" ]; then
@@ -121,8 +123,14 @@ megamem_run() {
 }
 
 on_usr1() {
-  PREEMPT_REQUESTED=1
   say "USR1: asking the ranks to checkpoint and stop"
+  if [ "$PREEMPT_REQUESTED" = 0 ]; then
+    # a rank still starting up ignores the notice (before scripts/train.py installs its handler):
+    # repeat it every 15 s until the ranks have stopped; a rank that already stops is unaffected
+    ( while sleep 15; do kill -USR1 $$ 2>/dev/null || exit 0; done ) &
+    RESEND_PID=$!
+  fi
+  PREEMPT_REQUESTED=1
   [ -n "$LAUNCH_PID" ] || return 0
   if [ "${MEGAMEM_LAUNCHER:-srun}" = srun ]; then
     kill -USR1 "$LAUNCH_PID" 2>/dev/null || true   # srun forwards it to every task
