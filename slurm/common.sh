@@ -93,9 +93,14 @@ megamem_run() {
       launch=(srun --kill-on-bad-exit=0 "$py" -m megamem.parallel.slurm exec -- "$py" scripts/train.py "${args[@]}") ;;
     deepspeed)  # DeepSpeed's own multi-node launcher (pdsh by default) over a generated hostfile
       local slots=${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
-      "$py" -m megamem.parallel.slurm hostfile "$run_dir/hostfile" "$slots"
-      launch=("$py" -m deepspeed.launcher.runner --hostfile "$run_dir/hostfile" --master_addr "$MASTER_ADDR"
-              --master_port "$MASTER_PORT" --launcher "${MEGAMEM_DS_LAUNCHER:-pdsh}" scripts/train.py "${args[@]}") ;;
+      launch=("$py" -m deepspeed.launcher.runner --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+      if [ "${SLURM_JOB_NUM_NODES:-1}" = 1 ]; then
+        launch+=(--num_gpus "$slots")   # one node: DeepSpeed's local launcher, no ssh to ourselves
+      else
+        "$py" -m megamem.parallel.slurm hostfile "$run_dir/hostfile" "$slots"
+        launch+=(--hostfile "$run_dir/hostfile" --launcher "${MEGAMEM_DS_LAUNCHER:-pdsh}")
+      fi
+      launch+=(scripts/train.py "${args[@]}") ;;
     *) echo "error: MEGAMEM_LAUNCHER must be srun or deepspeed, not '$MEGAMEM_LAUNCHER'" >&2; exit 2 ;;
   esac
 
@@ -136,12 +141,15 @@ on_usr1() {
     kill -USR1 "$LAUNCH_PID" 2>/dev/null || true   # srun forwards it to every task
   else
     # DeepSpeed's launchers die on USR1: signal only the training processes below this shell
-    # (the ranks on this node; one rank's request stops every rank after the current step)
-    local pid
+    # (the ranks on this node; one rank's request stops every rank after the current step).
+    # The launchers' own command lines name scripts/train.py too, after -m deepspeed.launcher...
+    local pid cmd
     for pid in $(descendants "$LAUNCH_PID"); do
-      if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "scripts/train.py"; then
-        kill -USR1 "$pid" 2>/dev/null || true
-      fi
+      cmd=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null || true)
+      case "$cmd" in
+        *deepspeed.launcher*) ;;
+        *scripts/train.py*) kill -USR1 "$pid" 2>/dev/null || true ;;
+      esac
     done
   fi
 }
