@@ -9,12 +9,22 @@
 --dry-run prints the resolved config, parameter counts and the parallel layout, then exits
 without touching data.
 User errors (bad config, bad override) exit with code 2 and one line on stderr.
+A run stopped by SIGUSR1 (a preemption notice) checkpoints and exits with code 75 (EX_TEMPFAIL:
+"try again"), on every rank; slurm/pretrain.sh requeues the job on that code and only on that code.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+
+# A preemption notice that arrives while the run is still starting up (imports, process group,
+# model build) is remembered instead of killing the process; the trainer then stops after its first step.
+EARLY_STOP = []
+if hasattr(signal, "SIGUSR1"):
+    signal.signal(signal.SIGUSR1, lambda *_: EARLY_STOP.append(True))
+PREEMPTED_EXIT_CODE = 75
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,6 +81,8 @@ def train(cfg, ds_path) -> int:
                           "(python tools/train_tokenizer.py makes one)")
     tokenizer = load_tokenizer(cfg)
     rank, _, world = rank_env()
+    if rank == 0:  # from here on a SIGUSR1 is honoured (checkpoint after the next step, exit code 75)
+        print(f"training: {world} rank{'s' if world > 1 else ''}, output {cfg.training.output_dir}", flush=True)
     has_eval = True
     try:
         build_loader(cfg, tokenizer, "eval", rank, world).close()
@@ -82,6 +94,7 @@ def train(cfg, ds_path) -> int:
             print(f"warning: evaluation disabled: {e}", file=sys.stderr)
     trainer = Trainer(cfg, ds_path, lambda split, r, w: build_loader(cfg, tokenizer, split, r, w),
                       tokenizer=tokenizer, has_eval=has_eval)
+    trainer.stop_requested = trainer.stop_requested or bool(EARLY_STOP)
     result = trainer.fit()
     if rank == 0:
         ev = result["eval"]
@@ -91,7 +104,7 @@ def train(cfg, ds_path) -> int:
         if result["preempted"]:
             summary += " (stopped early on a preemption signal; checkpoint saved)"
         print(summary + f"; outputs in {cfg.training.output_dir}")
-    return 0
+    return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
 def main(argv=None) -> int:

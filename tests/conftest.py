@@ -23,3 +23,7 @@ def tiny_config(*overrides: str, **sections):
 @pytest.fixture
 def root():
     return ROOT
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: end-to-end runs on a real one-node SLURM cluster (tools/slurm_cluster.sh)")

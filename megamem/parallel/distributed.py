@@ -17,7 +17,13 @@ def free_port() -> int:
 
 
 def rank_env() -> tuple:
-    """(rank, local_rank, world_size) from the launcher's environment (1-process defaults)."""
+    """(rank, local_rank, world_size) from the launcher's environment (1-process defaults).
+
+    MEGAMEM_MPI=1 (mpirun launches) fills RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR from mpi4py first."""
+    if os.environ.get("MEGAMEM_MPI") == "1" and "RANK" not in os.environ:
+        from .slurm import discover_mpi
+
+        os.environ.update(discover_mpi())
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
