@@ -6,6 +6,8 @@ import signal
 import pytest
 import torch
 
+from megamem.config import ConfigError
+
 from conftest import ROOT, tiny_config
 from dist_utils import run_ranks
 from synthetic_data import factory
@@ -189,3 +191,30 @@ def test_streaming_data_preempt_resume_two_ranks(tmp_path):
                           rtol=0)
     assert resumed["eval"]["eval_loss"] == pytest.approx(full["eval"]["eval_loss"], abs=1e-6)
     assert (tmp_path / "b" / "checkpoints" / "step00000003" / "tokenizer" / "tokenizer.json").is_file()
+
+
+CHAPTERS = ("memory.use_chapters=true", "memory.num_chapters=4", "memory.top_k_chapters=2",
+            "memory.routing_strategy_train=token", "memory.use_z_loss=true")
+
+
+def _chapter_run(out, ep_size, extra):
+    return _fit(out, ZERO[2], 2, ("training.max_steps=4", "training.save_steps=2", f"parallel.ep_size={ep_size}",
+                                  *CHAPTERS, *extra))
+
+
+def test_chapters_train_and_resume(tmp_path):
+    full = run_ranks(_chapter_run, str(tmp_path / "a"), 1, (), tmp_path=tmp_path / "r1")[0]
+    assert all(r["kind"] != "train" or "z_loss" in r for r in map(json.loads, open(tmp_path / "a" / "metrics.jsonl")))
+    resumed = run_ranks(_chapter_run, str(tmp_path / "a"), 1,
+                        ("training.resume_from_checkpoint=" + str(tmp_path / "a" / "checkpoints" / "step00000002"),),
+                        tmp_path=tmp_path / "r2")[0]
+    assert torch.allclose(torch.tensor(resumed["train_losses"]), torch.tensor(full["train_losses"][2:]), atol=1e-6,
+                          rtol=0)
+
+
+def test_trainer_refuses_expert_parallel_until_its_checkpoints_exist():
+    from megamem.train.ds_config import resolve_ds_config
+
+    cfg = tiny_config(*CHAPTERS, "parallel.ep_size=2")
+    with pytest.raises(ConfigError, match="expert-parallel chapter shards train through the Python API"):
+        resolve_ds_config(ZERO[2], cfg, 2)

@@ -46,7 +46,7 @@ def zero_stage(ds: Dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool) -> List[str]:
+def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world_size: int = 1) -> List[str]:
     """Combinations DeepSpeed or megamem cannot run, each with the fix."""
     problems = []
     stage = zero_stage(ds)
@@ -56,6 +56,14 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool) -> Li
         problems.append(f"parallel.ep_size = {cfg.parallel.ep_size} (chapters as expert shards) cannot run under "
                         "ZeRO-3 (DeepSpeed refuses native MoE there): use ds_configs/zero2.json or zero1.json, "
                         "or ep_size: 1 with ZeRO-3 to partition the dense bank")
+    if cfg.parallel.ep_size > 1 and stage < 3:
+        problems.append(f"parallel.ep_size = {cfg.parallel.ep_size}: expert-parallel chapter shards train through "
+                        "the Python API (megamem.parallel.expert) but not yet through scripts/train.py, whose "
+                        "checkpoints cannot hold the shards; use ep_size: 1 (ZeRO-3 partitions a dense bank)")
+    if cfg.memory.use_chapters and cfg.memory.sparse_bank_grad:
+        problems.append("memory.sparse_bank_grad: row-sparse bank updates (RowSparseAdamW, see the Chapters section) "
+                        "are not wired into scripts/train.py yet; set sparse_bank_grad: false (dense bank gradients "
+                        "work with every layout)")
     if ds.get("pipeline") and stage >= 2:
         problems.append("pipeline parallelism runs with ZeRO stage 0 or 1 only (DeepSpeed refuses ZeRO-2/3 with pipelines)")
     return problems
@@ -81,7 +89,7 @@ def resolve_ds_config(path: Optional[str], cfg: MegamemConfig, world_size: int,
     _fill(ds, ["bf16", "enabled"], t.mixed_precision == "bf16", "training.mixed_precision", where)
     _fill(ds, ["fp16", "enabled"], t.mixed_precision == "fp16", "training.mixed_precision", where)
     ds.setdefault("steps_per_print", 10**9)
-    problems = layout_problems(cfg, ds, on_cuda)
+    problems = layout_problems(cfg, ds, on_cuda, world_size)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
     return ds
