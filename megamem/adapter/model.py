@@ -139,10 +139,11 @@ class AdapterModel(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.base, "is_gradient_checkpointing", False))
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.base.modules())
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
+        """HF gradient checkpointing of the base's layers (the memory hooks run inside each checkpoint)."""
         if enabled:
             self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if not any(p.requires_grad for p in self.base.get_input_embeddings().parameters()):
