@@ -77,11 +77,20 @@ def load_base(cfg: MegamemConfig, dtype: torch.dtype = torch.float32) -> nn.Modu
         raise ConfigError(f"model.base_model_name '{cfg.model.base_model_name}': {str(e).splitlines()[0]}") from None
 
 
-def empty_base(hf_config, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """The base architecture with freshly initialised weights (meta-device counts, ZeRO-3 partitioned build)."""
+def empty_base(hf_config, dtype: Optional[torch.dtype] = None, skip_init: bool = False) -> nn.Module:
+    """The base architecture from its config (meta-device counts, ZeRO-3 partitioned build).
+
+    skip_init: leave weights uninitialised (they are loaded next); HF's init cannot run on
+    ZeRO-3 partitions, which are empty on each rank.
+    """
+    import contextlib
+
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
+    if skip_init:
+        from transformers.initialization import no_init_weights
+    with no_init_weights() if skip_init else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
 
 
 def weight_files(name: str):

@@ -63,7 +63,7 @@ def build_adapter_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_s
     hf_config = base_config(cfg.model.base_model_name)
     check_against_base(cfg, hf_config)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        base = empty_base(hf_config)
+        base = empty_base(hf_config, skip_init=True)
     params = dict(base.named_parameters())
     loaded = set()
     for path in weight_files(cfg.model.base_model_name):
