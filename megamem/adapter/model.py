@@ -115,12 +115,15 @@ class AdapterModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-                 **hf_kwargs) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, **hf_kwargs) -> torch.Tensor:
         """Hugging Face generate() with its KV cache; memory K/V are computed once per generation.
 
         Same arguments as MemoryTransformer.generate (temperature 0 = greedy); other keyword
-        arguments go to HF generate. Returns prompt + new tokens.
+        arguments go to HF generate. HF samples from torch's global RNG: a generator only seeds it.
+        Returns prompt + new tokens.
         """
+        if generator is not None and temperature > 0:
+            torch.manual_seed(generator.initial_seed())
         was_training = self.training
         self.eval()
         sample = temperature > 0
