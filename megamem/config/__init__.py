@@ -2,8 +2,8 @@
 from .load import (ConfigError, apply_overrides, config_from_dict, config_to_dict, dump_config, load_config,
                    parse_overrides, save_config)
 from .schema import DataConfig, DatasetSpec, MegamemConfig, MemoryConfig, ModelConfig, ParallelConfig, TrainingConfig
-from .validate import validate
+from .validate import memory_problems, validate
 
 __all__ = ["ConfigError", "DataConfig", "DatasetSpec", "MegamemConfig", "MemoryConfig", "ModelConfig", "ParallelConfig", "TrainingConfig", "apply_overrides",
-           "config_from_dict", "config_to_dict", "dump_config", "load_config", "parse_overrides", "save_config",
+           "config_from_dict", "config_to_dict", "dump_config", "load_config", "parse_overrides", "save_config", "memory_problems",
            "validate"]

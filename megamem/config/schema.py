@@ -38,6 +38,7 @@ class ModelConfig:
     # adapter runs (memory injected into a pretrained Hugging Face model)
     base_model_name: Optional[str] = None
     freeze_base_model: bool = True
+    load_in_4bit: bool = False  # QLoRA: base weights in 4-bit NF4 via bitsandbytes (CUDA only; refused on CPU)
     # performance
     use_flash_attention: bool = True  # flash-attn on CUDA when installed, else SDPA
 

@@ -118,12 +118,38 @@ def _validate_chapters(cfg: MegamemConfig, problems: List[str]) -> None:
 
 
 def _validate_adapter(cfg: MegamemConfig, problems: List[str]) -> None:
-    mem = cfg.memory
-    if (mem.use_lora or mem.use_both_memory_and_lora) and cfg.model.base_model_name is None:
+    mem, m = cfg.memory, cfg.model
+    if (mem.use_lora or mem.use_both_memory_and_lora) and m.base_model_name is None:
         problems.append("memory.use_lora applies to adapter runs: set model.base_model_name "
                         "(a pretrained Hugging Face model) or turn use_lora off")
     _positive(problems, "memory", mem, "lora_rank", "lora_alpha")
     _fraction(problems, "memory", mem, "lora_dropout")
+    if m.load_in_4bit and m.base_model_name is None:
+        problems.append("model.load_in_4bit quantises a pretrained base: set model.base_model_name or turn it off")
+    elif m.load_in_4bit and not m.freeze_base_model:
+        problems.append("model.load_in_4bit: 4-bit base weights cannot be trained; set model.freeze_base_model: true "
+                        "(QLoRA trains LoRA and/or memory on the frozen 4-bit base)")
+    if m.base_model_name is None:
+        return
+    memory_on = mem.use_memory_adapter and not mem.vanilla_mode
+    if mem.use_both_memory_and_lora and not memory_on:
+        problems.append("memory.use_both_memory_and_lora needs the memory adapter: set use_memory_adapter: true "
+                        "and vanilla_mode: false, or use_both_memory_and_lora: false for LoRA only")
+    elif mem.use_lora and memory_on and not mem.use_both_memory_and_lora:
+        problems.append("memory.use_lora with memory.use_memory_adapter: true is ambiguous: set "
+                        "use_both_memory_and_lora: true to train memory and LoRA, or use_memory_adapter: false "
+                        "for LoRA only")
+    lora_on = mem.use_lora or mem.use_both_memory_and_lora
+    if not memory_on and not lora_on and m.freeze_base_model:
+        problems.append("adapter run with nothing to train (no memory adapter, no LoRA, frozen base): vanilla_mode "
+                        "finetunes the base, so set model.freeze_base_model: false (or enable use_memory_adapter "
+                        "or use_lora)")
+    if memory_on and mem.use_chapters:
+        problems.append("memory.use_chapters: chapter routing is not available for adapter models in this "
+                        "version; set use_chapters: false")
+    if cfg.data.document_masking:
+        problems.append("data.document_masking is not supported for adapter models (HF attention has no "
+                        "per-document mask here); set document_masking: false")
 
 
 def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
@@ -185,10 +211,23 @@ def _validate_data(cfg: MegamemConfig, problems: List[str]) -> None:
             problems.append(f"{label}: text_field is an empty list")
 
 
+def memory_problems(cfg: MegamemConfig) -> List[str]:
+    """Memory checks that depend on the model's widths and depth (adapters: run against the base's config)."""
+    problems: List[str] = []
+    _validate_memory(cfg, problems)
+    return problems
+
+
 def validate(cfg: MegamemConfig) -> List[str]:
     problems: List[str] = []
     _validate_model(cfg, problems)
-    _validate_memory(cfg, problems)
+    if cfg.model.base_model_name is None:
+        _validate_memory(cfg, problems)
+    elif not cfg.memory.vanilla_mode:  # widths and depth come from the base, checked when it is built
+        _positive(problems, "memory", cfg.memory, "num_memory_tokens", "memory_dim", "memory_num_heads",
+                  "memory_num_kv_heads", "memory_layer_k", "memory_layer_n", "memory_sharing_k", "memory_rank",
+                  "projection_rank", "memory_init_std")
+        _fraction(problems, "memory", cfg.memory, "memory_dropout")
     _validate_adapter(cfg, problems)
     _validate_training(cfg, problems)
     _validate_parallel(cfg, problems)

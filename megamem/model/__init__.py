@@ -1,13 +1,15 @@
 """The memory transformer, defined without parallelism."""
-from ..config import ConfigError, MegamemConfig
+from ..config import MegamemConfig
 from .transformer import CausalLMOutput, MemoryTransformer
 
 
-def build_model(cfg: MegamemConfig) -> MemoryTransformer:
-    """From-scratch model for a validated config; refuses what this version cannot build."""
+def build_model(cfg: MegamemConfig):
+    """The model of a validated config: from scratch, or (model.base_model_name) a pretrained HF model
+    with memory/LoRA adapters (megamem.adapter); refuses what this version cannot build."""
     if cfg.model.base_model_name is not None:
-        raise ConfigError("model.base_model_name is set: memory adapters on pretrained Hugging Face models "
-                          "are not available in this version; remove base_model_name to train from scratch")
+        from ..adapter import build_adapter_model
+
+        return build_adapter_model(cfg)
     return MemoryTransformer(cfg.model, cfg.memory)
 
 

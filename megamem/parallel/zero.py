@@ -1,12 +1,12 @@
 """Building the model for a ZeRO stage: under ZeRO-3 every parameter, banks included, is born partitioned."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
-from ..config import MegamemConfig
+from ..config import ConfigError, MegamemConfig
 from ..model import MemoryTransformer, build_model
 
 
@@ -18,6 +18,8 @@ def build_model_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_sta
     module on gathered parameters with rank 0's values broadcast, so ZeRO-3 starts from exactly
     the weights a 1-rank run with the same seed starts from: both re-seed right before the init.
     """
+    if cfg.model.base_model_name is not None:
+        return build_adapter_for_zero(cfg, ds_config, zero_stage, seed)
     if zero_stage < 3:
         model = build_model(cfg)
         torch.manual_seed(seed)
@@ -39,18 +41,65 @@ def build_model_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_sta
     return model
 
 
-def gathered_state_dict(model: nn.Module, dtype: torch.dtype, rank: int) -> Dict[str, torch.Tensor]:
-    """Full parameters and buffers on rank 0 (empty dict elsewhere), one parameter gathered at a time."""
+def build_adapter_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_stage: int, seed: int) -> nn.Module:
+    """Adapter models. ZeRO-3: the HF base is built from its config under deepspeed.zero.Init (born
+    partitioned), then its pretrained weights are copied in one gathered parameter at a time; LoRA and
+    memory are then added with the seeded init every stage uses, and DeepSpeed partitions them at
+    initialize. So ZeRO-3 starts from the same weights as ZeRO-0/1/2.
+    """
+    from ..adapter import build_adapter_model
+
+    if zero_stage < 3:
+        return build_adapter_model(cfg, seed=seed)
+    if cfg.model.load_in_4bit:
+        raise ConfigError("model.load_in_4bit cannot be combined with ZeRO-3 (bitsandbytes 4-bit weights are not "
+                          "partitioned); use ds_configs/zero2.json or turn load_in_4bit off")
+    import deepspeed
+    from safetensors import safe_open
+
+    from ..adapter.base import base_config, empty_base, weight_files
+    from ..adapter.build import check_against_base
+
+    hf_config = base_config(cfg.model.base_model_name)
+    check_against_base(cfg, hf_config)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        base = empty_base(hf_config, skip_init=True)
+    params = dict(base.named_parameters())
+    loaded = set()
+    for path in weight_files(cfg.model.base_model_name):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key not in params:
+                    continue
+                with deepspeed.zero.GatheredParameters([params[key]], modifier_rank=0):
+                    if torch.distributed.get_rank() == 0:
+                        params[key].data.copy_(f.get_tensor(key))
+                loaded.add(key)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ConfigError(f"model.base_model_name '{cfg.model.base_model_name}': its safetensors lack {missing[:5]}")
+    return build_adapter_model(cfg, seed=seed, base=base)
+
+
+def gathered_state_dict(model: nn.Module, dtype: torch.dtype, rank: int,
+                        names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """Full parameters and buffers on rank 0 (empty dict elsewhere), one parameter gathered at a time.
+
+    names: only these parameters and buffers (adapter exports); default all.
+    """
     import deepspeed
 
+    keep = set(names) if names is not None else None
     out: Dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
+        if keep is not None and name not in keep:
+            continue
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             if rank == 0:
                 out[name] = p.detach().to(dtype).clone().contiguous()
     if rank == 0:
         for name, b in model.named_buffers():
-            if name.endswith("inv_freq"):
+            if name.endswith("inv_freq") or (keep is not None and name not in keep):
                 continue  # recomputed from the config
             out[name] = b.detach().clone().contiguous() if not b.is_floating_point() else b.detach().to(dtype).clone()
     return out

@@ -37,6 +37,10 @@ def load_exported(path: str, dtype: Optional[torch.dtype] = None):
 
     from ..model import build_model
 
+    if os.path.isfile(os.path.join(path, "adapter.json")):  # an adapter run: its base + the adapter weights
+        from ..adapter import load_adapter
+
+        return load_adapter(path, dtype=dtype)
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
         raise ConfigError(f"{path}: no model.safetensors (expected a folder written at the end of training, "

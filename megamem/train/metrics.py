@@ -24,6 +24,8 @@ def flops_per_token(model, seq_len: int) -> float:
     Weights: 6 per non-embedding parameter (the LM head counts). Self-attention: QKᵀ and PV over
     an average causal context of seq_len/2. Memory attention: QKᵀ and PV over all N_m rows.
     """
+    if hasattr(model, "flops_per_token"):  # adapter models count their own base
+        return model.flops_per_token(seq_len)
     m, mem = model.model_config, model.memory_config
     embed = model.tok_embeddings.weight.numel() + (model.pos_embeddings.weight.numel() if model.pos_embeddings else 0)
     bank_params = sum(p.numel() for b in model.banks for p in b.parameters())

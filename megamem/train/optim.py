@@ -13,25 +13,28 @@ from ..config import TrainingConfig
 
 
 def parameter_groups(model: nn.Module, t: TrainingConfig) -> List[Dict]:
-    """Named groups: memory (memory_lr) vs the rest (learning_rate, default memory_lr).
+    """Named groups: memory (memory_lr), lora (lora_lr, adapter runs) and base — the rest: learning_rate
+    (default memory_lr) from scratch, base_model_lr for a pretrained base. Frozen parameters are left out.
 
     No weight decay on 1-D parameters (norms, biases, quantised-bank scales) and, unless
     training.bank_weight_decay, on memory banks: decay would pull unread bank rows to zero.
     """
     banks = {id(p) for bank in getattr(model, "banks", []) for p in bank.parameters()}
     memory = {id(p) for p in model.memory_parameters()} if hasattr(model, "memory_parameters") else set()
-    base_lr = t.learning_rate if t.learning_rate is not None else t.memory_lr
+    lora = {id(p) for p in model.lora_parameters()} if hasattr(model, "lora_parameters") else set()
+    pretrained = hasattr(model, "lora_parameters")  # an adapter model: "base" is the pretrained model
+    base_lr = t.base_model_lr if pretrained else t.learning_rate if t.learning_rate is not None else t.memory_lr
+    lrs = {"memory": t.memory_lr, "lora": t.lora_lr, "base": base_lr}
     groups: Dict[str, Dict] = {}
     seen = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        part = "memory" if id(p) in memory else "base"
+        part = "memory" if id(p) in memory else "lora" if id(p) in lora else "base"
         no_decay = p.ndim < 2 or (id(p) in banks and not t.bank_weight_decay)
         key = f"{part}{'_no_decay' if no_decay else ''}"
-        group = groups.setdefault(key, {"name": key, "params": [], "param_names": [],
-                                        "lr": t.memory_lr if part == "memory" else base_lr,
+        group = groups.setdefault(key, {"name": key, "params": [], "param_names": [], "lr": lrs[part],
                                         "weight_decay": 0.0 if no_decay else t.weight_decay})
         group["params"].append(p)
         group["param_names"].append(name)

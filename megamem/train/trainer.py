@@ -207,8 +207,14 @@ class Trainer:
         return self.t.early_stopping and self.bad_evals >= self.t.early_stopping_patience, saved
 
     def export(self, path: str) -> None:
-        state = gathered_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank)
-        if self.rank == 0:
+        """Final weights: the whole model, or for adapter runs only what trained (megamem.adapter.saving)."""
+        names = self.model.export_names() if hasattr(self.model, "export_names") else None
+        state = gathered_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank, names)
+        if self.rank == 0 and names is not None:
+            from ..adapter.saving import export_adapter
+
+            export_adapter(state, self.cfg, self.tokenizer, path, self.step)
+        elif self.rank == 0:
             export_model(state, self.cfg, self.tokenizer, path, self.step)
         import deepspeed.comm as dist
 

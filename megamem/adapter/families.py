@@ -1,0 +1,66 @@
+"""Model families: where a Hugging Face causal LM keeps its decoder layers, and its widths.
+
+Injection needs only these facts, so supporting a new family is one `register_family` call:
+
+    register_family("gemma", layers=lambda m: m.model.layers)
+
+Families whose config uses other attribute names pass their own `dims`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch.nn as nn
+
+from ..config import ConfigError
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What the memory branch needs to know about the base model."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    num_layers: int
+    intermediate_size: int
+    norm_eps: float
+    initializer_range: float
+
+
+def llama_dims(config) -> Dims:
+    """Llama-style config names (Llama, SmolLM2, Mistral, Qwen2/2.5, Qwen3 all use them)."""
+    heads = config.num_attention_heads
+    return Dims(hidden_size=config.hidden_size, num_heads=heads,
+                num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                num_layers=config.num_hidden_layers, intermediate_size=config.intermediate_size,
+                norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
+                initializer_range=float(getattr(config, "initializer_range", 0.02)))
+
+
+@dataclass(frozen=True)
+class Family:
+    layers: Callable[[nn.Module], nn.ModuleList]  # the CausalLM → its decoder layers, in order
+    dims: Callable[[object], Dims] = llama_dims  # its config → widths
+
+
+FAMILIES: Dict[str, Family] = {}
+
+
+def register_family(model_type: str, layers: Callable[[nn.Module], nn.ModuleList],
+                    dims: Callable[[object], Dims] = llama_dims) -> None:
+    """Make memory injection available for HF models whose `config.model_type` is model_type."""
+    FAMILIES[model_type] = Family(layers, dims)
+
+
+for _name in ("llama", "mistral", "qwen2", "qwen3"):
+    register_family(_name, layers=lambda m: m.model.layers)
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ConfigError(f"model.base_model_name: model type '{model_type}' has no memory-injection support; "
+                          f"supported: {', '.join(sorted(FAMILIES))} (megamem.adapter.register_family adds one)")
+    return FAMILIES[model_type]

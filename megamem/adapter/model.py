@@ -1,0 +1,225 @@
+"""AdapterModel: a pretrained HF causal LM whose selected decoder layers read memory banks.
+
+The base keeps its own modules and parameter names: a forward hook on each selected decoder
+layer adds the memory branch to that layer's output (x → x + memory(x), layout B adds its extra
+MLP), and a pre-hook on the base materialises each bank once per forward. Hooks instead of
+wrapper modules, so the base's state dict, LoRA names and ZeRO-3 weight loading are unchanged,
+and HF `generate()` (which calls the base directly) reads memory too. With wo_init_zero every
+branch starts as the identity, so the adapted model starts exactly as the base model.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import MegamemConfig, ModelConfig
+from ..memory.bank import bank_dim, build_bank
+from ..memory.placement import bank_assignment, memory_layers, num_banks
+from ..model.block import MemoryBranch
+from ..model.transformer import CausalLMOutput
+from .families import Dims, family_of
+from .lora import is_lora_name
+
+
+class MemoryKV:
+    """Memory K/V per layer, kept across the decoding steps of one generation (the bank does not change)."""
+
+    def __init__(self):
+        self.memory_kv: Dict[int, tuple] = {}
+
+    def memory(self, layer: int):
+        return self.memory_kv.get(layer)
+
+
+def branch_model_config(dims: Dims) -> ModelConfig:
+    """The megamem ModelConfig a MemoryBranch reads (widths of the base, RMSNorm, SwiGLU)."""
+    return ModelConfig(hidden_dim=dims.hidden_size, num_heads=dims.num_heads, num_kv_heads=dims.num_kv_heads,
+                       num_layers=dims.num_layers, intermediate_dim=dims.intermediate_size, norm_eps=dims.norm_eps,
+                       use_rms_norm=True, hidden_activation="silu", initializer_range=dims.initializer_range,
+                       dropout=0.0)
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitioned parameters hold 1/world locally
+
+
+class AdapterModel(nn.Module):
+    def __init__(self, base: nn.Module, cfg: MegamemConfig):
+        super().__init__()
+        self.base = base
+        self.memory_config, self.adapter_config = cfg.memory, cfg
+        self.dims = family_of(base.config).dims(base.config)
+        self.model_config = branch_model_config(self.dims)
+        self.memory_layers: List[int] = memory_layers(cfg.memory, self.dims.num_layers)
+        self.bank_of_layer: Dict[int, int] = bank_assignment(cfg.memory, self.memory_layers)
+        width = bank_dim(cfg.memory, self.dims.hidden_size)
+        self.banks = nn.ModuleList(build_bank(cfg.memory, self.dims.hidden_size)
+                                   for _ in range(num_banks(self.bank_of_layer)))
+        self.branches = nn.ModuleDict({str(i): MemoryBranch(self.model_config, cfg.memory, width)
+                                       for i in self.memory_layers})
+        dtype = base.get_input_embeddings().weight.dtype
+        self.banks.to(dtype)
+        self.branches.to(dtype)
+        self._bank_tensors: List[Optional[torch.Tensor]] = []
+        self._kv: Optional[MemoryKV] = None
+        self._kv_owner = None  # weakref to the HF cache object the memory K/V belong to
+        if self.memory_layers:
+            layers = family_of(base.config).layers(base)
+            for i in self.memory_layers:
+                layers[i].register_forward_hook(self._layer_hook(i))
+            base.register_forward_pre_hook(self._before_base, with_kwargs=True)
+
+    # ------------------------------------------------------------------ hooks
+    def _before_base(self, module, args, kwargs):
+        """Materialise banks once per forward; during cached decoding reuse the memory K/V instead."""
+        past = kwargs.get("past_key_values")
+        if past is not None and not module.training and not torch.is_grad_enabled():
+            if self._kv is None or self._kv_owner is None or self._kv_owner() is not past:
+                self._kv, self._kv_owner = MemoryKV(), weakref.ref(past)
+        else:
+            self._kv = self._kv_owner = None
+        if self._kv is not None and len(self._kv.memory_kv) == len(self.memory_layers):
+            self._bank_tensors = [None] * len(self.banks)
+        else:
+            self._bank_tensors = [bank() for bank in self.banks]
+
+    def _layer_hook(self, layer: int):
+        def hook(module, args, output):
+            branch = self.branches[str(layer)]
+            memory = self._bank_tensors[self.bank_of_layer[layer]]
+            if isinstance(output, tuple):
+                return (branch(output[0], memory, self._kv, layer),) + tuple(output[1:])
+            return branch(output, memory, self._kv, layer)
+        return hook
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, past_key_values=None, use_cache: bool = False,
+                document_ids: Optional[torch.Tensor] = None, **kwargs) -> CausalLMOutput:
+        """Same contract as MemoryTransformer: logits, loss (mean over labelled tokens), aux_losses."""
+        if document_ids is not None:
+            raise ValueError("document_ids (packed documents) are not supported by adapter models; "
+                             "set data.document_masking: false")
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                        use_cache=use_cache, **kwargs)
+        logits, loss = out.logits, None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        extra = {"past_key_values": out.past_key_values} if use_cache else {}
+        return CausalLMOutput(logits=logits, loss=loss, **extra)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, **hf_kwargs) -> torch.Tensor:
+        """Hugging Face generate() with its KV cache; memory K/V are computed once per generation.
+
+        Same arguments as MemoryTransformer.generate (temperature 0 = greedy); other keyword
+        arguments go to HF generate. HF samples from torch's global RNG: a generator only seeds it.
+        Returns prompt + new tokens.
+        """
+        if generator is not None and temperature > 0:
+            torch.manual_seed(generator.initial_seed())
+        was_training = self.training
+        self.eval()
+        sample = temperature > 0
+        args = dict(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=eos_token_id,
+                    pad_token_id=self.base.config.pad_token_id if self.base.config.pad_token_id is not None
+                    else eos_token_id, attention_mask=torch.ones_like(input_ids))
+        if sample:
+            args.update(temperature=temperature, top_k=top_k or 0, top_p=top_p if top_p is not None else 1.0)
+        else:
+            args.update(temperature=None, top_k=None, top_p=None)
+        args.update(hf_kwargs)
+        try:
+            return self.base.generate(input_ids, **args)
+        finally:
+            self.train(was_training)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.base.modules())
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        """HF gradient checkpointing of the base's layers (the memory hooks run inside each checkpoint)."""
+        if enabled:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if not any(p.requires_grad for p in self.base.get_input_embeddings().parameters()):
+                self.base.enable_input_require_grads()  # frozen embeddings: checkpointed layers still need grads
+        elif self.gradient_checkpointing:
+            self.base.gradient_checkpointing_disable()
+
+    # ------------------------------------------------------------------- init
+    def memory_modules(self) -> List[nn.Module]:
+        return list(self.banks.modules()) + list(self.branches.modules())
+
+    def zero_init_ids(self) -> set:
+        if not self.memory_config.wo_init_zero:
+            return set()
+        return {id(m) for branch in self.branches.values() for m in branch.output_layers()}
+
+    def init_module(self, module: nn.Module, zero_ids: set) -> None:
+        """Initialise one memory module (the base keeps its pretrained weights)."""
+        if any(module is bank for bank in self.banks):
+            module.reset_parameters()
+        elif isinstance(module, nn.Linear):
+            if id(module) in zero_ids:
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.normal_(module.weight, std=self.dims.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def reset_parameters(self) -> None:
+        zero_ids = self.zero_init_ids()
+        for module in self.memory_modules():
+            self.init_module(module, zero_ids)
+
+    # ------------------------------------------------------------- accounting
+    def memory_parameters(self) -> List[nn.Parameter]:
+        return list(self.banks.parameters()) + list(self.branches.parameters())
+
+    def lora_parameters(self) -> List[nn.Parameter]:
+        return [p for n, p in self.base.named_parameters() if is_lora_name(n)]
+
+    def export_names(self) -> List[str]:
+        """Parameters and buffers an adapter export holds: memory, LoRA, and the base only when it trains."""
+        base_trains = not self.adapter_config.model.freeze_base_model
+        names = [n for n, p in self.named_parameters()
+                 if not n.startswith("base.") or is_lora_name(n) or (base_trains and p.requires_grad)]
+        names += [n for n, _ in self.named_buffers() if n.startswith(("banks.", "branches."))]
+        return names
+
+    def parameter_counts(self) -> Dict[str, object]:
+        unique = {id(p): p for p in self.parameters()}.values()
+        memory_ids = {id(p) for p in self.memory_parameters()}
+        lora_ids = {id(p) for p in self.lora_parameters()}
+        return {
+            "total": sum(_numel(p) for p in unique),
+            "memory": sum(_numel(p) for p in unique if id(p) in memory_ids),
+            "lora": sum(_numel(p) for p in unique if id(p) in lora_ids),
+            "trainable": sum(_numel(p) for p in unique if p.requires_grad),
+            "banks": [{"kind": b.kind, "tokens": b.num_tokens, "dim": b.dim,
+                       "parameters": sum(_numel(p) for p in b.parameters()),
+                       "bytes": sum(_numel(t) * t.element_size() for t in list(b.parameters()) + list(b.buffers())),
+                       "layers": [layer for layer, idx in self.bank_of_layer.items() if idx == i]}
+                      for i, b in enumerate(self.banks)],
+        }
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, matmuls only (same accounting as megamem.train.metrics)."""
+        d, mem = self.dims, self.memory_config
+        embed = sum(_numel(p) for p in self.base.get_input_embeddings().parameters())
+        banks = sum(_numel(p) for b in self.banks for p in b.parameters())
+        dense = 6 * (self.parameter_counts()["total"] - embed - banks)
+        if getattr(self.base.config, "tie_word_embeddings", False):
+            dense += 6 * embed
+        attn = 6 * 2 * d.num_layers * (seq_len / 2) * d.hidden_size
+        heads = mem.memory_num_heads or d.num_heads
+        memory = 6 * 2 * len(self.memory_layers) * mem.num_memory_tokens * heads * (d.hidden_size // heads)
+        return dense + attn + memory
