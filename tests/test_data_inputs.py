@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 from megamem.config import ConfigError
 from megamem.data import build_loader, load_tokenizer
 
-from data_utils import data_config, make_docs, tokenizer, tokenizer_dir, write_jsonl
+from data_utils import data_config, tokenizer, tokenizer_dir, write_jsonl
 
 
 def test_trained_tokenizer_round_trips_and_matches_model_ids():
@@ -45,7 +45,7 @@ def test_missing_and_empty_files(tmp_path):
 
 def test_record_without_text_field_names_file_and_record(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "light"}, {"text": "water"}, {"body": "earth"}])
-    with pytest.raises(ConfigError, match=rf"d.jsonl record 3 has no field 'text' \(text_field; fields: .*body"):
+    with pytest.raises(ConfigError, match=r"d.jsonl record 3 has no field 'text' \(text_field; fields: .*body"):
         _load(tmp_path, path, "data.shuffle=false")
     loader, batch = _load(tmp_path, path, "data.bad_records=skip", split="eval")
     assert loader.skipped == {"missing_field": 1}  # counted, and logged once

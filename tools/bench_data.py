@@ -63,7 +63,7 @@ def main() -> int:
             ("text, streaming (jsonl), tokenized on the fly",
              [f"--data.datasets=[{{path: {corpus}/train.jsonl, streaming: true}}]"]),
             ("pre-tokenized memmap shards", [f"--data.shards={shard_dir}"])]
-    print(f"| source | workers | tokens/s |\n|---|---|---|")
+    print("| source | workers | tokens/s |\n|---|---|---|")
     for name, extra in runs:
         for workers in (0, 1):
             cfg = load_config(None, base + extra + [f"--data.num_workers={workers}"])

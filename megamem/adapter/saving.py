@@ -11,36 +11,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Dict, Optional
 
 import torch
 
-from ..config import ConfigError, dump_config, load_config
+from ..config import ConfigError, load_config
 from .base import base_identity, config_hash
 
 WEIGHTS, META = "adapter.safetensors", "adapter.json"
 
 
 def export_adapter(state: Dict[str, torch.Tensor], cfg, tokenizer, path: str, step: int) -> None:
-    """Write into `path.tmp`, then swap it in (a crash never leaves a half-written export)."""
-    from safetensors.torch import save_file
+    """The adapter weights plus the identity of the base they were trained on, written atomically."""
+    from ..train.export import export_model
 
-    tmp = f"{path}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     meta = {"format": "megamem-adapter", **base_identity(cfg), "step": step,
             "lora": cfg.memory.use_lora or cfg.memory.use_both_memory_and_lora,
             "base_weights_included": not cfg.model.freeze_base_model}
-    save_file(state, os.path.join(tmp, WEIGHTS), metadata={k: str(v) for k, v in meta.items()})
-    with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-    with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(dump_config(cfg))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    export_model(state, cfg, tokenizer, path, step, weights_name=WEIGHTS, metadata=meta, extra_json={META: meta})
 
 
 def save_adapter(model, cfg, path: str, tokenizer=None, step: int = 0) -> None:

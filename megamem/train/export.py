@@ -4,9 +4,10 @@ The folder loads back with `load_exported(path)` — safetensors only, no pickle
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -15,14 +16,23 @@ from ..config import ConfigError, dump_config, load_config
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def export_model(state: Dict[str, torch.Tensor], cfg, tokenizer, path: str, step: int) -> None:
-    """Write into `path.tmp`, then swap it in: a crash never leaves a half-written export."""
+def export_model(state: Dict[str, torch.Tensor], cfg, tokenizer, path: str, step: int,
+                 weights_name: str = "model.safetensors", metadata: Optional[Dict[str, Any]] = None,
+                 extra_json: Optional[Dict[str, Any]] = None) -> None:
+    """Write into `path.tmp`, then swap it in: a crash never leaves a half-written export.
+
+    extra_json: {file name: JSON-able object} written beside the weights (adapter identity, ...).
+    """
     from safetensors.torch import save_file
 
     tmp = f"{path}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"step": str(step), "format": "megamem"})
+    meta = metadata if metadata is not None else {"format": "megamem", "step": step}
+    save_file(state, os.path.join(tmp, weights_name), metadata={k: str(v) for k, v in meta.items()})
+    for name, obj in (extra_json or {}).items():
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
     with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(dump_config(cfg))
     if tokenizer is not None:
