@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
 PY=.venv/bin/python
-export PYTHONUNBUFFERED=1 DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+export PYTHONUNBUFFERED=1 DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
 RANKS=${RANKS:-2}
 OUT=${OUT:-outputs/demo}
 $PY tools/prepare_corpus.py
