@@ -52,10 +52,12 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
     stage = zero_stage(ds)
     if cfg.training.mixed_precision == "fp16" and not on_cuda:
         problems.append("training.mixed_precision: fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or no")
-    if cfg.parallel.ep_size > 1 and stage >= 3:
-        problems.append(f"parallel.ep_size = {cfg.parallel.ep_size} (chapters as expert shards) cannot run under "
-                        "ZeRO-3 (DeepSpeed refuses native MoE there): use ds_configs/zero2.json or zero1.json, "
-                        "or ep_size: 1 with ZeRO-3 to partition the dense bank")
+    if cfg.parallel.ep_size > 1:
+        from ..parallel.expert import check_layout
+
+        message = check_layout(cfg, stage)
+        if message:
+            problems.append(message)
     if cfg.parallel.ep_size > 1 and stage < 3:
         problems.append(f"parallel.ep_size = {cfg.parallel.ep_size}: expert-parallel chapter shards train through "
                         "the Python API (megamem.parallel.expert) but not yet through scripts/train.py, whose "
