@@ -42,9 +42,6 @@ def test_auto_values_come_from_the_yaml():
     ({"zero_optimization": {"stage": 3}}, ["memory.use_chapters=true", "memory.num_chapters=4",
                                            "memory.top_k_chapters=2", "parallel.ep_size=2"], False,
      r"DeepSpeed supports only with ZeRO stage 1 or 2 .*ds_configs/zero2.json"),
-    ({"zero_optimization": {"stage": 3}}, ["memory.use_chapters=true", "memory.num_chapters=4",
-                                           "memory.top_k_chapters=2"], False,
-     r"memory.use_chapters with ZeRO-3 is not supported yet .*use ds_configs/zero2.json"),
     ({"zero_optimization": {"stage": 2}, "pipeline": {"stages": 2}}, [], False,
      r"pipeline parallelism runs with ZeRO stage 0 or 1 only"),
 ])

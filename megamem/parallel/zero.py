@@ -31,6 +31,15 @@ def build_model_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_sta
     # dtype is overridden by bf16 on a CPU accelerator (deepspeed 0.19.8 operator precedence).
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = build_model(cfg)
+    # routed chapter attention reads its projection weights outside their own forward: tell ZeRO-3
+    # to gather them whenever the chapter attention module runs
+    from ..memory.chapters import ChapterMemoryAttention
+
+    for module in model.modules():
+        if isinstance(module, ChapterMemoryAttention):
+            for child in module.children():
+                for p in child.parameters():
+                    deepspeed.zero.register_external_parameter(module, p)
     zero_ids = model.zero_init_ids()
     torch.manual_seed(seed)
     for module in model.modules():

@@ -62,10 +62,6 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
         problems.append(f"parallel.ep_size = {cfg.parallel.ep_size}: expert-parallel chapter shards train through "
                         "the Python API (megamem.parallel.expert) but not yet through scripts/train.py, whose "
                         "checkpoints cannot hold the shards; use ep_size: 1 (ZeRO-3 partitions a dense bank)")
-    if cfg.memory.use_chapters and not cfg.memory.vanilla_mode and stage >= 3:
-        problems.append("memory.use_chapters with ZeRO-3 is not supported yet (routed chapter attention reads "
-                        "projection weights outside their modules, which ZeRO-3 keeps partitioned): use "
-                        "ds_configs/zero2.json or zero1.json for chapter models")
     if cfg.memory.use_chapters and cfg.memory.sparse_bank_grad:
         problems.append("memory.sparse_bank_grad: row-sparse bank updates (RowSparseAdamW, see the Chapters section) "
                         "are not wired into scripts/train.py yet; set sparse_bank_grad: false (dense bank gradients "
