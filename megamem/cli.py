@@ -53,8 +53,11 @@ def _adapter_on_meta(cfg: MegamemConfig):
     return model, "\n".join(lines)
 
 
-def parameter_report(cfg: MegamemConfig) -> str:
-    """Parameter counts of the model a config describes, built on the meta device (no memory, instant)."""
+def parameter_report(cfg: MegamemConfig, bank_shards: int = 1) -> str:
+    """Parameter counts of the model a config describes, built on the meta device (no memory, instant).
+
+    bank_shards > 1 (ZeRO-3 over that many ranks) adds each bank's bytes per rank at rest.
+    """
     from .model import build_model
 
     header = []
@@ -76,4 +79,9 @@ def parameter_report(cfg: MegamemConfig) -> str:
     for i, bank in enumerate(counts["banks"]):
         lines.append(f"bank {i}: {bank['kind']}, {bank['tokens']} tokens x {bank['dim']}, "
                      f"{bank['parameters']:,} parameters, {_fmt(bank['bytes'])} bytes, layers {bank['layers']}")
+    if bank_shards > 1:
+        for i, bank in enumerate(counts["banks"]):
+            lines.append(f"bank {i}: {bank['parameters'] * 4 / bank_shards / 1e6:.2f} MB of fp32 parameters per rank "
+                         f"at rest (1/{bank_shards} of {bank['parameters'] * 4 / 1e6:.2f} MB), gathered while the "
+                         "forward uses it")
     return "\n".join(lines)

@@ -55,18 +55,10 @@ def dry_run(cfg, ds_path) -> int:
     ds = resolve_ds_config(ds_path, cfg, world)  # refuses impossible layouts before anything starts
     print("# resolved config")
     print(dump_config(cfg))
-    print(parameter_report(cfg))
+    zero3_ranks = world if zero_stage(ds) == 3 and cfg.model.base_model_name is None else 1
+    print(parameter_report(cfg, bank_shards=zero3_ranks))
     print("# parallel layout")
     print(describe_layout(ds, world))
-    if zero_stage(ds) == 3 and world > 1 and cfg.model.base_model_name is None:
-        from megamem.model import build_model
-        import torch
-
-        with torch.device("meta"):
-            banks = build_model(cfg).parameter_counts()["banks"]
-        for i, bank in enumerate(banks):
-            print(f"bank {i}: {bank['parameters'] * 4 / world / 1e6:.2f} MB of fp32 parameters per rank at rest "
-                  f"(1/{world} of {bank['parameters'] * 4 / 1e6:.2f} MB), gathered while the forward uses it")
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from ..config import ConfigError, MegamemConfig, dump_config
 from ..parallel.distributed import init_distributed
 from ..parallel.zero import build_model_for_zero, gathered_state_dict
-from .checkpoint import CheckpointManager, resolve_resume, tag_for
+from .checkpoint import CheckpointManager, resolve_resume
 from .export import SAVE_DTYPES, export_model
 from .ds_config import resolve_ds_config, zero_stage
 from .metrics import MetricsLogger, flops_per_token, measure_peak_flops
@@ -221,4 +221,4 @@ class Trainer:
         dist.barrier()
 
 
-__all__ = ["Trainer", "NonFiniteLossError", "tag_for"]
+__all__ = ["Trainer", "NonFiniteLossError"]
