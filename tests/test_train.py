@@ -221,9 +221,62 @@ def test_chapters_zero3_two_ranks_match_one_rank(tmp_path):
     assert torch.allclose(torch.tensor(two["train_losses"]), torch.tensor(one["train_losses"]), atol=1e-4, rtol=0)
 
 
-def test_trainer_refuses_expert_parallel_until_its_checkpoints_exist():
+def _banks_run(out, stage, ep_size, extra):
+    return _fit(out, ZERO[stage], 2, ("training.max_steps=4", "training.save_steps=2", f"parallel.ep_size={ep_size}",
+                                      *CHAPTERS, *extra))
+
+
+def _exported(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def _close(a, b, atol):
+    return torch.allclose(torch.tensor(a), torch.tensor(b), atol=atol, rtol=0)
+
+
+def test_expert_parallel_trains_resumes_and_exports_like_ep1(tmp_path):
+    """ep_size 2 through the trainer: the losses and the export (whole banks) of ep_size 1; resume is exact."""
+    off = ("training.max_grad_norm=0",)  # ep_size 1 clips banks with the engine's parameters, ep_size 2 on their own
+    one = run_ranks(_banks_run, str(tmp_path / "one"), 2, 1, off, tmp_path=tmp_path / "r1")[0]
+    two = run_ranks(_banks_run, str(tmp_path / "two"), 2, 2, off, tmp_path=tmp_path / "r2")[0]
+    assert _close(two["train_losses"], one["train_losses"], 1e-5), (two["train_losses"], one["train_losses"])
+    a, b = _exported(tmp_path / "one"), _exported(tmp_path / "two")
+    assert a.keys() == b.keys() and a["banks.0.memory"].shape == b["banks.0.memory"].shape == (16, 32)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    ckpt = tmp_path / "two" / "checkpoints" / "step00000002"
+    assert (ckpt / "chapter_banks_rank0.safetensors").is_file() and (ckpt / "chapter_banks_rank1.safetensors").is_file()
+    resumed = run_ranks(_banks_run, str(tmp_path / "two"), 2, 2, (*off, f"training.resume_from_checkpoint={ckpt}"),
+                        tmp_path=tmp_path / "r3")[0]
+    assert _close(resumed["train_losses"], two["train_losses"][2:], 1e-6)
+    c = _exported(tmp_path / "two")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_sparse_bank_grad_trains_and_resumes(tmp_path):
+    """Row-sparse banks through the trainer (ZeRO-1, clipped): resume is exact, and ep_size 2 (ZeRO-2) equals it."""
+    sparse = ("memory.sparse_bank_grad=true", "memory.routing_strategy_train=sequence")
+    full = run_ranks(_banks_run, str(tmp_path / "a"), 1, 1, sparse, tmp_path=tmp_path / "r1")[0]
+    resumed = run_ranks(_banks_run, str(tmp_path / "a"), 1, 1,
+                        (*sparse, "training.resume_from_checkpoint=" + str(tmp_path / "a" / "checkpoints" / "step00000002")),
+                        tmp_path=tmp_path / "r2")[0]
+    assert _close(resumed["train_losses"], full["train_losses"][2:], 1e-6)
+    two = run_ranks(_banks_run, str(tmp_path / "b"), 2, 2, sparse, tmp_path=tmp_path / "r3")[0]
+    assert _close(two["train_losses"], full["train_losses"], 1e-5), (two["train_losses"], full["train_losses"])
+    assert full["train_losses"][0] > full["train_losses"][-1]
+
+
+def test_banks_outside_the_engine_refuse_zero0_and_zero3():
     from megamem.train.ds_config import resolve_ds_config
 
-    cfg = tiny_config(*CHAPTERS, "parallel.ep_size=2")
-    with pytest.raises(ConfigError, match="expert-parallel chapter shards train through the Python API"):
+    for over in (("parallel.ep_size=2",), ("memory.sparse_bank_grad=true",)):
+        cfg = tiny_config(*CHAPTERS, "training.mixed_precision=no", *over)
         resolve_ds_config(ZERO[2], cfg, 2)
+        with pytest.raises(ConfigError, match="needs ZeRO stage 1 or 2"):
+            resolve_ds_config(ZERO[0], cfg, 2)
+    with pytest.raises(ConfigError, match="ZeRO stage 1 or 2"):
+        resolve_ds_config(ZERO[3], tiny_config(*CHAPTERS, "parallel.ep_size=2"), 2)
+    with pytest.raises(ConfigError, match="mixed_precision: no"):
+        resolve_ds_config(ZERO[2], tiny_config(*CHAPTERS, "memory.sparse_bank_grad=true",
+                                               "training.mixed_precision=bf16"), 2)

@@ -79,13 +79,18 @@ class RowSparseAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, block_rows: int = 1, group=None, world: Optional[int] = None):
+                 weight_decay: float = 0.0, block_rows: int = 1, group=None, world: Optional[int] = None,
+                 max_grad_norm: float = 0.0, shard_group=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_rows=block_rows))
         self.process_group, self.world = group, world
+        self.max_grad_norm, self.shard_group = max_grad_norm, shard_group
 
     def _reduce(self, grad: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
+        if not grad.is_sparse:
+            dist.all_reduce(grad, group=self.process_group)
+            return grad
         size = dist.get_world_size(self.process_group)
         idx, val = grad.indices(), grad.values()
         counts = [torch.zeros(1, dtype=torch.long) for _ in range(size)]
@@ -108,38 +113,54 @@ class RowSparseAdamW(torch.optim.Optimizer):
         torch._fused_adamw_([p], [g], [m], [v], [], [step], lr=group["lr"], beta1=b1, beta2=b2,
                             weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _gradients(self):
+        """(param, group, reduced gradient) of every parameter with a gradient, clipped by their joint norm."""
+        items = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                state["step"] += 1
-                m, v, grad = state["exp_avg"], state["exp_avg_sq"], p.grad
-                if not grad.is_sparse:
-                    self._adamw(p, grad, m, v, state["step"], group)
-                    continue
-                grad = grad.coalesce()
+                grad = p.grad.coalesce() if p.grad.is_sparse else p.grad
                 if self.process_group is not None:
                     grad = self._reduce(grad)
                 if self.world:  # data-parallel mean (expert shards: summed over all ranks' tokens)
                     grad = grad * (1.0 / self.world)
-                rows, g = grad.indices()[0], grad.values()
-                B = group["block_rows"]
-                if B > 1 and rows.numel() % B == 0 and bool((rows.view(-1, B) == rows.view(-1, B)[:, :1]
-                                                             + torch.arange(B)).all()) and bool((rows[::B] % B == 0).all()):
-                    rows, g = rows[::B] // B, g.reshape(-1, B * g.shape[-1])  # whole chapters: block copies
-                    view = lambda t: t.view(-1, B * t.shape[-1])  # noqa: E731
-                else:
-                    view = lambda t: t.view(t.shape[0], -1)  # noqa: E731
-                pv, mv, vv = view(p), view(m), view(v)
-                ps, ms, vs = pv.index_select(0, rows), mv.index_select(0, rows), vv.index_select(0, rows)
-                self._adamw(ps, g.contiguous(), ms, vs, state["step"], group)
-                pv.index_copy_(0, rows, ps)
-                mv.index_copy_(0, rows, ms)
-                vv.index_copy_(0, rows, vs)
+                items.append((p, group, grad))
+        if self.max_grad_norm > 0 and items:
+            sq = sum((g.values() if g.is_sparse else g).float().pow(2).sum() for _, _, g in items)
+            if self.shard_group is not None:  # shards of one bank live on the ranks of this group
+                import torch.distributed as dist
+
+                dist.all_reduce(sq, group=self.shard_group)
+            factor = self.max_grad_norm / (sq.sqrt() + 1e-6)
+            if factor < 1:
+                items = [(p, group, g * factor.to(g.dtype)) for p, group, g in items]
+        return items
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, group, grad in self._gradients():
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            state["step"] += 1
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            if not grad.is_sparse:
+                self._adamw(p, grad, m, v, state["step"], group)
+                continue
+            rows, g = grad.indices()[0], grad.values()
+            B = group["block_rows"]
+            if B > 1 and rows.numel() % B == 0 and bool((rows.view(-1, B) == rows.view(-1, B)[:, :1]
+                                                         + torch.arange(B)).all()) and bool((rows[::B] % B == 0).all()):
+                rows, g = rows[::B] // B, g.reshape(-1, B * g.shape[-1])  # whole chapters: block copies
+                view = lambda t: t.view(-1, B * t.shape[-1])  # noqa: E731
+            else:
+                view = lambda t: t.view(t.shape[0], -1)  # noqa: E731
+            pv, mv, vv = view(p), view(m), view(v)
+            ps, ms, vs = pv.index_select(0, rows), mv.index_select(0, rows), vv.index_select(0, rows)
+            self._adamw(ps, g.contiguous(), ms, vs, state["step"], group)
+            pv.index_copy_(0, rows, ps)
+            mv.index_copy_(0, rows, ms)
+            vv.index_copy_(0, rows, vs)
         return None

@@ -98,14 +98,15 @@ class ChapterExperts(MoE):
         raise RuntimeError("ChapterExperts is a marker; chapters are read by the memory layers")
 
 
-def apply_expert_parallel(model: nn.Module, ep_size: int) -> str:
+def apply_expert_parallel(model: nn.Module, ep_size: int, engine_experts: bool = True) -> str:
     """Shard every bank of a chapter model over the expert-parallel group; returns the group name.
 
     Call after the default process group exists and before `deepspeed.initialize`. Rank r of the
     group keeps chapters [r·C/ep, (r+1)·C/ep) of the bank it was built with (same seed on every
     rank ⇒ the shards of an ep_size run are exactly the rows of the ep_size = 1 bank).
-    With memory.sparse_bank_grad the shards are left to `RowSparseAdamW` (`expert_data_parallel_group`
-    for its group), outside the engine's optimizer, so no MoE marker is added for the engine.
+    With memory.sparse_bank_grad, or engine_experts=False (scripts/train.py: megamem.train.chapter_banks),
+    the shards are left to `RowSparseAdamW` (`expert_data_parallel_group` for its group), outside the
+    engine's optimizer, so no MoE marker is added for the engine.
     """
     cfg = model.memory_config
     if not cfg.use_chapters:
@@ -127,7 +128,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> str:
     for module in model.modules():
         if isinstance(module, ChapterMemoryAttention):
             module.expert = dispatch
-    if not cfg.sparse_bank_grad:
+    if engine_experts and not cfg.sparse_bank_grad:
         model.add_module("chapter_experts", ChapterExperts(cfg.num_chapters, ep_size, name))
     model.chapter_ep_size = ep_size
     return name
@@ -136,6 +137,11 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> str:
 def expert_data_parallel_group(ep_size: int):
     """The ranks holding replicas of the same chapter shard (their gradients are averaged)."""
     return groups._get_expert_data_parallel_group(f"ep_size_{ep_size}")
+
+
+def expert_parallel_group(ep_size: int):
+    """The ranks whose shards together make whole banks."""
+    return groups._get_expert_parallel_group(f"ep_size_{ep_size}")
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0, lr: Optional[float] = None) -> List[Dict]:
@@ -152,14 +158,16 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0, lr: Opti
 
 
 def sparse_bank_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                          eps: float = 1e-8) -> RowSparseAdamW:
+                          eps: float = 1e-8, max_grad_norm: float = 0.0) -> RowSparseAdamW:
     """Lazy AdamW for the banks of a sparse_bank_grad model, stepped after `engine.step()`.
 
     Gradients are reduced like DeepSpeed reduces them: replicated banks over the data-parallel
     group, expert shards over their expert-data-parallel group; both divided by the data-parallel size.
+    max_grad_norm > 0 clips the bank gradients by their joint norm (whole banks, shards included).
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     ep = getattr(model, "chapter_ep_size", 1)
     group = None if world == 1 else (dist.group.WORLD if ep == 1 else expert_data_parallel_group(ep))
     return RowSparseAdamW(model.banks.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                          block_rows=tokens_per_chapter(model.memory_config), group=group, world=world)
+                          block_rows=tokens_per_chapter(model.memory_config), group=group, world=world,
+                          max_grad_norm=max_grad_norm, shard_group=expert_parallel_group(ep) if ep > 1 else None)

@@ -15,7 +15,7 @@ import json
 import os
 import random
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -85,7 +85,8 @@ class CheckpointManager:
         self.rank, self.world_size, self.limit = rank, world_size, save_total_limit
 
     def save(self, engine, step: int, run_state: Dict[str, Any], config_yaml: str, tokenizer=None,
-             best: bool = False) -> str:
+             best: bool = False, write_extra: Optional[Callable[[str], None]] = None) -> str:
+        """write_extra(checkpoint folder): each rank's own files (chapter bank shards), before COMPLETE."""
         import deepspeed.comm as dist
 
         tag = tag_for(step)
@@ -96,6 +97,8 @@ class CheckpointManager:
                 shutil.rmtree(path)
         dist.barrier()
         engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
+        if write_extra is not None:
+            write_extra(path)
         _atomic_write(os.path.join(path, f"run_state_rank{self.rank}.json"),
                       json.dumps({**run_state, "world_size": self.world_size, "rng": rng_state()}))
         if self.rank == 0:

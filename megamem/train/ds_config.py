@@ -58,14 +58,11 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
         message = check_layout(cfg, stage)
         if message:
             problems.append(message)
-    if cfg.parallel.ep_size > 1 and stage < 3:
-        problems.append(f"parallel.ep_size = {cfg.parallel.ep_size}: expert-parallel chapter shards train through "
-                        "the Python API (megamem.parallel.expert) but not yet through scripts/train.py, whose "
-                        "checkpoints cannot hold the shards; use ep_size: 1 (ZeRO-3 partitions a dense bank)")
-    if cfg.memory.use_chapters and cfg.memory.sparse_bank_grad:
-        problems.append("memory.sparse_bank_grad: row-sparse bank updates (RowSparseAdamW, see the Chapters section) "
-                        "are not wired into scripts/train.py yet; set sparse_bank_grad: false (dense bank gradients "
-                        "work with every layout)")
+    from .chapter_banks import layout_problem
+
+    message = None if any("ep_size" in p for p in problems) else layout_problem(cfg, ds, stage, world_size)
+    if message:
+        problems.append(message)
     if ds.get("pipeline") and stage >= 2:
         problems.append("pipeline parallelism runs with ZeRO stage 0 or 1 only (DeepSpeed refuses ZeRO-2/3 with pipelines)")
     return problems

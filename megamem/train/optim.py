@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
 import torch
 import torch.nn as nn
@@ -12,9 +12,10 @@ from transformers.optimization import get_constant_schedule_with_warmup, get_cos
 from ..config import TrainingConfig
 
 
-def parameter_groups(model: nn.Module, t: TrainingConfig) -> List[Dict]:
+def parameter_groups(model: nn.Module, t: TrainingConfig, exclude: Iterable[nn.Parameter] = ()) -> List[Dict]:
     """Named groups: memory (memory_lr), lora (lora_lr, adapter runs) and base — the rest: learning_rate
-    (default memory_lr) from scratch, base_model_lr for a pretrained base. Frozen parameters are left out.
+    (default memory_lr) from scratch, base_model_lr for a pretrained base. Frozen parameters and
+    `exclude` (banks updated outside the engine) are left out.
 
     No weight decay on 1-D parameters (norms, biases, quantised-bank scales) and, unless
     training.bank_weight_decay, on memory banks: decay would pull unread bank rows to zero.
@@ -26,7 +27,7 @@ def parameter_groups(model: nn.Module, t: TrainingConfig) -> List[Dict]:
     base_lr = t.base_model_lr if pretrained else t.learning_rate if t.learning_rate is not None else t.memory_lr
     lrs = {"memory": t.memory_lr, "lora": t.lora_lr, "base": base_lr}
     groups: Dict[str, Dict] = {}
-    seen = set()
+    seen = {id(p) for p in exclude}
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue

@@ -12,6 +12,7 @@ import torch
 from ..config import ConfigError, MegamemConfig, dump_config
 from ..parallel.distributed import init_distributed
 from ..parallel.zero import build_model_for_zero, gathered_state_dict
+from .chapter_banks import ChapterBanks, banks_outside_engine
 from .checkpoint import CheckpointManager, resolve_resume
 from .export import SAVE_DTYPES, export_model
 from .ds_config import resolve_ds_config, zero_stage
@@ -39,12 +40,14 @@ class Trainer:
         self.train_loader = loaders("train", self.rank, self.world)
         self.eval_loader = None
         self.total_steps = self._total_steps()
-        self.groups = parameter_groups(model, self.t)
+        outside = banks_outside_engine(cfg)  # chapter banks: expert shards or row-sparse (chapter_banks.py)
+        self.groups = parameter_groups(model, self.t, exclude=model.banks.parameters() if outside else ())
         optimizer = build_optimizer(self.groups, self.t)
         scheduler = build_scheduler(optimizer, self.t, self.total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds, dist_init_required=False)
         self.model = model
+        self.banks = ChapterBanks(model, cfg, self.rank) if outside else None
         self.ckpt = CheckpointManager(self.output_dir, self.rank, self.world, self.t.save_total_limit)
         self.step, self.best_eval, self.bad_evals, self.skipped = 0, float("inf"), 0, 0
         self.stop_requested = False  # set by SIGUSR1 (e.g. SLURM --signal before the time limit)
@@ -76,12 +79,15 @@ class Trainer:
     def _resume(self, where: str) -> None:
         ckpt_dir, tag = resolve_resume(where, self.output_dir)
         state = self.ckpt.load(self.engine, ckpt_dir, tag)
+        if self.banks is not None:
+            self.banks.load(os.path.join(ckpt_dir, tag))
         self.train_loader.load_state_dict(state["data"])
         self.step, self.best_eval = state["step"], state["best_eval"]
         self.bad_evals, self.skipped = state["bad_evals"], state["skipped"]
 
     def save(self, best: bool = False) -> str:
-        return self.ckpt.save(self.engine, self.step, self._run_state(), dump_config(self.cfg), self.tokenizer, best)
+        return self.ckpt.save(self.engine, self.step, self._run_state(), dump_config(self.cfg), self.tokenizer, best,
+                              write_extra=self.banks.save if self.banks is not None else None)
 
     # --------------------------------------------------------------- helpers
     def _all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -94,6 +100,9 @@ class Trainer:
     def _forward(self, batch: Dict[str, torch.Tensor]):
         kwargs = {k: v.to(self.engine.device) for k, v in batch.items() if k not in ("input_ids",)}
         return self.engine(batch["input_ids"].to(self.engine.device), **kwargs)
+
+    def _lr_factor(self) -> float:
+        return self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
 
     # ------------------------------------------------------------------ train
     def train_step(self, batches) -> Dict[str, float]:
@@ -113,7 +122,12 @@ class Trainer:
                 continue
             in_a_row = 0
             self.engine.backward(loss)
+            # the banks outside the engine step with the learning rate the engine's schedule gives this step
+            bank_lr = self._lr_factor() if self.banks is not None and self.engine.is_gradient_accumulation_boundary() \
+                else None
             self.engine.step()
+            if bank_lr is not None:
+                self.banks.step(bank_lr)
             micro += 1
             losses.append(out.loss.detach().float())
             for name, value in out.aux_losses.items():
@@ -210,6 +224,8 @@ class Trainer:
         """Final weights: the whole model, or for adapter runs only what trained (megamem.adapter.saving)."""
         names = self.model.export_names() if hasattr(self.model, "export_names") else None
         state = gathered_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank, names)
+        if self.banks is not None:  # expert-parallel shards → whole banks
+            self.banks.full_banks(state, SAVE_DTYPES[self.t.save_precision])
         if self.rank == 0 and names is not None:
             from ..adapter.saving import export_adapter
 
