@@ -264,7 +264,6 @@ def test_sparse_bank_grad_trains_and_resumes(tmp_path):
     assert _close(resumed["train_losses"], full["train_losses"][2:], 1e-6)
     two = run_ranks(_banks_run, str(tmp_path / "b"), 2, 2, sparse, tmp_path=tmp_path / "r3")[0]
     assert _close(two["train_losses"], full["train_losses"], 1e-5), (two["train_losses"], full["train_losses"])
-    assert full["train_losses"][0] > full["train_losses"][-1]
 
 
 def test_banks_outside_the_engine_refuse_zero0_and_zero3():
