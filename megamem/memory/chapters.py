@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import MemoryConfig
 from .cross_attention import LowRankLinear, MemoryCrossAttention
-from .routed_attention import merge_partials, pair_attention
+from .routed_attention import merge_partials, pair_attention, routed_attention
 from .router import ChapterRouter, Routing, chapter_usage, router_losses
 from .sparse_rows import gather_chapters, keep_chapter_rows
 
@@ -153,15 +153,17 @@ class ChapterMemoryAttention(MemoryCrossAttention):
             rows = gather_chapters(memory, uniq, T, sparse)
             k = self.k_proj(rows).view(len(uniq), T, self.num_kv_heads, hd)
             v = self.v_proj(rows).view(len(uniq), T, self.num_kv_heads, hd)
-            out, lse = pair_attention(q, k, v, tok, inv, pair_bias, scale)
-            return merge_partials(out.view(N, m, H, hd), lse.view(N, m, H)).reshape(N, H * hd)
+            return routed_attention(q, k, v, inv, pair_bias, scale).reshape(N, H * hd)
         r = H // self.num_kv_heads
         wk = _weight(self.k_proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)  # [H, hd, d]
         wv = _weight(self.v_proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)
         q_abs = torch.einsum("nhe,hed->nhd", q, wk.to(q.dtype))
-        attend = self.expert or absorbed_pairs  # the expert sends pairs to the rank owning their chapter
-        out, lse = attend(q_abs, memory, T, tok, chap, pair_bias, scale, sparse)
-        y = merge_partials(out.view(N, m, H, -1), lse.view(N, m, H))  # [N, H, d]
+        if self.expert is None:  # the bank read in place: only touched chapters get gradients
+            bank = memory.to(q.dtype)
+            y = routed_attention(q_abs, bank, bank, chap, pair_bias, scale, rows=T, sparse=sparse)  # [N, H, d]
+        else:  # the expert sends pairs to the rank owning their chapter and returns their partials
+            out, lse = self.expert(q_abs, memory, T, tok, chap, pair_bias, scale, sparse)
+            y = merge_partials(out.view(N, m, H, -1), lse.view(N, m, H))  # [N, H, d]
         return torch.einsum("nhd,hed->nhe", y, wv.to(y.dtype)).reshape(N, H * hd)
 
     def _absorbed(self, pairs: int, chap: torch.Tensor) -> bool:

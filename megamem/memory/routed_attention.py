@@ -62,28 +62,34 @@ def _logits(q, kg, G, pairs, tok, bias, scale):
     return s.add_(bias[pairs].to(s.dtype).view(n, 1, cap, 1, 1)), qc
 
 
+def _partials(q, keys, values, tok, chap, bias, scale, plan):
+    """Every pair's softmax-normalised output [P, H, f] and log-sum-exp [P, H], chunk by chunk."""
+    P, H = tok.shape[0], q.shape[1]
+    _, T, G, f = values.shape
+    out = q.new_empty(P, H, f)
+    lse = q.new_empty(P, H)
+    for cs, pairs, valid in plan:
+        n, cap = pairs.shape
+        kg = _rows(keys, cs)
+        vg = kg if keys is values else _rows(values, cs)
+        s, _ = _logits(q, kg, G, pairs, tok, bias, scale)
+        m = s.amax(-1, keepdim=True)
+        p = s.sub_(m).exp_()
+        l = p.sum(-1, keepdim=True)
+        p.div_(l)
+        o = torch.bmm(p.view(n * G, -1, T), vg).view(n, G, cap, -1, f).permute(0, 2, 1, 3, 4).reshape(n, cap, H, f)
+        ls = (m + l.log()).squeeze(-1).permute(0, 2, 1, 3).reshape(n, cap, H)
+        out[pairs[valid]] = o[valid]
+        lse[pairs[valid]] = ls[valid]
+    return out, lse
+
+
 class _PairAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, keys, values, tok, chap, bias, scale, chunk_elements):
-        P, H = tok.shape[0], q.shape[1]
-        C, T, G, f = values.shape
         same_kv = keys is values
-        out = q.new_zeros(P, H, f)
-        lse = q.new_zeros(P, H)
-        plan = _plan(chap, C, H * T, chunk_elements)
-        for cs, pairs, valid in plan:
-            n, cap = pairs.shape
-            kg = _rows(keys, cs)
-            vg = kg if same_kv else _rows(values, cs)
-            s, _ = _logits(q, kg, G, pairs, tok, bias, scale)
-            m = s.amax(-1, keepdim=True)
-            p = s.sub_(m).exp_()
-            l = p.sum(-1, keepdim=True)
-            o = torch.bmm(p.view(n * G, -1, T), vg)
-            o = (o.view(n, G, cap, -1, f) / l).permute(0, 2, 1, 3, 4).reshape(n, cap, H, f)
-            ls = (m + l.log()).squeeze(-1).permute(0, 2, 1, 3).reshape(n, cap, H)
-            out[pairs[valid]] = o[valid]
-            lse[pairs[valid]] = ls[valid]
+        plan = _plan(chap, values.shape[0], q.shape[1] * values.shape[1], chunk_elements)
+        out, lse = _partials(q, keys, values, tok, chap, bias, scale, plan)
         ctx.save_for_backward(q, keys, values, tok, chap, bias, out, lse)
         ctx.plan, ctx.scale, ctx.same_kv = plan, scale, same_kv
         return out, lse
@@ -139,6 +145,102 @@ def pair_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, to
     share storage and gradient (the absorbed formulation reads raw bank rows as both).
     """
     return _PairAttention.apply(q, keys, values, tok, chap, bias, scale, chunk_elements)
+
+
+class _RoutedAttention(torch.autograd.Function):
+    """Pair attention with the merge inside: one softmax per token over the union of its m chapters.
+
+    Backward is flash-attention's over that union: with P = exp(logit − LSE_token) and
+    D = dy·y per token, ds = P ∘ (dy·Vᵀ − D), so no per-pair output or gradient of width f is
+    ever stored. With `rows` the keys/values are a bank [C·T, d] read in place: its gradient
+    holds only the touched chapters (a row-sparse COO tensor with `sparse`), never a bank-sized
+    buffer in the loop.
+    """
+
+    @staticmethod
+    def forward(ctx, q, keys, values, chap, bias, scale, m, rows, sparse, chunk_elements):
+        N, H = q.shape[:2]
+        kv = (keys.view(-1, rows, 1, keys.shape[-1]), values.view(-1, rows, 1, values.shape[-1])) if rows else \
+            (keys, values)
+        kv = (kv[0], kv[0]) if keys is values else kv
+        tok = torch.arange(N, device=q.device).repeat_interleave(m)
+        plan = _plan(chap, kv[1].shape[0], H * kv[1].shape[1], chunk_elements)
+        out, lse = _partials(q, kv[0], kv[1], tok, chap, bias, scale, plan)
+        lse = lse.view(N, m, H)
+        total = torch.logsumexp(lse, 1)  # [N, H]
+        w = lse.sub_(total[:, None]).exp_()
+        y = torch.einsum("nmh,nmhf->nhf", w, out.view(N, m, H, -1))
+        ctx.save_for_backward(q, keys, values, chap, bias, y, total)
+        ctx.plan, ctx.scale, ctx.m, ctx.rows, ctx.sparse = plan, scale, m, rows, sparse
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, keys, values, chap, bias, y, total = ctx.saved_tensors
+        scale, rows, same_kv = ctx.scale, ctx.rows, keys is values
+        N, H = q.shape[:2]
+        kg_all = keys.view(-1, rows, 1, keys.shape[-1]) if rows else keys
+        vg_all = kg_all if same_kv else (values.view(-1, rows, 1, values.shape[-1]) if rows else values)
+        C, T, G, f = vg_all.shape
+        r = H // G
+        tok = torch.arange(N, device=q.device).repeat_interleave(ctx.m)
+        dy = dy.contiguous()
+        D = (dy * y).sum(-1)  # [N, H]
+        uniq = torch.unique(chap) if rows else None  # a bank: gradients of the touched chapters only
+        slots = len(uniq) if rows else C
+        dq = torch.zeros_like(q)
+        dk = q.new_zeros((slots,) + tuple(kg_all.shape[1:]))
+        dv = dk if same_kv else q.new_zeros((slots,) + tuple(vg_all.shape[1:]))
+        dbias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device)
+        grp = lambda t, n, cap: t.view(n, cap, G, r).permute(0, 2, 1, 3)[..., None]  # noqa: E731
+        to_chapters = lambda t, n: t.view(n, G, T, -1).transpose(1, 2)  # noqa: E731  [nG, T, x] → [n, T, G, x]
+        for cs, pairs, valid in ctx.plan:
+            n, cap = pairs.shape
+            kg = _rows(kg_all, cs)
+            vg = kg if same_kv else _rows(vg_all, cs)
+            s, qc = _logits(q, kg, G, pairs, tok, bias, scale)
+            tp = tok[pairs]
+            p = s.sub_(grp(total[tp], n, cap)).exp_().mul_(valid.to(q.dtype).view(n, 1, cap, 1, 1))
+            dyc = dy[tp].view(n, cap, G, r, f).permute(0, 2, 1, 3, 4).reshape(n * G, cap * r, f)
+            ds = torch.bmm(dyc, vg.transpose(1, 2)).view(n, G, cap, r, T).sub_(grp(D[tp], n, cap)).mul_(p)
+            ds_f = ds.view(n * G, cap * r, T)
+            dq_c = torch.bmm(ds_f, kg).mul_(scale).view(n, G, cap, r, -1).permute(0, 2, 1, 3, 4).reshape(n, cap, H, -1)
+            dq.index_add_(0, tp.flatten(), dq_c.flatten(0, 1))
+            dk_c = torch.bmm(ds_f.transpose(1, 2), qc).mul_(scale)  # [nG, T, e]
+            dv_c = torch.bmm(p.view(n * G, cap * r, T).transpose(1, 2), dyc)  # [nG, T, f]
+            at = torch.searchsorted(uniq, cs) if rows else cs
+            if same_kv:
+                dk.index_add_(0, at, to_chapters(dk_c.add_(dv_c), n))
+            else:
+                dk.index_add_(0, at, to_chapters(dk_c, n))
+                dv.index_add_(0, at, to_chapters(dv_c, n))
+            db = ds.sum(dim=(1, 3, 4))  # [n, cap]
+            dbias[pairs[valid]] = db[valid]
+        if rows:
+            dk, dv = (_bank_grad(g, uniq, keys.shape, ctx.sparse) for g in (dk, dv))
+        return (dq, dk, None if same_kv else dv, None, dbias.to(bias.dtype), None, None, None, None, None)
+
+
+def _bank_grad(g: torch.Tensor, uniq: torch.Tensor, shape, sparse: bool) -> torch.Tensor:
+    """[U, T, 1, d] gradients of chapters uniq → the bank's gradient [C·T, d] (row-sparse or dense)."""
+    T, d = g.shape[1], shape[-1]
+    if sparse:
+        idx = (uniq[:, None] * T + torch.arange(T, device=g.device)).reshape(1, -1)
+        return torch.sparse_coo_tensor(idx, g.reshape(-1, d), shape, check_invariants=False, is_coalesced=True)
+    return g.new_zeros(shape[0] // T, T, d).index_copy_(0, uniq, g.view(-1, T, d)).view(shape)
+
+
+def routed_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chap: torch.Tensor,
+                     bias: torch.Tensor, scale: float, rows: int = 0, sparse: bool = False,
+                     chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Token n reads chapters chap.view(N, m)[n] (bias likewise) with one softmax over them → [N, H, f].
+
+    keys/values as in `pair_attention`, or, with rows = T, a bank [C·T, d] read in place (pass
+    it as both keys and values for the absorbed formulation; `sparse` makes its gradient row-sparse).
+    Equals `merge_partials` of `pair_attention`, with a cheaper backward.
+    """
+    m = chap.numel() // q.shape[0]
+    return _RoutedAttention.apply(q, keys, values, chap, bias, scale, m, rows, sparse, chunk_elements)
 
 
 def merge_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
