@@ -168,8 +168,11 @@ class _RoutedAttention(torch.autograd.Function):
         out, lse = _partials(q, kv[0], kv[1], tok, chap, bias, scale, plan)
         lse = lse.view(N, m, H)
         total = torch.logsumexp(lse, 1)  # [N, H]
-        w = lse.sub_(total[:, None]).exp_()
-        y = torch.einsum("nmh,nmhf->nhf", w, out.view(N, m, H, -1))
+        w = lse.sub_(total[:, None]).exp_()[..., None]  # [N, m, H, 1]
+        out = out.view(N, m, H, -1)
+        y = out[:, 0] * w[:, 0]
+        for i in range(1, m):  # one pass over the partials, no [N, m, H, f] temporary
+            y.addcmul_(out[:, i], w[:, i])
         ctx.save_for_backward(q, keys, values, chap, bias, y, total)
         ctx.plan, ctx.scale, ctx.m, ctx.rows, ctx.sparse = plan, scale, m, rows, sparse
         return y

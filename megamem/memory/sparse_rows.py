@@ -109,8 +109,11 @@ class RowSparseAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _adamw(p, g, m, v, step, group):
+        """torch's fused AdamW on tensors p (lists, or one tensor), all at the parameter's step."""
+        if isinstance(p, torch.Tensor):
+            p, g, m, v = [p], [g], [m], [v]
         b1, b2 = group["betas"]
-        torch._fused_adamw_([p], [g], [m], [v], [], [step], lr=group["lr"], beta1=b1, beta2=b2,
+        torch._fused_adamw_(p, g, m, v, [], [step] * len(p), lr=group["lr"], beta1=b1, beta2=b2,
                             weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
 
     def _gradients(self):
@@ -153,13 +156,16 @@ class RowSparseAdamW(torch.optim.Optimizer):
             B = group["block_rows"]
             if B > 1 and rows.numel() % B == 0 and bool((rows.view(-1, B) == rows.view(-1, B)[:, :1]
                                                          + torch.arange(B)).all()) and bool((rows[::B] % B == 0).all()):
-                rows, g = rows[::B] // B, g.reshape(-1, B * g.shape[-1])  # whole chapters: block copies
-                view = lambda t: t.view(-1, B * t.shape[-1])  # noqa: E731
-            else:
-                view = lambda t: t.view(t.shape[0], -1)  # noqa: E731
-            pv, mv, vv = view(p), view(m), view(v)
+                # whole chapters: the fused kernel updates each chapter's block in place (no gather/scatter)
+                blocks = (rows[::B] // B).tolist()
+                pv, mv, vv = (t.view(-1, B, t.shape[-1]) for t in (p, m, v))
+                gv = g.view(-1, B, g.shape[-1])
+                self._adamw([pv[c] for c in blocks], list(gv.unbind(0)), [mv[c] for c in blocks],
+                            [vv[c] for c in blocks], state["step"], group)
+                continue
+            pv, mv, vv = (t.view(t.shape[0], -1) for t in (p, m, v))
             ps, ms, vs = pv.index_select(0, rows), mv.index_select(0, rows), vv.index_select(0, rows)
-            self._adamw(ps, g.contiguous(), ms, vs, state["step"], group)
+            self._adamw([ps], [g.contiguous()], [ms], [vs], state["step"], group)
             pv.index_copy_(0, rows, ps)
             mv.index_copy_(0, rows, ms)
             vv.index_copy_(0, rows, vs)
