@@ -2,8 +2,9 @@
 
 A token that reads k chapters is k pairs. Each pair's partial attention (the softmax-normalised
 output over that chapter's T rows, and its log-sum-exp) is computed here; `merge_partials`
-combines a token's partials into ONE softmax over the union of its chapters. Pairs are sorted by
-chapter and padded into power-of-two capacity buckets, so one batched matmul serves many
+combines a token's partials into ONE softmax over the union of its chapters (`routed_attention`
+does both in one Function). Pairs are sorted by chapter and padded into capacity buckets (counts
+rounded up to 4 significant bits: at most 12.5 % padding), so one batched matmul serves many
 chapters; chunks hold at most `chunk_elements` logits. Backward recomputes the logits chunk by
 chunk (flash-style), so no [pairs, T] tensor outlives a chunk and no key is ever gathered per pair.
 """
@@ -31,7 +32,8 @@ def _plan(chap: torch.Tensor, num_chapters: int, per_slot: int, chunk_elements: 
     j = torch.arange(len(seg_chap), device=chap.device) - (torch.cumsum(segs, 0) - segs).repeat_interleave(segs)
     seg_start = starts[seg_chap] + j * limit
     seg_count = (counts[seg_chap] - j * limit).clamp(max=limit)
-    caps = 2 ** torch.ceil(torch.log2(seg_count.double())).long()
+    shift = (torch.floor(torch.log2(seg_count.double())).long() - 3).clamp(min=0)
+    caps = ((seg_count + (1 << shift) - 1) >> shift) << shift  # 4 significant bits: ≤ 12.5 % padding
     chunks = []
     for cap in caps.unique().tolist():
         sel = (caps == cap).nonzero().squeeze(1)
