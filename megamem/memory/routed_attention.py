@@ -86,55 +86,66 @@ def _partials(q, keys, values, tok, chap, bias, scale, plan):
     return out, lse
 
 
+def _grads(q, keys, values, tok, bias, scale, plan, row, grad, stab, offset, touched=None):
+    """Gradients (dq, dk, dv, dbias) of pair attention, recomputing the logits chunk by chunk.
+
+    For the pairs of a chunk, row(pairs) indexes grad [·, H, f] (the output gradient each pair
+    receives), stab and offset [·, H]: P = exp(logit − stab), ds = P ∘ (grad·Vᵀ − offset).
+    Padded slots get P = 0. touched: sorted chapter ids; dk/dv then hold only those chapters.
+    """
+    H = q.shape[1]
+    _, T, G, f = values.shape
+    r, same_kv = H // G, keys is values
+    slots = C = values.shape[0] if touched is None else len(touched)
+    dq = torch.zeros_like(q)
+    dk = q.new_zeros((slots,) + tuple(keys.shape[1:]))
+    dv = dk if same_kv else q.new_zeros((C,) + tuple(values.shape[1:]))
+    dbias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device)
+    to_chapters = lambda t, n: t.view(n, G, T, -1).transpose(1, 2)  # noqa: E731  [nG, T, x] → [n, T, G, x]
+    for cs, pairs, valid in plan:
+        n, cap = pairs.shape
+        grp = lambda t: t.view(n, cap, G, r).permute(0, 2, 1, 3)[..., None]  # noqa: E731  → [n, G, cap, r, 1]
+        kg = _rows(keys, cs)
+        vg = kg if same_kv else _rows(values, cs)
+        s, qc = _logits(q, kg, G, pairs, tok, bias, scale)
+        at = row(pairs)
+        p = s.sub_(grp(stab[at])).exp_().mul_(valid.to(q.dtype).view(n, 1, cap, 1, 1))  # [n, G, cap, r, T]
+        g = grad[at].view(n, cap, G, r, f).permute(0, 2, 1, 3, 4).reshape(n * G, cap * r, f)
+        ds = torch.bmm(g, vg.transpose(1, 2)).view(n, G, cap, r, T).sub_(grp(offset[at])).mul_(p)
+        ds_f = ds.view(n * G, cap * r, T)
+        dq_c = torch.bmm(ds_f, kg).mul_(scale).view(n, G, cap, r, -1).permute(0, 2, 1, 3, 4).reshape(n, cap, H, -1)
+        dq.index_add_(0, tok[pairs].flatten(), dq_c.flatten(0, 1))
+        dk_c = torch.bmm(ds_f.transpose(1, 2), qc).mul_(scale)  # [nG, T, e]
+        dv_c = torch.bmm(p.view(n * G, cap * r, T).transpose(1, 2), g)  # [nG, T, f]
+        idx = cs if touched is None else torch.searchsorted(touched, cs)
+        if same_kv:
+            dk.index_add_(0, idx, to_chapters(dk_c.add_(dv_c), n))
+        else:
+            dk.index_add_(0, idx, to_chapters(dk_c, n))
+            dv.index_add_(0, idx, to_chapters(dv_c, n))
+        db = ds.sum(dim=(1, 3, 4))  # [n, cap]
+        dbias[pairs[valid]] = db[valid]
+    return dq, dk, dv, dbias.to(bias.dtype)
+
+
 class _PairAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, keys, values, tok, chap, bias, scale, chunk_elements):
-        same_kv = keys is values
         plan = _plan(chap, values.shape[0], q.shape[1] * values.shape[1], chunk_elements)
         out, lse = _partials(q, keys, values, tok, chap, bias, scale, plan)
-        ctx.save_for_backward(q, keys, values, tok, chap, bias, out, lse)
-        ctx.plan, ctx.scale, ctx.same_kv = plan, scale, same_kv
+        ctx.save_for_backward(q, keys, values, tok, bias, out, lse)
+        ctx.plan, ctx.scale, ctx.same_kv = plan, scale, keys is values
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, keys, values, tok, chap, bias, out, lse = ctx.saved_tensors
-        scale, H = ctx.scale, q.shape[1]
-        C, T, G, f = values.shape
-        e = keys.shape[3]
-        r = H // G
+        q, keys, values, tok, bias, out, lse = ctx.saved_tensors
         d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
-        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse.contiguous()
-        dq, dk = torch.zeros_like(q), torch.zeros_like(keys)
-        dv = dk if ctx.same_kv else torch.zeros_like(values)
-        dbias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device)
-        delta = (d_out * out).sum(-1)  # [P, H]
-        to_chapters = lambda t, n: t.view(n, G, T, -1).transpose(1, 2)  # noqa: E731  [nG, T, x] → [n, T, G, x]
-        for cs, pairs, valid in ctx.plan:
-            n, cap = pairs.shape
-            kg = _rows(keys, cs)
-            vg = kg if ctx.same_kv else _rows(values, cs)
-            s, qc = _logits(q, kg, G, pairs, tok, bias, scale)
-            vmask = valid.to(q.dtype).view(n, cap, 1)
-            dop = (d_out[pairs] * vmask[..., None]).view(n, cap, G, r, f).permute(0, 2, 1, 3, 4)
-            grp = lambda t: t.view(n, cap, G, r).permute(0, 2, 1, 3)[..., None]  # noqa: E731
-            p = s.sub_(grp(lse[pairs])).exp_()  # [n, G, cap, r, T]; padded slots repeat a real pair: finite
-            dop_f = dop.reshape(n * G, cap * r, f)
-            dp = torch.bmm(dop_f, vg.transpose(1, 2)).view(n, G, cap, r, T)
-            ds = dp.sub_(grp(delta[pairs] * vmask)).add_(grp(d_lse[pairs] * vmask)).mul_(p)
-            dv_c = torch.bmm(p.view(n * G, cap * r, T).transpose(1, 2), dop_f)  # [nG, T, f]
-            ds_f = ds.view(n * G, cap * r, T)
-            dq_c = torch.bmm(ds_f, kg).mul_(scale).view(n, G, cap, r, e).permute(0, 2, 1, 3, 4).reshape(n, cap, H, e)
-            dq.index_add_(0, tok[pairs].flatten(), dq_c.flatten(0, 1))
-            dk_c = torch.bmm(ds_f.transpose(1, 2), qc).mul_(scale)  # [nG, T, e]
-            if ctx.same_kv:
-                dk.index_add_(0, cs, to_chapters(dk_c.add_(dv_c), n))
-            else:
-                dk.index_add_(0, cs, to_chapters(dk_c, n))
-                dv.index_add_(0, cs, to_chapters(dv_c, n))
-            db = ds.sum(dim=(1, 3, 4))  # [n, cap]
-            dbias[pairs[valid]] = db[valid]
-        return (dq, dk, None if ctx.same_kv else dv, None, None, dbias.to(bias.dtype), None, None)
+        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+        offset = (d_out * out).sum(-1).sub_(d_lse)  # [P, H]
+        dq, dk, dv, dbias = _grads(q, keys, keys if ctx.same_kv else values, tok, bias, ctx.scale, ctx.plan,
+                                   lambda pairs: pairs, d_out, lse, offset)
+        return (dq, dk, None if ctx.same_kv else dv, None, None, dbias, None, None)
 
 
 def pair_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tok: torch.Tensor,
@@ -147,6 +158,10 @@ def pair_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, to
     share storage and gradient (the absorbed formulation reads raw bank rows as both).
     """
     return _PairAttention.apply(q, keys, values, tok, chap, bias, scale, chunk_elements)
+
+
+def _as_chapters(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t.view(-1, rows, 1, t.shape[-1]) if rows else t
 
 
 class _RoutedAttention(torch.autograd.Function):
@@ -162,12 +177,11 @@ class _RoutedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, keys, values, chap, bias, scale, m, rows, sparse, chunk_elements):
         N, H = q.shape[:2]
-        kv = (keys.view(-1, rows, 1, keys.shape[-1]), values.view(-1, rows, 1, values.shape[-1])) if rows else \
-            (keys, values)
-        kv = (kv[0], kv[0]) if keys is values else kv
+        k = _as_chapters(keys, rows)
+        v = k if keys is values else _as_chapters(values, rows)
         tok = torch.arange(N, device=q.device).repeat_interleave(m)
-        plan = _plan(chap, kv[1].shape[0], H * kv[1].shape[1], chunk_elements)
-        out, lse = _partials(q, kv[0], kv[1], tok, chap, bias, scale, plan)
+        plan = _plan(chap, v.shape[0], H * v.shape[1], chunk_elements)
+        out, lse = _partials(q, k, v, tok, chap, bias, scale, plan)
         lse = lse.view(N, m, H)
         total = torch.logsumexp(lse, 1)  # [N, H]
         w = lse.sub_(total[:, None]).exp_()[..., None]  # [N, m, H, 1]
@@ -182,48 +196,17 @@ class _RoutedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         q, keys, values, chap, bias, y, total = ctx.saved_tensors
-        scale, rows, same_kv = ctx.scale, ctx.rows, keys is values
-        N, H = q.shape[:2]
-        kg_all = keys.view(-1, rows, 1, keys.shape[-1]) if rows else keys
-        vg_all = kg_all if same_kv else (values.view(-1, rows, 1, values.shape[-1]) if rows else values)
-        C, T, G, f = vg_all.shape
-        r = H // G
-        tok = torch.arange(N, device=q.device).repeat_interleave(ctx.m)
+        same_kv, rows = keys is values, ctx.rows
+        k = _as_chapters(keys, rows)
+        v = k if same_kv else _as_chapters(values, rows)
+        tok = torch.arange(q.shape[0], device=q.device).repeat_interleave(ctx.m)
         dy = dy.contiguous()
-        D = (dy * y).sum(-1)  # [N, H]
-        uniq = torch.unique(chap) if rows else None  # a bank: gradients of the touched chapters only
-        slots = len(uniq) if rows else C
-        dq = torch.zeros_like(q)
-        dk = q.new_zeros((slots,) + tuple(kg_all.shape[1:]))
-        dv = dk if same_kv else q.new_zeros((slots,) + tuple(vg_all.shape[1:]))
-        dbias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device)
-        grp = lambda t, n, cap: t.view(n, cap, G, r).permute(0, 2, 1, 3)[..., None]  # noqa: E731
-        to_chapters = lambda t, n: t.view(n, G, T, -1).transpose(1, 2)  # noqa: E731  [nG, T, x] → [n, T, G, x]
-        for cs, pairs, valid in ctx.plan:
-            n, cap = pairs.shape
-            kg = _rows(kg_all, cs)
-            vg = kg if same_kv else _rows(vg_all, cs)
-            s, qc = _logits(q, kg, G, pairs, tok, bias, scale)
-            tp = tok[pairs]
-            p = s.sub_(grp(total[tp], n, cap)).exp_().mul_(valid.to(q.dtype).view(n, 1, cap, 1, 1))
-            dyc = dy[tp].view(n, cap, G, r, f).permute(0, 2, 1, 3, 4).reshape(n * G, cap * r, f)
-            ds = torch.bmm(dyc, vg.transpose(1, 2)).view(n, G, cap, r, T).sub_(grp(D[tp], n, cap)).mul_(p)
-            ds_f = ds.view(n * G, cap * r, T)
-            dq_c = torch.bmm(ds_f, kg).mul_(scale).view(n, G, cap, r, -1).permute(0, 2, 1, 3, 4).reshape(n, cap, H, -1)
-            dq.index_add_(0, tp.flatten(), dq_c.flatten(0, 1))
-            dk_c = torch.bmm(ds_f.transpose(1, 2), qc).mul_(scale)  # [nG, T, e]
-            dv_c = torch.bmm(p.view(n * G, cap * r, T).transpose(1, 2), dyc)  # [nG, T, f]
-            at = torch.searchsorted(uniq, cs) if rows else cs
-            if same_kv:
-                dk.index_add_(0, at, to_chapters(dk_c.add_(dv_c), n))
-            else:
-                dk.index_add_(0, at, to_chapters(dk_c, n))
-                dv.index_add_(0, at, to_chapters(dv_c, n))
-            db = ds.sum(dim=(1, 3, 4))  # [n, cap]
-            dbias[pairs[valid]] = db[valid]
+        touched = torch.unique(chap) if rows else None  # a bank: gradients of the touched chapters only
+        dq, dk, dv, dbias = _grads(q, k, v, tok, bias, ctx.scale, ctx.plan, lambda pairs: tok[pairs], dy, total,
+                                   (dy * y).sum(-1), touched)
         if rows:
-            dk, dv = (_bank_grad(g, uniq, keys.shape, ctx.sparse) for g in (dk, dv))
-        return (dq, dk, None if same_kv else dv, None, dbias.to(bias.dtype), None, None, None, None, None)
+            dk, dv = (_bank_grad(g, touched, keys.shape, ctx.sparse) for g in (dk, dv))
+        return (dq, dk, None if same_kv else dv, None, dbias, None, None, None, None, None)
 
 
 def _bank_grad(g: torch.Tensor, uniq: torch.Tensor, shape, sparse: bool) -> torch.Tensor:
