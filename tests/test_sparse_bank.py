@@ -94,3 +94,24 @@ def test_gather_chapters_sparse_gradient_and_block_update():
             o.zero_grad()
         assert torch.allclose(ref[touched], rows[touched], atol=1e-6)
         assert torch.equal(rows[:4], before[:4])
+
+
+def test_row_sparse_adamw_clips_by_the_joint_norm():
+    """max_grad_norm: sparse and dense bank gradients are clipped together, as clip_grad_norm_ then AdamW."""
+    torch.manual_seed(0)
+    refs = [torch.nn.Parameter(torch.randn(8, 3)) for _ in range(2)]
+    mine = [torch.nn.Parameter(r.detach().clone()) for r in refs]
+    opt_ref = torch.optim.AdamW(refs, lr=0.1, weight_decay=0.1)
+    opt = RowSparseAdamW(mine, lr=0.1, weight_decay=0.1, block_rows=4, max_grad_norm=0.5)
+    for _ in range(2):
+        g0, g1 = torch.zeros(8, 3), torch.randn(8, 3) * 3
+        g0[4:] = torch.randn(4, 3) * 3  # chapter 1 of the first bank only
+        refs[0].grad, refs[1].grad = g0.clone(), g1.clone()
+        assert torch.nn.utils.clip_grad_norm_(refs, 0.5) > 0.5  # clipping is active
+        mine[0].grad = torch.sparse_coo_tensor(torch.arange(4, 8)[None], g0[4:], (8, 3), check_invariants=False)
+        mine[1].grad = g1.clone()
+        before = mine[0].detach().clone()
+        opt_ref.step()
+        opt.step()
+        assert torch.allclose(mine[1], refs[1], atol=1e-6) and torch.allclose(mine[0][4:], refs[0][4:], atol=1e-6)
+        assert torch.equal(mine[0][:4], before[:4])  # the untouched chapter does not move
