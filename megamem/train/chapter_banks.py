@@ -32,22 +32,23 @@ def layout_problem(cfg: MegamemConfig, ds: Dict, stage: int, world_size: int) ->
     """Why this run cannot train its chapter banks outside the engine, with the fix; None if it can."""
     if not banks_outside_engine(cfg):
         return None
-    what = (f"parallel.ep_size = {cfg.parallel.ep_size}" if cfg.parallel.ep_size > 1
-            else "memory.sparse_bank_grad: true")
-    fix = f"use ds_configs/zero1.json or zero2.json, or set {'parallel.ep_size: 1' if cfg.parallel.ep_size > 1 else 'memory.sparse_bank_grad: false'}"
-    if world_size % cfg.parallel.ep_size:
+    ep = cfg.parallel.ep_size
+    what = f"parallel.ep_size = {ep}" if ep > 1 else "memory.sparse_bank_grad: true"
+    off = "parallel.ep_size: 1" if ep > 1 else "memory.sparse_bank_grad: false"
+    if world_size % ep:
         return f"{what}: the world size ({world_size}) must be a multiple of ep_size"
     if stage not in (1, 2):
         return (f"{what} trains the banks outside the DeepSpeed engine (see the Chapters section), which needs "
                 f"ZeRO stage 1 or 2 (ZeRO-0 reduces and clips every parameter's gradient itself, ZeRO-3 "
-                f"partitions the banks); this config has stage {stage}: {fix}")
+                f"partitions the banks); this config has stage {stage}: use ds_configs/zero1.json or zero2.json, "
+                f"or set {off}")
     if cfg.training.mixed_precision != "no":
         return (f"{what} updates the banks with megamem's row-sparse AdamW, which keeps no fp32 master copy: "
-                f"set training.mixed_precision: no, or {fix.split(', or ')[-1]}")
+                f"set training.mixed_precision: no, or {off}")
     if cfg.training.optimizer == "sgd":
-        return f"{what} updates the banks with AdamW: set training.optimizer to adamw or adam"
+        return f"{what} updates the banks with AdamW: set training.optimizer to adamw or adam, or {off}"
     if ds.get("pipeline"):
-        return f"{what} is not supported with pipeline parallelism"
+        return f"{what} is not supported with pipeline parallelism: set {off}"
     return None
 
 
