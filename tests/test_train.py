@@ -258,8 +258,8 @@ def test_sparse_bank_grad_trains_and_resumes(tmp_path):
     """Row-sparse banks through the trainer (ZeRO-1, clipped): resume is exact, and ep_size 2 (ZeRO-2) equals it."""
     sparse = ("memory.sparse_bank_grad=true", "memory.routing_strategy_train=sequence")
     full = run_ranks(_banks_run, str(tmp_path / "a"), 1, 1, sparse, tmp_path=tmp_path / "r1")[0]
-    resumed = run_ranks(_banks_run, str(tmp_path / "a"), 1, 1,
-                        (*sparse, "training.resume_from_checkpoint=" + str(tmp_path / "a" / "checkpoints" / "step00000002")),
+    ckpt = tmp_path / "a" / "checkpoints" / "step00000002"
+    resumed = run_ranks(_banks_run, str(tmp_path / "a"), 1, 1, (*sparse, f"training.resume_from_checkpoint={ckpt}"),
                         tmp_path=tmp_path / "r2")[0]
     assert _close(resumed["train_losses"], full["train_losses"][2:], 1e-6)
     two = run_ranks(_banks_run, str(tmp_path / "b"), 2, 2, sparse, tmp_path=tmp_path / "r3")[0]

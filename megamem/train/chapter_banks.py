@@ -108,7 +108,8 @@ class ChapterBanks:
             for name, p in self.model.banks.named_parameters():
                 value = f.get_tensor(f"param.{name}")
                 if value.shape != p.shape:
-                    raise ConfigError(f"{file}: param.{name} has shape {tuple(value.shape)}, the model {tuple(p.shape)}")
+                    raise ConfigError(f"{file}: param.{name} has shape {tuple(value.shape)}, "
+                                      f"the model {tuple(p.shape)}")
                 with torch.no_grad():
                     p.copy_(value)
                 keys = [k for k in f.keys() if k.startswith(f"state.{name}.")]
