@@ -42,15 +42,19 @@ def export_model(state: Dict[str, torch.Tensor], cfg, tokenizer, path: str, step
 
 
 def load_exported(path: str, dtype: Optional[torch.dtype] = None):
-    """(model, cfg, tokenizer or None) from an exported folder."""
+    """(model, cfg, tokenizer or None) from an exported folder, or a megamem Hugging Face folder."""
     from safetensors.torch import load_file
 
+    from ..hf.folder import is_megamem_folder, load_megamem_folder
     from ..model import build_model
 
     if os.path.isfile(os.path.join(path, "adapter.json")):  # an adapter run: its base + the adapter weights
         from ..adapter import load_adapter
 
-        return load_adapter(path, dtype=dtype)
+        here = os.path.isfile(os.path.join(path, "config.json"))  # converted: the base's files are in the folder
+        return load_adapter(path, base_model_name=path if here else None, dtype=dtype)
+    if is_megamem_folder(path):
+        return load_megamem_folder(path, dtype)
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
         raise ConfigError(f"{path}: no model.safetensors (expected a folder written at the end of training, "
