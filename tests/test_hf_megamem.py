@@ -1,0 +1,206 @@
+"""Memory models exported as Hugging Face folders (remote code): same logits, same greedy tokens."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megamem.config import ConfigError
+from megamem.hf.convert import convert_to_hf
+from megamem.hf.folder import write_megamem_folder
+from megamem.model import build_model
+from megamem.train.export import export_model, load_exported
+
+from conftest import ROOT, tiny_config
+from test_model import BANKS
+
+CHAPTERS = ("memory.use_chapters=true", "memory.num_chapters=6", "memory.num_memory_tokens=24",
+            "memory.top_k_chapters=2", "memory.num_shared_chapters=1", "memory.rolling_interval=2",
+            "memory.rolling_window=3")
+VARIANTS = {
+    **{f"bank-{k}": v for k, v in BANKS.items()},
+    "layout-B-per-layer": ["memory.memory_block_variant=B", "memory.memory_sharing=per_layer"],
+    "every-k-custom": ["memory.memory_sharing=every_k_layers", "memory.memory_sharing_k=2",
+                       "memory.memory_layer_placement=custom", "memory.memory_layer_indices=[3, 0, 2]"],
+    "tied-learned-pos-layernorm-gelu": ["model.tie_embeddings=true", "model.use_rope=false",
+                                        "model.use_rms_norm=false", "model.hidden_activation=gelu"],
+    "vanilla-not-llama": ["memory.vanilla_mode=true", "model.use_rms_norm=false"],
+    **{f"chapters-seq-{s}": [*CHAPTERS, f"memory.routing_strategy_inference={s}"]
+       for s in ("sequence", "rolling", "token")},
+    "chapters-token-shared-router": [*CHAPTERS, "memory.routing_strategy_train=token",
+                                     "memory.routing_strategy_inference=token", "memory.shared_router=true"],
+}
+
+
+def variant_model(overrides):
+    torch.manual_seed(0)
+    cfg = tiny_config("memory.wo_init_zero=false", *overrides)
+    model = build_model(cfg).eval()
+    for i in model.memory_layers:  # routers that actually discriminate between chapters
+        router = getattr(model.blocks[i].memory.attn, "router", None)
+        if router is not None:
+            torch.nn.init.normal_(router.weight, std=1.0)
+    return model, cfg
+
+
+def hf_folder(model, cfg, path, dtype="fp32", **kwargs):
+    os.makedirs(path)
+    write_megamem_folder(str(path), model.state_dict(), cfg, dtype, **kwargs)
+    return str(path)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_exported_model_equals_megamem(tmp_path, variant):
+    from transformers import AutoModelForCausalLM
+
+    model, cfg = variant_model(VARIANTS[variant])
+    folder = hf_folder(model, cfg, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ids = torch.randint(3, 61, (2, 11))
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert (hf(ids).logits - ref).abs().max() <= 1e-5
+        back, _, _ = load_exported(folder)  # HF folder → megamem model
+        assert (back(ids).logits - ref).abs().max() <= 1e-5
+    ours = model.generate(ids[:, :4], 8)
+    theirs = hf.generate(ids[:, :4], max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(theirs, ours)
+
+
+def test_routing_strategy_chosen_at_load_and_refused_when_unknown(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, cfg = variant_model([*CHAPTERS, "memory.routing_strategy_inference=sequence"])
+    folder = hf_folder(model, cfg, tmp_path / "hf")
+    ids = torch.randint(3, 61, (2, 5))
+    for strategy in ("rolling", "token"):
+        hf = AutoModelForCausalLM.from_pretrained(folder, routing_strategy_inference=strategy).eval()
+        model.memory_config.routing_strategy_inference = strategy
+        out = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(out, model.generate(ids, 8))
+    hf.set_routing_strategy("sequence")
+    model.memory_config.routing_strategy_inference = "sequence"
+    assert torch.equal(hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0),
+                       model.generate(ids, 8))
+    with pytest.raises(ConfigError, match="routing_strategy_inference = 'chapter'; valid: sequence, rolling, token"):
+        AutoModelForCausalLM.from_pretrained(folder, routing_strategy_inference="chapter")
+
+
+def test_padding_beams_and_labels(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, cfg = variant_model([])
+    hf = AutoModelForCausalLM.from_pretrained(hf_folder(model, cfg, tmp_path / "hf")).eval()
+    ids = torch.randint(3, 61, (2, 7))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        out = hf(ids, labels=labels)
+        logp = model(ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        keep = labels[:, 1:] != -100
+        assert torch.allclose(out.loss, -logp[keep].mean(), atol=1e-6)
+        right = torch.ones_like(ids)
+        right[0, 5:] = 0  # right padding leaves the real tokens' logits unchanged
+        assert torch.allclose(hf(ids, attention_mask=right).logits, out.logits)
+        with pytest.raises(ValueError, match="right padding only"):
+            hf(ids, attention_mask=right.flip(1))
+    with pytest.raises(ValueError, match="num_beams=1"):
+        hf.generate(ids, max_new_tokens=2, num_beams=2)
+
+
+def test_bf16_sharded_export_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, cfg = variant_model(BANKS["int8"])
+    folder = hf_folder(model, cfg, tmp_path / "hf", dtype="bf16", max_shard_size="20KB")
+    assert os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert hf.dtype == torch.bfloat16
+    ids = torch.randint(3, 61, (2, 9))
+    inv_freq = model.rotary.inv_freq.clone()
+    ref = model.to(torch.bfloat16)
+    ref.rotary.inv_freq = inv_freq  # transformers keeps RoPE frequencies in fp32, as for Llama
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, ref(ids).logits)
+
+
+REMOTE = """
+import json, sys, torch
+from safetensors.torch import save_file
+{first}
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], {kwargs}).eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    save_file({{"logits": m(ids).logits}}, sys.argv[3])
+print(type(m).__module__)
+"""
+
+
+FRESH = {  # how a fresh process imports → the class it must get
+    "": ("trust_remote_code=True", "transformers_modules."),  # megamem installed, remote code
+    "import megamem": ("", "megamem.hf.modeling"),  # in-process: registered when transformers' auto classes load
+}
+
+
+def test_fresh_processes_load_the_folder(tmp_path):
+    """Remote code, and in-process registration after `import megamem` (run side by side: imports are slow)."""
+    from safetensors.torch import load_file
+
+    model, cfg = variant_model(["model.tie_embeddings=true", *CHAPTERS])
+    folder = hf_folder(model, cfg, tmp_path / "hf")
+    ids = torch.randint(3, 61, (1, 6))
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    procs = [subprocess.Popen([sys.executable, "-c", REMOTE.format(first=first, kwargs=kwargs), folder,
+                               json.dumps(ids.tolist()), str(tmp_path / f"logits{i}.safetensors")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+             for i, (first, (kwargs, _)) in enumerate(FRESH.items())]
+    with torch.no_grad():
+        ref = model(ids).logits
+    for i, (proc, (_, module)) in enumerate(zip(procs, FRESH.values())):
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert stdout.strip().splitlines()[-1].startswith(module)
+        assert (load_file(str(tmp_path / f"logits{i}.safetensors"))["logits"] - ref).abs().max() <= 1e-5
+
+
+def test_convert_refuses_bad_inputs(tmp_path):
+    model, cfg = variant_model([])
+    export_model(model.state_dict(), cfg, None, str(tmp_path / "final"), 1)
+    with pytest.raises(ConfigError, match="--dtype fp8; valid: fp32, bf16, fp16"):
+        convert_to_hf(str(tmp_path / "final"), str(tmp_path / "hf"), dtype="fp8")
+    with pytest.raises(ConfigError, match="not an adapter run"):
+        convert_to_hf(str(tmp_path / "final"), str(tmp_path / "hf"), merge_lora=True)
+    other = tiny_config("memory.memory_sharing=per_layer")
+    export_model(model.state_dict(), other, None, str(tmp_path / "mismatch"), 1)
+    with pytest.raises(ConfigError, match=r"do not match their config.yaml: missing \['banks.1.memory'"):
+        convert_to_hf(str(tmp_path / "mismatch"), str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")
+    step = tmp_path / "ckpt" / "step2"
+    step.mkdir(parents=True)
+    for name in ("COMPLETE", "layer_00-model_states.pt"):
+        (step / name).write_text("")
+    (step / "config.yaml").write_text(open(tmp_path / "final" / "config.yaml").read())
+    with pytest.raises(ConfigError, match="pipeline-parallel checkpoint; converting those is not supported yet"):
+        convert_to_hf(str(step), str(tmp_path / "hf"))
+
+
+def test_zero3_checkpoint_of_a_memory_model_converts(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dist_utils import run_ranks
+    from test_train import ZERO, _fit
+
+    out = tmp_path / "run"
+    run_ranks(_fit, str(out), ZERO[3], 2, ("training.max_steps=2", "model.tie_embeddings=true", *CHAPTERS),
+              world_size=2, tmp_path=tmp_path / "r")
+    ours, _, _ = load_exported(str(out / "final"))
+    ids = torch.randint(3, 61, (2, 9))
+    folder = convert_to_hf(str(out / "checkpoints"), str(tmp_path / "hf"))  # ZeRO-3 partitions merged
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids).logits).abs().max() <= 1e-5
+    assert torch.equal(hf.generate(ids[:, :3], max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0),
+                       ours.generate(ids[:, :3], 5))
