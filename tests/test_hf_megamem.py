@@ -204,3 +204,14 @@ def test_zero3_checkpoint_of_a_memory_model_converts(tmp_path):
         assert (hf(ids).logits - ours(ids).logits).abs().max() <= 1e-5
     assert torch.equal(hf.generate(ids[:, :3], max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0),
                        ours.generate(ids[:, :3], 5))
+
+
+def test_a_fresh_hf_model_keeps_megamem_initialisation():
+    from megamem.hf.configuration import MegamemHFConfig
+    from megamem.hf.modeling import MegamemForCausalLM
+
+    cfg = tiny_config()  # wo_init_zero: the memory path starts as the identity
+    hf = MegamemForCausalLM(MegamemHFConfig.from_megamem(cfg))
+    outputs = [m.weight for b in hf.model.blocks if b.memory is not None for m in b.memory.output_layers()]
+    assert outputs and all(not w.any() for w in outputs)
+    assert hf.model.tok_embeddings.weight.std().item() == pytest.approx(cfg.model.initializer_range, rel=0.2)

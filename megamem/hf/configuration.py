@@ -1,7 +1,7 @@
 """MegamemHFConfig: a transformers config that carries megamem's own model/memory config.
 
-The megamem sections are stored verbatim under `megamem` (one source of truth; nothing is
-translated twice). A few standard fields (vocab_size, hidden_size, ...) are mirrored for tools that
+The megamem model/memory sections are stored verbatim under `megamem` (one source of truth;
+nothing is translated twice), with the run's training_mode (pretraining runs get no chat template). A few standard fields (vocab_size, hidden_size, ...) are mirrored for tools that
 read them (generate(), lm-eval's max length). `routing_strategy_inference` overrides the chapter
 routing used by generate() (sequence | rolling | token), e.g. `from_pretrained(dir, routing_strategy_inference="token")`.
 """
@@ -41,7 +41,8 @@ class MegamemHFConfig(PretrainedConfig):
             raise ConfigError(f"routing_strategy_inference = {self.routing_strategy_inference!r}; valid: "
                               f"{', '.join(ROUTING_STRATEGIES)}")
         data = {k: v for k, v in self.megamem.items() if k in ("model", "memory")}
-        data["training"] = {"max_length": data.get("model", {}).get("max_seq_len", 1024)}  # not a training run
+        data["training"] = {"max_length": data.get("model", {}).get("max_seq_len", 1024),  # not a training run
+                            "training_mode": self.megamem.get("training_mode", "pretraining")}
         cfg = config_from_dict(data, "config.json: megamem")
         if self.routing_strategy_inference is not None:
             cfg.memory.routing_strategy_inference = self.routing_strategy_inference
@@ -55,4 +56,5 @@ class MegamemHFConfig(PretrainedConfig):
         from ..config import config_to_dict
 
         data = config_to_dict(cfg)
-        return cls(megamem={"model": data["model"], "memory": data["memory"]}, **kwargs)
+        return cls(megamem={"model": data["model"], "memory": data["memory"],
+                            "training_mode": cfg.training.training_mode}, **kwargs)

@@ -71,7 +71,10 @@ def save_tokenizer_and_generation(folder: str, cfg: MegamemConfig, tok_home: Opt
     GenerationConfig(bos_token_id=cfg.model.bos_token_id, eos_token_id=cfg.model.eos_token_id,
                      pad_token_id=cfg.model.pad_token_id).save_pretrained(folder)
     if tok_home is not None and os.path.isdir(os.path.join(tok_home, "tokenizer")):
-        AutoTokenizer.from_pretrained(os.path.join(tok_home, "tokenizer")).save_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(tok_home, "tokenizer"))
+        if cfg.training.training_mode == "pretraining":  # the model never saw a chat format: tools must not use one
+            tokenizer.chat_template = None
+        tokenizer.save_pretrained(folder)
 
 
 def write_llama_folder(folder: str, state: Dict[str, torch.Tensor], cfg: MegamemConfig, dtype: str) -> None:

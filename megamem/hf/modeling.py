@@ -84,7 +84,11 @@ class MegamemForCausalLM(PreTrainedModel, GenerationMixin):
         self.model.memory_config.routing_strategy_inference = strategy
 
     def _init_weights(self, module):
-        """Only what a checkpoint does not hold: the RoPE frequencies (a non-persistent buffer)."""
+        """Only what a checkpoint does not hold: the RoPE frequencies (a non-persistent buffer).
+
+        Weights keep megamem's own initialisation (MemoryTransformer's constructor: zero W_o, bank
+        init) or come from the checkpoint; transformers' generic init would overwrite both.
+        """
         from transformers import initialization as init
 
         from ..model.layers import RotaryEmbedding
@@ -93,8 +97,6 @@ class MegamemForCausalLM(PreTrainedModel, GenerationMixin):
             head_dim, theta = 2 * module.inv_freq.shape[0], self.model.model_config.rope_theta
             inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
             init.copy_(module.inv_freq, inv)
-        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            init.normal_(module.weight, mean=0.0, std=self.model.model_config.initializer_range)
 
     # --------------------------------------------------------------- forward
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
