@@ -129,41 +129,31 @@ def test_bf16_sharded_export_loads(tmp_path):
 REMOTE = """
 import json, sys, torch
 from safetensors.torch import save_file
-{first}
 from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], {kwargs}).eval()
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 ids = torch.tensor(json.loads(sys.argv[2]))
 with torch.no_grad():
-    save_file({{"logits": m(ids).logits}}, sys.argv[3])
+    save_file({"logits": m(ids).logits}, sys.argv[3])
 print(type(m).__module__)
 """
 
 
-FRESH = {  # how a fresh process imports → the class it must get
-    "": ("trust_remote_code=True", "transformers_modules."),  # megamem installed, remote code
-    "import megamem": ("", "megamem.hf.modeling"),  # in-process: registered when transformers' auto classes load
-}
-
-
-def test_fresh_processes_load_the_folder(tmp_path):
-    """Remote code, and in-process registration after `import megamem` (run side by side: imports are slow)."""
+def test_remote_code_in_a_fresh_process(tmp_path):
+    """A user's process: transformers alone, trust_remote_code (megamem installed). In-process
+    registration (no remote code) is what the other tests here use: this process imported megamem."""
     from safetensors.torch import load_file
 
     model, cfg = variant_model(["model.tie_embeddings=true", *CHAPTERS])
     folder = hf_folder(model, cfg, tmp_path / "hf")
     ids = torch.randint(3, 61, (1, 6))
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    procs = [subprocess.Popen([sys.executable, "-c", REMOTE.format(first=first, kwargs=kwargs), folder,
-                               json.dumps(ids.tolist()), str(tmp_path / f"logits{i}.safetensors")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
-             for i, (first, (kwargs, _)) in enumerate(FRESH.items())]
+    out = subprocess.run([sys.executable, "-c", REMOTE, folder, json.dumps(ids.tolist()),
+                          str(tmp_path / "logits.safetensors")], capture_output=True, text=True, env=env,
+                         cwd=str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("transformers_modules.")
     with torch.no_grad():
-        ref = model(ids).logits
-    for i, (proc, (_, module)) in enumerate(zip(procs, FRESH.values())):
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-3000:]
-        assert stdout.strip().splitlines()[-1].startswith(module)
-        assert (load_file(str(tmp_path / f"logits{i}.safetensors"))["logits"] - ref).abs().max() <= 1e-5
+        assert (load_file(str(tmp_path / "logits.safetensors"))["logits"] - model(ids).logits).abs().max() <= 1e-5
 
 
 def test_convert_refuses_bad_inputs(tmp_path):
@@ -215,3 +205,29 @@ def test_a_fresh_hf_model_keeps_megamem_initialisation():
     outputs = [m.weight for b in hf.model.blocks if b.memory is not None for m in b.memory.output_layers()]
     assert outputs and all(not w.any() for w in outputs)
     assert hf.model.tok_embeddings.weight.std().item() == pytest.approx(cfg.model.initializer_range, rel=0.2)
+
+
+def test_convert_cli_reports_bad_paths(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_to_hf", os.path.join(ROOT, "tools", "convert_to_hf.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    from megamem.cli import run_cli
+
+    assert run_cli(lambda: cli.main(["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])) == 2
+    assert "does not exist (expected output_dir/final" in capsys.readouterr().err
+    assert run_cli(lambda: cli.main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o")])) == 2
+    assert "nor a complete megamem checkpoint (no checkpoint at" in capsys.readouterr().err
+
+
+def test_import_megamem_registers_with_transformers_lazily():
+    """`import megamem` alone imports no transformers; its auto classes know megamem once they load."""
+    code = ("import sys, megamem; assert 'transformers' not in sys.modules, 'eager'; "
+            "from transformers import AutoConfig, AutoModelForCausalLM; "
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
+            "print(CONFIG_MAPPING['megamem'].__module__, AutoModelForCausalLM._model_mapping[CONFIG_MAPPING['megamem']].__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["megamem.hf.configuration", "megamem.hf.modeling"]

@@ -27,9 +27,11 @@ class Loaded:
 
 
 def _tokenizer(folder: str):
+    """The tokenizer saved in folder (tokenizer_config.json), or None."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder) if os.path.isdir(folder) else None
+    return AutoTokenizer.from_pretrained(folder) if os.path.isfile(os.path.join(folder, "tokenizer_config.json")) \
+        else None
 
 
 def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: Optional[str] = None) -> Loaded:
@@ -41,18 +43,17 @@ def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: O
         raise ConfigError(f"--model {path} does not exist (expected output_dir/final, a checkpoint, or a Hugging Face "
                           "folder)")
     adapter = os.path.isfile(os.path.join(path, "adapter.json"))
+    kwargs = {"routing_strategy_inference": routing_strategy} if routing_strategy else {}
     if is_megamem_folder(path):
-        kwargs = {"routing_strategy_inference": routing_strategy} if routing_strategy else {}
         hf = MegamemForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs).eval()
-        return Loaded(hf, _tokenizer(path) if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else None,
-                      hf.config.megamem_config(), hf.model)
+        return Loaded(hf, _tokenizer(path), hf.config.megamem_config(), hf.model)
     if os.path.isfile(os.path.join(path, "config.json")) and not adapter:
         from transformers import AutoModelForCausalLM
 
         if routing_strategy:
             raise ConfigError(f"--routing-strategy: {path} is not a megamem model (no chapter routing)")
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").eval()
-        return Loaded(hf, _tokenizer(path) if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else None)
+        return Loaded(hf, _tokenizer(path))
     if adapter or os.path.isfile(os.path.join(path, "model.safetensors")):
         model, cfg, tokenizer = load_exported(path, dtype)
     else:
@@ -64,5 +65,4 @@ def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: O
         if routing_strategy:
             raise ConfigError("--routing-strategy: adapter models have no chapter routing")
         return Loaded(model.base, tokenizer, cfg, model)
-    kwargs = {"routing_strategy_inference": routing_strategy} if routing_strategy else {}
     return Loaded(MegamemForCausalLM.from_megamem(model, cfg, **kwargs).eval(), tokenizer, cfg, model)

@@ -26,7 +26,14 @@ def read_source(path: str) -> Tuple[Dict[str, torch.Tensor], MegamemConfig, str]
         return load_file(os.path.join(path, "model.safetensors")), load_config(os.path.join(path, "config.yaml")), path
     from ..train.checkpoint import resolve_resume, safe_torch_load
 
-    ckpt_dir, tag = resolve_resume(path, path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"--checkpoint {path} does not exist (expected output_dir/final, output_dir/checkpoints "
+                          "or output_dir/checkpoints/stepN)")
+    try:
+        ckpt_dir, tag = resolve_resume(path, path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: neither an exported folder (model.safetensors) nor a complete megamem checkpoint "
+                          f"({str(e).replace('training.resume_from_checkpoint: ', '')})") from None
     config = os.path.join(ckpt_dir, tag, "config.yaml")
     if _is_pipeline_checkpoint(os.path.join(ckpt_dir, tag)):
         return read_pipeline_checkpoint(ckpt_dir, tag), load_config(config), os.path.join(ckpt_dir, tag)
