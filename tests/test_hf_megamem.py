@@ -177,18 +177,20 @@ def test_convert_refuses_bad_inputs(tmp_path):
         convert_to_hf(str(step), str(tmp_path / "hf"))
 
 
-def test_zero3_checkpoint_of_a_memory_model_converts(tmp_path):
+@pytest.mark.parametrize("stage,ranks", [(3, 2), (0, 1)])
+def test_checkpoint_of_a_memory_model_converts(tmp_path, stage, ranks):
+    """ZeRO-3 partitions of 2 ranks are merged; a ZeRO-0 checkpoint holds whole weights."""
     from transformers import AutoModelForCausalLM
 
     from dist_utils import run_ranks
     from test_train import ZERO, _fit
 
     out = tmp_path / "run"
-    run_ranks(_fit, str(out), ZERO[3], 2, ("training.max_steps=2", "model.tie_embeddings=true", *CHAPTERS),
-              world_size=2, tmp_path=tmp_path / "r")
+    run_ranks(_fit, str(out), ZERO[stage], 2, ("training.max_steps=2", "model.tie_embeddings=true", *CHAPTERS),
+              world_size=ranks, tmp_path=tmp_path / "r")
     ours, _, _ = load_exported(str(out / "final"))
     ids = torch.randint(3, 61, (2, 9))
-    folder = convert_to_hf(str(out / "checkpoints"), str(tmp_path / "hf"))  # ZeRO-3 partitions merged
+    folder = convert_to_hf(str(out / "checkpoints"), str(tmp_path / "hf"))
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids).logits).abs().max() <= 1e-5
