@@ -226,7 +226,8 @@ def test_convert_cli_reports_bad_paths(tmp_path, capsys):
 def test_import_megamem_registers_with_transformers_lazily():
     """`import megamem` alone imports no transformers; its auto classes know megamem once they load."""
     code = ("import sys, megamem; assert 'transformers' not in sys.modules, 'eager'; "
-            "from transformers import AutoConfig, AutoModelForCausalLM; "
+            "from transformers import AutoTokenizer, AutoConfig, AutoModelForCausalLM; "
+            "assert 'transformers.modeling_utils' not in sys.modules, 'model machinery imported'; "
             "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
             "print(CONFIG_MAPPING['megamem'].__module__, AutoModelForCausalLM._model_mapping[CONFIG_MAPPING['megamem']].__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -2,7 +2,8 @@
 
 Importing transformers' model machinery costs seconds, so `import megamem` does not: it registers
 at once if transformers' auto classes are already imported, and otherwise when they are (an import
-hook that wraps the loading of those two modules). `register()` does it explicitly.
+hook that wraps the loading of those two modules); the model class itself is imported on the first
+lookup in AutoModelForCausalLM's mapping. `register()` does it all at once.
 """
 from __future__ import annotations
 
@@ -37,7 +38,43 @@ def register() -> None:
     register_model()
 
 
-_ACTIONS = {CONFIG_AUTO: register_config, MODELING_AUTO: register_model}
+class _PendingModel(dict):
+    """AutoModelForCausalLM's extra mapping, which adds megamem's model class on its first lookup.
+
+    Loading transformers' auto module (AutoTokenizer does) must not import the model machinery.
+    """
+
+    def _ready(self):
+        if not getattr(self, "_done", False):
+            self._done = True
+            from .configuration import MegamemHFConfig
+            from .modeling import MegamemForCausalLM
+
+            dict.__setitem__(self, MegamemHFConfig, MegamemForCausalLM)
+
+    def _reading(name):  # noqa: N805 - builds the methods below
+        def method(self, *args, **kwargs):
+            self._ready()
+            return getattr(dict, name)(self, *args, **kwargs)
+        return method
+
+    for _name in ("__contains__", "__getitem__", "__iter__", "__len__", "get", "keys", "values", "items", "copy"):
+        locals()[_name] = _reading(_name)
+    del _name, _reading
+
+
+def register_model_lazily() -> None:
+    from transformers import AutoModelForCausalLM
+
+    register_config()
+    mapping = AutoModelForCausalLM._model_mapping
+    if not isinstance(getattr(mapping, "_extra_content", None), dict):  # another transformers layout: eagerly
+        register_model()
+    elif not isinstance(mapping._extra_content, _PendingModel):
+        mapping._extra_content = _PendingModel(mapping._extra_content)
+
+
+_ACTIONS = {CONFIG_AUTO: register_config, MODELING_AUTO: register_model_lazily}
 
 
 class _AfterLoad(importlib.abc.Loader):
