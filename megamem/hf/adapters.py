@@ -44,9 +44,7 @@ def merged_lora_base(model):
 
 
 def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool) -> None:
-    from safetensors.torch import load_file, save_file
-
-    from ..adapter.saving import META, WEIGHTS, load_adapter
+    from ..adapter.saving import load_adapter
     from .convert import DTYPES
 
     if merge_lora:
@@ -56,12 +54,22 @@ def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool)
                               "convert without --merge-lora (base + adapter)")
         if not (cfg.memory.use_lora or cfg.memory.use_both_memory_and_lora):
             raise ConfigError(f"--merge-lora: {source} has no LoRA weights")
-        base = merged_lora_base(model).to(DTYPES[dtype])
-        base.save_pretrained(folder, safe_serialization=True)
+        merged_lora_base(model).to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         return
-    home = base_folder(load_adapter_config(source).model.base_model_name)
+    copy_base_and_adapter(folder, source, DTYPES[dtype])
+
+
+def copy_base_and_adapter(folder: str, source: str, dtype: torch.dtype) -> None:
+    """The base's files as they are, then the adapter export (its weights in dtype) beside them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ..adapter.saving import META, WEIGHTS
+    from ..config import load_config
+
+    home = base_folder(load_config(os.path.join(source, "config.yaml")).model.base_model_name)
     for name in os.listdir(home):
         if os.path.isfile(os.path.join(home, name)) and not name.startswith("."):
             shutil.copyfile(os.path.join(home, name), os.path.join(folder, name))
@@ -69,15 +77,8 @@ def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool)
         shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
     if os.path.isdir(os.path.join(source, "tokenizer")):
         shutil.copytree(os.path.join(source, "tokenizer"), os.path.join(folder, "tokenizer"))
-    from safetensors import safe_open
-
     with safe_open(os.path.join(source, WEIGHTS), "pt") as f:
         meta = f.metadata()
-    state = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in load_file(os.path.join(source, WEIGHTS)).items()}
-    save_file(state, os.path.join(folder, WEIGHTS), metadata=meta)
-
-
-def load_adapter_config(source: str):
-    from ..config import load_config
-
-    return load_config(os.path.join(source, "config.yaml"))
+    state = load_file(os.path.join(source, WEIGHTS))
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+              os.path.join(folder, WEIGHTS), metadata=meta)

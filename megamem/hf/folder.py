@@ -44,8 +44,10 @@ def to_hf_state_dict(state: Dict[str, torch.Tensor], cfg, dtype: torch.dtype) ->
     missing, extra = sorted(want - set(state) - tied), sorted(set(state) - want)
     if missing or extra:
         raise ConfigError(f"the weights do not match their config.yaml: missing {missing[:5]}, unexpected {extra[:5]}")
+    from .convert import progress
+
     out, seen = {}, set()
-    for name in sorted(want - tied):
+    for name in progress(sorted(want - tied), "convert"):
         t = state[name].detach()
         t = t.to(dtype) if t.is_floating_point() else t
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
