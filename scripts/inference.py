@@ -20,9 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megamem.cli import run_cli  # noqa: E402
 from megamem.config import ConfigError  # noqa: E402
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="output_dir/final, a checkpoint, or a Hugging Face folder")
@@ -40,7 +37,7 @@ def parse_args(argv):
     p.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
                    help="auto: use the tokenizer's chat template unless the model is a pretraining run")
     p.add_argument("--system", help="a system message (chat template only)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
@@ -103,12 +100,11 @@ def prompts(args):
 
 
 def main(argv=None) -> int:
-    import torch
-
     from megamem.eval import load_any
+    from megamem.hf.convert import DTYPES
 
     args = parse_args(argv)
-    loaded = load_any(args.model, getattr(torch, DTYPES[args.dtype]), args.routing_strategy)
+    loaded = load_any(args.model, DTYPES[args.dtype], args.routing_strategy)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise ConfigError(f"{args.model}: no tokenizer saved with the model; cannot turn a prompt into tokens")
