@@ -1,0 +1,142 @@
+"""Pipeline parallelism: 2 CPU stages against the plain model, shared banks, resume, plain state dicts."""
+import os
+
+import pytest
+import torch
+
+from megamem.config import ConfigError
+
+from conftest import ROOT, tiny_config
+from dist_utils import run_ranks
+from synthetic_data import SyntheticLoader, factory
+
+PIPELINE = os.path.join(ROOT, "ds_configs", "pipeline.json")
+ZERO0 = os.path.join(ROOT, "ds_configs", "zero0.json")
+SYN = ("memory.wo_init_zero=false", "training.mixed_precision=no", "training.max_length=16", "training.warmup_steps=2",
+       "training.logging_steps=1", "training.eval_steps=1000", "training.save_steps=2", "memory.num_memory_tokens=16",
+       "training.batch_size=2", "training.gradient_accumulation_steps=2", "training.max_steps=4",
+       # memory in layers 1 and 3, one shared bank: with 2 stages each stage holds a memory layer
+       "memory.memory_layer_placement=every_n", "memory.memory_layer_n=2", "memory.memory_sharing=shared")
+CHAPTERS = ("memory.use_chapters=true", "memory.num_chapters=4", "memory.top_k_chapters=2", "memory.shared_router=true",
+            "memory.routing_strategy_train=token", "memory.use_z_loss=true", "memory.use_load_balance_loss=true",
+            "model.tie_embeddings=false", "parallel.pipeline_partition=uniform",
+            "parallel.activation_checkpoint_interval=1")
+
+
+def make_cfg(out, *extra):
+    return tiny_config(*SYN, f"training.output_dir={out}", *extra)
+
+
+def _fit(out, ds, extra, probe=False):
+    """Train; report losses, eval, this rank's memory layers and banks, and (last stage) logits of a probe batch."""
+    from megamem.train.trainer import Trainer
+
+    trainer = Trainer(make_cfg(out, *extra), ds, factory(61, 2, 16))
+    result = trainer.fit()
+    model = trainer.model
+    result["banks"] = [b.memory.detach().clone() for b in model.banks]
+    if trainer.pipeline:
+        from megamem.parallel.pipeline import BlockPipe, pipe_batch
+
+        result["memory_layers"] = [f.layer for f in model.forward_funcs if isinstance(f, BlockPipe) and f.bank]
+        result["stage"] = model.stage_id
+        if probe:
+            batch = next(iter(SyntheticLoader(61, 2, 16, split="eval")))
+            out = trainer.engine.eval_batch(iter([pipe_batch(batch)]), return_logits=True, num_micro_batches=1)
+            result["logits"] = out[1][0] if model.is_last_stage() else None
+    return result
+
+
+def _plain_and_pipeline(tmp_path, extra):
+    plain = run_ranks(_fit, str(tmp_path / "plain"), ZERO0, extra, world_size=1, tmp_path=tmp_path / "r1")[0]
+    pipe = run_ranks(_fit, str(tmp_path / "pipe"), PIPELINE, extra, True, tmp_path=tmp_path / "r2")
+    return plain, pipe
+
+
+def _check_against_plain(plain, pipe):
+    assert sorted(r["stage"] for r in pipe) == [0, 1]
+    assert all(r["memory_layers"] for r in pipe)  # memory blocks on both stages, reading the one shared bank
+    for rank in pipe:  # same weights and batches: the same losses (step 1 is pure forward parity)
+        assert torch.allclose(torch.tensor(rank["train_losses"]), torch.tensor(plain["train_losses"]), atol=1e-5, rtol=0)
+        assert abs(rank["eval"]["eval_loss"] - plain["eval"]["eval_loss"]) <= 1e-5
+        assert rank["eval"]["eval_tokens"] == plain["eval"]["eval_tokens"]
+    assert plain["train_losses"][-1] < plain["train_losses"][0]
+    # the shared bank is one bank: identical copies on both stages after the training steps, equal to the plain run's
+    assert torch.equal(pipe[0]["banks"][0], pipe[1]["banks"][0])
+    assert torch.allclose(pipe[0]["banks"][0], plain["banks"][0], atol=1e-5, rtol=0)
+
+
+def test_pipeline_matches_plain_model_resumes_and_converts(tmp_path):
+    from safetensors.torch import load_file
+
+    from megamem.model import build_model
+    from megamem.parallel.pipeline import plain_state_dict_from_checkpoint
+
+    plain, pipe = _plain_and_pipeline(tmp_path, ())
+    _check_against_plain(plain, pipe)
+
+    # save at step 2 → resume → the same next losses as the unbroken run
+    ckpt = tmp_path / "pipe" / "checkpoints"
+    resumed = run_ranks(_fit, str(tmp_path / "pipe"), PIPELINE, (f"training.resume_from_checkpoint={ckpt / 'step00000002'}",),
+                        tmp_path=tmp_path / "r3")
+    for rank in resumed:
+        assert torch.allclose(torch.tensor(rank["train_losses"]), torch.tensor(pipe[0]["train_losses"][2:]), atol=1e-6,
+                              rtol=0)
+
+    # pipeline checkpoint → plain state dict → plain model: the pipeline's logits
+    state = plain_state_dict_from_checkpoint(str(ckpt), "step00000004")
+    cfg = make_cfg(tmp_path / "x")
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["lm_head.weight"] and unexpected == []  # tied: lm_head is tok_embeddings
+    batch = next(iter(SyntheticLoader(61, 2, 16, split="eval")))
+    with torch.no_grad():
+        logits = model.eval()(batch["input_ids"]).logits
+    last = next(r for r in pipe if r["stage"] == 1)
+    assert torch.allclose(logits, last["logits"], atol=1e-5, rtol=0)
+    # the run's final export holds the same weights (gathered from both stages)
+    exported = load_file(str(tmp_path / "pipe" / "final" / "model.safetensors"))
+    assert exported.keys() == state.keys() and all(torch.equal(exported[k], state[k]) for k in state)
+
+
+def test_pipeline_chapters_router_losses_reach_the_loss(tmp_path):
+    """Untied head, uniform partition, activation checkpointing, a router shared across stages."""
+    plain, pipe = _plain_and_pipeline(tmp_path, CHAPTERS)
+    _check_against_plain(plain, pipe)
+
+
+def test_pipeline_layout_is_resolved_and_refused_with_reasons(tmp_path):
+    from megamem.train.ds_config import describe_layout, resolve_ds_config
+
+    ds = resolve_ds_config(PIPELINE, tiny_config("training.batch_size=3", "training.gradient_accumulation_steps=4",
+                                                 "parallel.activation_checkpoint_interval=2"), 4)
+    assert ds["pipeline"] == {"stages": 2, "activation_checkpoint_interval": 2}
+    assert ds["train_batch_size"] == 3 * 4 * 2  # 4 ranks = 2 stages x 2 data-parallel replicas
+    assert "pipeline: 2 stages × 2 data-parallel replicas, 4 micro-batches per step" in describe_layout(ds, 4)
+    # the YAML turns a pipeline on with any DeepSpeed JSON
+    assert resolve_ds_config(ZERO0, tiny_config("parallel.pipeline_stages=2"), 2)["pipeline"]["stages"] == 2
+    refused = [
+        (PIPELINE, ("parallel.pipeline_stages=4",), 4, r"pipeline.stages = 2 conflicts with parallel.pipeline_stages = 4"),
+        (PIPELINE, (), 3, r"pipeline.stages = 2 must divide the world size \(3 ranks\)"),
+        (PIPELINE, ("training.gradient_checkpointing=true",), 2, r"use parallel.activation_checkpoint_interval"),
+        (os.path.join(ROOT, "ds_configs", "zero2.json"), ("parallel.pipeline_stages=2",), 2,
+         r"pipeline parallelism \(2 stages\) runs with ZeRO stage 0 or 1 only"),
+    ]
+    for path, overrides, world, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            resolve_ds_config(path, tiny_config(*overrides), world)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"pipeline": {"stages": 0}}')
+    with pytest.raises(ConfigError, match=r"bad.json: pipeline.stages must be a positive integer or \"auto\", got 0"):
+        resolve_ds_config(str(bad), tiny_config(), 2)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.pipeline_stages=0", r"parallel.pipeline_stages must be > 0, got 0"),
+    ("parallel.pipeline_stages=5", r"parallel.pipeline_stages \(5\) must be at most model.num_layers \(4\)"),
+    ("parallel.activation_checkpoint_interval=-1", r"parallel.activation_checkpoint_interval must be >= 0"),
+    ("parallel.pipeline_partition=type", r"pipeline_partition"),
+])
+def test_bad_pipeline_keys(override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(override)
