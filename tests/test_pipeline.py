@@ -17,6 +17,7 @@ SYN = ("memory.wo_init_zero=false", "training.mixed_precision=no", "training.max
        "training.batch_size=2", "training.gradient_accumulation_steps=2", "training.max_steps=4",
        # memory in layers 1 and 3, one shared bank: with 2 stages each stage holds a memory layer
        "memory.memory_layer_placement=every_n", "memory.memory_layer_n=2", "memory.memory_sharing=shared")
+TIED = ("model.tie_embeddings=true",)  # the embedding is a TiedLayerSpec on both stages
 CHAPTERS = ("memory.use_chapters=true", "memory.num_chapters=4", "memory.top_k_chapters=2", "memory.shared_router=true",
             "memory.routing_strategy_train=token", "memory.use_z_loss=true", "memory.use_load_balance_loss=true",
             "model.tie_embeddings=false", "parallel.pipeline_partition=uniform",
@@ -32,7 +33,8 @@ def _fit(out, ds, extra, probe=False):
     from megamem.train.trainer import Trainer
 
     trainer = Trainer(make_cfg(out, *extra), ds, factory(61, 2, 16))
-    result = trainer.fit()
+    result = {"initial_bank": trainer.model.banks[0].memory.detach().clone()}
+    result.update(trainer.fit())
     model = trainer.model
     result["banks"] = [b.memory.detach().clone() for b in model.banks]
     if trainer.pipeline:
@@ -56,14 +58,18 @@ def _plain_and_pipeline(tmp_path, extra):
 def _check_against_plain(plain, pipe):
     assert sorted(r["stage"] for r in pipe) == [0, 1]
     assert all(r["memory_layers"] for r in pipe)  # memory blocks on both stages, reading the one shared bank
-    for rank in pipe:  # same weights and batches: the same losses (step 1 is pure forward parity)
-        assert torch.allclose(torch.tensor(rank["train_losses"]), torch.tensor(plain["train_losses"]), atol=1e-5, rtol=0)
-        assert abs(rank["eval"]["eval_loss"] - plain["eval"]["eval_loss"]) <= 1e-5
+    for rank in pipe:
+        # same weights, same batch: the same loss (router losses included) to 1e-5
+        assert abs(rank["train_losses"][0] - plain["train_losses"][0]) <= 1e-5
+        # later steps: gradients of shared weights are summed in another order (all-reduce between stages)
+        assert torch.allclose(torch.tensor(rank["train_losses"]), torch.tensor(plain["train_losses"]), atol=1e-4, rtol=0)
+        assert abs(rank["eval"]["eval_loss"] - plain["eval"]["eval_loss"]) <= 1e-4
         assert rank["eval"]["eval_tokens"] == plain["eval"]["eval_tokens"]
     assert plain["train_losses"][-1] < plain["train_losses"][0]
     # the shared bank is one bank: identical copies on both stages after the training steps, equal to the plain run's
     assert torch.equal(pipe[0]["banks"][0], pipe[1]["banks"][0])
-    assert torch.allclose(pipe[0]["banks"][0], plain["banks"][0], atol=1e-5, rtol=0)
+    assert torch.allclose(pipe[0]["banks"][0], plain["banks"][0], atol=1e-4, rtol=0)
+    assert not torch.allclose(pipe[0]["banks"][0], plain["initial_bank"], atol=1e-4, rtol=0)  # it did train
 
 
 def test_pipeline_matches_plain_model_resumes_and_converts(tmp_path):
@@ -72,12 +78,13 @@ def test_pipeline_matches_plain_model_resumes_and_converts(tmp_path):
     from megamem.model import build_model
     from megamem.parallel.pipeline import plain_state_dict_from_checkpoint
 
-    plain, pipe = _plain_and_pipeline(tmp_path, ())
+    plain, pipe = _plain_and_pipeline(tmp_path, TIED)
     _check_against_plain(plain, pipe)
 
     # save at step 2 → resume → the same next losses as the unbroken run
     ckpt = tmp_path / "pipe" / "checkpoints"
-    resumed = run_ranks(_fit, str(tmp_path / "pipe"), PIPELINE, (f"training.resume_from_checkpoint={ckpt / 'step00000002'}",),
+    resumed = run_ranks(_fit, str(tmp_path / "pipe"), PIPELINE,
+                        (*TIED, f"training.resume_from_checkpoint={ckpt / 'step00000002'}"),
                         tmp_path=tmp_path / "r3")
     for rank in resumed:
         assert torch.allclose(torch.tensor(rank["train_losses"]), torch.tensor(pipe[0]["train_losses"][2:]), atol=1e-6,
@@ -85,7 +92,7 @@ def test_pipeline_matches_plain_model_resumes_and_converts(tmp_path):
 
     # pipeline checkpoint → plain state dict → plain model: the pipeline's logits
     state = plain_state_dict_from_checkpoint(str(ckpt), "step00000004")
-    cfg = make_cfg(tmp_path / "x")
+    cfg = make_cfg(tmp_path / "x", *TIED)
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert missing == ["lm_head.weight"] and unexpected == []  # tied: lm_head is tok_embeddings
