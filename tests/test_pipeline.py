@@ -1,4 +1,5 @@
 """Pipeline parallelism: 2 CPU stages against the plain model, shared banks, resume, plain state dicts."""
+import json
 import os
 
 import pytest
@@ -30,13 +31,18 @@ def make_cfg(out, *extra):
 
 def _fit(out, ds, extra, probe=False):
     """Train; report losses, eval, this rank's memory layers and banks, and (last stage) logits of a probe batch."""
+    from megamem.parallel.pipeline import BlockPipe
     from megamem.train.trainer import Trainer
 
+    calls = []  # block forwards with autograd on: 2 per micro-batch when activations are recomputed
+    forward = BlockPipe.forward
+    BlockPipe.forward = lambda self, inputs: (calls.append(torch.is_grad_enabled()), forward(self, inputs))[1]
     trainer = Trainer(make_cfg(out, *extra), ds, factory(61, 2, 16))
     result = {"initial_bank": trainer.model.banks[0].memory.detach().clone()}
     result.update(trainer.fit())
     model = trainer.model
     result["banks"] = [b.memory.detach().clone() for b in model.banks]
+    result["grad_block_calls"] = sum(calls)
     if trainer.pipeline:
         from megamem.parallel.pipeline import BlockPipe, pipe_batch
 
@@ -55,8 +61,10 @@ def _plain_and_pipeline(tmp_path, extra):
     return plain, pipe
 
 
-def _check_against_plain(plain, pipe):
+def _check_against_plain(plain, pipe, recompute):
     assert sorted(r["stage"] for r in pipe) == [0, 1]
+    # 4 steps x 2 micro-batches x 2 blocks per stage, twice with activation checkpointing
+    assert [r["grad_block_calls"] for r in pipe] == [16 * (2 if recompute else 1)] * 2
     assert all(r["memory_layers"] for r in pipe)  # memory blocks on both stages, reading the one shared bank
     for rank in pipe:
         # same weights, same batch: the same loss (router losses included) to 1e-5
@@ -79,7 +87,7 @@ def test_pipeline_matches_plain_model_resumes_and_converts(tmp_path):
     from megamem.parallel.pipeline import plain_state_dict_from_checkpoint
 
     plain, pipe = _plain_and_pipeline(tmp_path, TIED)
-    _check_against_plain(plain, pipe)
+    _check_against_plain(plain, pipe, recompute=False)
 
     # save at step 2 → resume → the same next losses as the unbroken run
     ckpt = tmp_path / "pipe" / "checkpoints"
@@ -109,7 +117,14 @@ def test_pipeline_matches_plain_model_resumes_and_converts(tmp_path):
 def test_pipeline_chapters_router_losses_reach_the_loss(tmp_path):
     """Untied head, uniform partition, activation checkpointing, a router shared across stages."""
     plain, pipe = _plain_and_pipeline(tmp_path, CHAPTERS)
-    _check_against_plain(plain, pipe)
+    _check_against_plain(plain, pipe, recompute=True)
+    # each router loss arrives by name at the last stage, with the plain model's value
+    first = [next(r for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if r["kind"] == "train")
+             for run in ("plain", "pipe")]
+    for name in ("lm_loss", "load_balance_loss", "z_loss"):
+        assert abs(first[0][name] - first[1][name]) <= 1e-5, name
+    assert first[1]["load_balance_loss"] > 1e-3 and first[1]["z_loss"] > 1e-5
+    assert abs(first[1]["loss"] - first[1]["lm_loss"] - first[1]["load_balance_loss"] - first[1]["z_loss"]) < 1e-6
 
 
 def test_pipeline_layout_is_resolved_and_refused_with_reasons(tmp_path):
@@ -117,7 +132,7 @@ def test_pipeline_layout_is_resolved_and_refused_with_reasons(tmp_path):
 
     ds = resolve_ds_config(PIPELINE, tiny_config("training.batch_size=3", "training.gradient_accumulation_steps=4",
                                                  "parallel.activation_checkpoint_interval=2"), 4)
-    assert ds["pipeline"] == {"stages": 2, "activation_checkpoint_interval": 2}
+    assert ds["pipeline"] == {"stages": 2, "activation_checkpoint_interval": 2, "use_reentrant": False}
     assert ds["train_batch_size"] == 3 * 4 * 2  # 4 ranks = 2 stages x 2 data-parallel replicas
     assert "pipeline: 2 stages × 2 data-parallel replicas, 4 micro-batches per step" in describe_layout(ds, 4)
     # the YAML turns a pipeline on with any DeepSpeed JSON

@@ -216,7 +216,8 @@ class MemoryPipelineModule(PipelineModule):
             else:
                 specs.append(HeadPipe(plain.norm, plain.lm_head))
         super().__init__(specs, num_stages=num_stages, loss_fn=loss, partition_method=partition,
-                         activation_checkpoint_interval=activation_checkpoint_interval, dynamic_shape=True)
+                         activation_checkpoint_interval=activation_checkpoint_interval, dynamic_shape=True,
+                         checkpointable_layers=["BlockPipe"])  # recompute blocks; the embedding's input has no grad
         self.cfg, self.plan, self.pipe_loss = cfg, plan, loss
         # other stages' layers are not needed any more: let them go
         self._layer_specs = [s if self._local_start <= i < self._local_stop else None

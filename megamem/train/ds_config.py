@@ -68,6 +68,9 @@ def _resolve_pipeline(ds: Dict[str, Any], cfg: MegamemConfig, where: str) -> int
         stages = from_yaml
     if section is not None or stages > 1:
         ds.setdefault("pipeline", {})["stages"] = stages
+        # DeepSpeed's reentrant checkpoint cannot back-propagate twice through one segment, and a stage
+        # sends two float tensors (hidden states, router losses): recompute with the non-reentrant one
+        ds["pipeline"].setdefault("use_reentrant", False)
         _fill(ds, ["pipeline", "activation_checkpoint_interval"], cfg.parallel.activation_checkpoint_interval,
               "parallel.activation_checkpoint_interval", where)
     return stages
