@@ -262,6 +262,7 @@ class MemoryPipelineModule(PipelineModule):
             if weight.grad is not None:
                 torch.distributed.all_reduce(weight.grad, group=group)
 
+    @torch.no_grad()  # DeepSpeed broadcasts into the parameters themselves: keep that out of autograd
     def _synchronize_tied_weights(self):
         super()._synchronize_tied_weights()
         for tie in getattr(self, "shared_ties", {}).values():
