@@ -16,13 +16,14 @@ ZERO0 = os.path.join(ROOT, "ds_configs", "zero0.json")
 SYN = ("memory.wo_init_zero=false", "training.mixed_precision=no", "training.max_length=16", "training.warmup_steps=2",
        "training.logging_steps=1", "training.eval_steps=1000", "training.save_steps=2", "memory.num_memory_tokens=16",
        "training.batch_size=2", "training.gradient_accumulation_steps=2", "training.max_steps=4",
+       "training.max_grad_norm=0.05",  # clipping active: the norm must span both stages
        # memory in layers 1 and 3, one shared bank: with 2 stages each stage holds a memory layer
        "memory.memory_layer_placement=every_n", "memory.memory_layer_n=2", "memory.memory_sharing=shared")
 TIED = ("model.tie_embeddings=true",)  # the embedding is a TiedLayerSpec on both stages
 CHAPTERS = ("memory.use_chapters=true", "memory.num_chapters=4", "memory.top_k_chapters=2", "memory.shared_router=true",
             "memory.routing_strategy_train=token", "memory.use_z_loss=true", "memory.use_load_balance_loss=true",
             "model.tie_embeddings=false", "parallel.pipeline_partition=uniform",
-            "parallel.activation_checkpoint_interval=1")
+            "parallel.activation_checkpoint_interval=1", "training.optimizer=sgd", "training.memory_lr=2.0")  # SGD: clipping shows
 
 
 def make_cfg(out, *extra):

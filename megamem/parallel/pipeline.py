@@ -224,6 +224,11 @@ class MemoryPipelineModule(PipelineModule):
                              for i, s in enumerate(self._layer_specs)]
         self.shared_ties = self._index_shared_modules()
         self._synchronize_tied_weights()
+        # DeepSpeed's fp32 gradient clipping (ZeRO-0) sums the norms of stages > 0 only for parameters
+        # flagged model_parallel; flag every parameter but the replicated copies of tied ones, so the
+        # clipping norm spans all stages and counts each weight once (ZeRO-1 and bf16 ignore the flag)
+        for p in self.parameters():
+            p.model_parallel = not getattr(p, "ds_pipe_replicated", False)
 
     # ---------------------------------------------------------- shared modules
     def _local_layer(self, index: int):
