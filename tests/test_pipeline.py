@@ -56,6 +56,13 @@ def _fit(out, ds, extra, probe=False):
     return result
 
 
+def _eval_from(out, ds, extra):
+    """Evaluate a run started from training.init_from, before any step."""
+    from megamem.train.trainer import Trainer
+
+    return Trainer(make_cfg(out, *extra), ds, factory(61, 2, 16)).evaluate()["eval_loss"]
+
+
 def _plain_and_pipeline(tmp_path, extra):
     plain = run_ranks(_fit, str(tmp_path / "plain"), ZERO0, extra, world_size=1, tmp_path=tmp_path / "r1")[0]
     pipe = run_ranks(_fit, str(tmp_path / "pipe"), PIPELINE, extra, True, tmp_path=tmp_path / "r2")
@@ -114,6 +121,11 @@ def test_pipeline_matches_plain_model_resumes_and_converts(tmp_path):
     exported = load_file(str(tmp_path / "pipe" / "final" / "model.safetensors"))
     assert exported.keys() == state.keys() and all(torch.equal(exported[k], state[k]) for k in state)
 
+    # another layout: a plain 1-rank run starts from the pipeline checkpoint's weights
+    ev = run_ranks(_eval_from, str(tmp_path / "plain2"), ZERO0, (*TIED, f"training.init_from={ckpt / 'step00000004'}"),
+                   world_size=1, tmp_path=tmp_path / "r4")[0]
+    assert abs(ev - last["eval"]["eval_loss"]) <= 1e-5
+
 
 def test_pipeline_chapters_router_losses_reach_the_loss(tmp_path):
     """Untied head, uniform partition, activation checkpointing, a router shared across stages."""
@@ -126,6 +138,10 @@ def test_pipeline_chapters_router_losses_reach_the_loss(tmp_path):
         assert abs(first[0][name] - first[1][name]) <= 1e-5, name
     assert first[1]["load_balance_loss"] > 1e-3 and first[1]["z_loss"] > 1e-5
     assert abs(first[1]["loss"] - first[1]["lm_loss"] - first[1]["load_balance_loss"] - first[1]["z_loss"]) < 1e-6
+    # and back: a pipeline starts from the plain run's export (the shared router is stored once there)
+    ev = run_ranks(_eval_from, str(tmp_path / "pipe2"), PIPELINE,
+                   (*CHAPTERS, f"training.init_from={tmp_path / 'plain' / 'final'}"), tmp_path=tmp_path / "r3")
+    assert all(abs(e - plain["eval"]["eval_loss"]) <= 1e-5 for e in ev)
 
 
 def test_pipeline_layout_is_resolved_and_refused_with_reasons(tmp_path):

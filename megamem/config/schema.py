@@ -160,6 +160,7 @@ class TrainingConfig:
     wandb_run_name: Optional[str] = None
     output_dir: str = "./outputs"
     resume_from_checkpoint: Optional[str] = None
+    init_from: Optional[str] = None  # weights only (fresh optimizer, schedule, data): an export folder or a pipeline checkpoint
     seed: int = 42
 
 

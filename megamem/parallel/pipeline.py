@@ -70,23 +70,32 @@ def layer_plan(cfg: MegamemConfig) -> List[Dict[str, Any]]:
     return plan
 
 
+def plain_name(key: str, names: Dict[str, str]) -> str:
+    """A pipeline layer's state-dict key → the plain MemoryTransformer key ("block.attn.x" → "blocks.3.attn.x")."""
+    child, _, rest = key.partition(".")
+    return f"{names[child]}.{rest}"
+
+
 def to_plain_names(state: Dict[str, torch.Tensor], names: Dict[str, str]) -> Dict[str, torch.Tensor]:
-    """One pipeline layer's state dict → plain MemoryTransformer keys."""
-    out = {}
-    for key, value in state.items():
-        child, _, rest = key.partition(".")
-        out[f"{names[child]}.{rest}"] = value
-    return out
+    return {plain_name(k, names): v for k, v in state.items()}
 
 
-def plain_key_names(cfg: MegamemConfig) -> List[str]:
-    """Keys of a plain export (megamem.parallel.zero.gathered_state_dict): unique parameters + persistent buffers."""
+def plain_aliases(cfg: MegamemConfig) -> Dict[str, str]:
+    """Every plain state-dict key → the key exports use for that tensor (a shared router or a tied head
+    appears under several names; exports keep the first, as named_parameters() does)."""
     from ..model import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
-    return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()
-                                                       if not n.endswith("inv_freq")]
+    first: Dict[int, str] = {}
+    aliases = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
+    aliases.update({n: n for n, _ in model.named_buffers() if not n.endswith("inv_freq")})
+    return aliases
+
+
+def plain_key_names(cfg: MegamemConfig) -> List[str]:
+    """Keys of a plain export (megamem.parallel.zero.gathered_state_dict): unique parameters + persistent buffers."""
+    return list(dict.fromkeys(plain_aliases(cfg).values()))
 
 
 def canonical_state(found: Dict[str, torch.Tensor], cfg: MegamemConfig, where: str) -> Dict[str, torch.Tensor]:
@@ -302,6 +311,25 @@ class MemoryPipelineModule(PipelineModule):
 
         with torch.device("meta"):
             return flops_per_token(build_model(self.cfg), seq_len)
+
+    def load_plain_state_dict(self, state: Dict[str, torch.Tensor], where: str) -> None:
+        """Load this stage's layers from a plain state dict (an export, or another layout's weights)."""
+        from ..config import ConfigError
+
+        aliases = plain_aliases(self.cfg)
+        for i in range(self._local_start, self._local_stop):
+            layer, names = self._local_layer(i), self.plan[i]["names"]
+            if not isinstance(layer, nn.Module):
+                continue
+            wanted = {k: aliases.get(plain_name(k, names), plain_name(k, names)) for k in layer.state_dict()}
+            missing = sorted(v for v in wanted.values() if v not in state)
+            if missing:
+                raise ConfigError(f"{where}: no weights for {missing[:5]} (saved from a different model config?)")
+            try:
+                layer.load_state_dict({k: state[v] for k, v in wanted.items() if v in state}, strict=False)
+            except RuntimeError as e:
+                raise ConfigError(f"{where}: weights do not fit this model config: {e}") from None
+        self._synchronize_tied_weights()
 
     def plain_state_dict(self) -> Dict[str, torch.Tensor]:
         """This stage's weights under plain MemoryTransformer names (shared modules under every alias)."""

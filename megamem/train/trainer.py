@@ -45,6 +45,10 @@ class Trainer:
         else:
             model = build_model_for_zero(cfg, self.ds, zero_stage(self.ds), self.t.seed)  # same weights on every rank
             model.gradient_checkpointing = self.t.gradient_checkpointing
+        if self.t.init_from:  # weights only, e.g. a pipeline run continued on another layout
+            from .init_from import init_from
+
+            init_from(model, cfg, zero_stage(self.ds))
         self.train_loader = loaders("train", self.data_rank, self.data_world)
         self.eval_loader = None
         self.total_steps = self._total_steps()
