@@ -179,3 +179,25 @@ def test_pipeline_layout_is_resolved_and_refused_with_reasons(tmp_path):
 def test_bad_pipeline_keys(override, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(override)
+
+
+def test_init_from_bad_input(tmp_path):
+    from megamem.model import build_model
+    from megamem.train.export import export_model
+    from megamem.train.init_from import init_from
+
+    with pytest.raises(ConfigError, match=r"training.init_from: .*nope does not exist \(give an export folder"):
+        init_from(build_model(tiny_config()), tiny_config(f"training.init_from={tmp_path / 'nope'}"), 0)
+    small = tiny_config()
+    export_model(build_model(small).state_dict(), small, None, str(tmp_path / "small"), 0)
+    other = tiny_config("model.hidden_dim=64", f"training.init_from={tmp_path / 'small'}")
+    with pytest.raises(ConfigError, match=r"training.init_from: .*small does not fit this model config: tok_embeddings.weight has shape "
+                       r"\[61, 32\] there, \[61, 64\] here \(and \d+ more\)$"):
+        init_from(build_model(other), other, 0)
+    with pytest.raises(ConfigError, match=r"training.init_from is not supported with ZeRO-3"):
+        init_from(build_model(other), other, 3)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"training.init_from: .*empty: neither a checkpoint \(no COMPLETE marker\) nor a "
+                       r"checkpoints folder \(no 'latest' file\) \(give an export folder"):
+        init_from(build_model(small), tiny_config(f"training.init_from={empty}"), 0)

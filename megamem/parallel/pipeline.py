@@ -315,6 +315,7 @@ class MemoryPipelineModule(PipelineModule):
     def load_plain_state_dict(self, state: Dict[str, torch.Tensor], where: str) -> None:
         """Load this stage's layers from a plain state dict (an export, or another layout's weights)."""
         from ..config import ConfigError
+        from ..train.init_from import check_shapes
 
         aliases = plain_aliases(self.cfg)
         for i in range(self._local_start, self._local_stop):
@@ -324,11 +325,11 @@ class MemoryPipelineModule(PipelineModule):
             wanted = {k: aliases.get(plain_name(k, names), plain_name(k, names)) for k in layer.state_dict()}
             missing = sorted(v for v in wanted.values() if v not in state)
             if missing:
-                raise ConfigError(f"{where}: no weights for {missing[:5]} (saved from a different model config?)")
-            try:
-                layer.load_state_dict({k: state[v] for k, v in wanted.items() if v in state}, strict=False)
-            except RuntimeError as e:
-                raise ConfigError(f"{where}: weights do not fit this model config: {e}") from None
+                raise ConfigError(f"training.init_from: {where} has no weights for {missing[:5]} (saved from a "
+                                  "different model config?)")
+            mine = {k: state[v] for k, v in wanted.items()}
+            check_shapes({k: v.shape for k, v in layer.state_dict().items()}, mine, where)
+            layer.load_state_dict(mine)
         self._synchronize_tied_weights()
 
     def plain_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -382,9 +383,12 @@ def plain_state_dict_from_checkpoint(ckpt_dir: str, tag: Optional[str] = None) -
     import glob
 
     from ..config import ConfigError, load_config
-    from ..train.checkpoint import resolve_resume
+    from ..train.checkpoint import COMPLETE, resolve_resume
 
     if tag is None:
+        if not any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in (COMPLETE, "latest")):
+            raise ConfigError(f"{ckpt_dir}: neither a checkpoint (no {COMPLETE} marker) nor a checkpoints folder "
+                              "(no 'latest' file)")
         ckpt_dir, tag = resolve_resume(ckpt_dir, ckpt_dir)
     folder = os.path.join(ckpt_dir, tag)
     config_path = os.path.join(folder, "config.yaml")

@@ -29,7 +29,21 @@ def read_plain_weights(path: str) -> Dict[str, torch.Tensor]:
         raise ConfigError(f"training.init_from: {path} does not exist (give an export folder or a pipeline checkpoint)")
     from ..parallel.pipeline import plain_state_dict_from_checkpoint
 
-    return plain_state_dict_from_checkpoint(path)
+    try:
+        return plain_state_dict_from_checkpoint(path)
+    except ConfigError as e:
+        raise ConfigError(f"training.init_from: {e} (give an export folder with model.safetensors, or a pipeline "
+                          "checkpoint)") from None
+
+
+def check_shapes(expected: Dict[str, torch.Size], state: Dict[str, torch.Tensor], path: str) -> None:
+    """One line naming the first tensor whose shape differs (load_state_dict would list them all)."""
+    bad = [k for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape)]
+    if bad:
+        k = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ConfigError(f"training.init_from: {path} does not fit this model config: {k} has shape "
+                          f"{list(state[k].shape)} there, {list(expected[k])} here{more}")
 
 
 def init_from(model: nn.Module, cfg, zero_stage: int) -> None:
@@ -43,10 +57,8 @@ def init_from(model: nn.Module, cfg, zero_stage: int) -> None:
     if hasattr(model, "load_plain_state_dict"):  # a pipeline: each stage takes its layers
         model.load_plain_state_dict(state, path)
         return
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise ConfigError(f"training.init_from: {path} does not fit this model config: {e}") from None
+    check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     from ..parallel.pipeline import plain_aliases
 
     aliases = plain_aliases(cfg)  # a tied head or a shared router is loaded under its first name
