@@ -3,7 +3,7 @@
 A pipeline checkpoint resumes exactly only on its own layout. To continue on another one (plain
 data parallel, ZeRO, a different number of stages), start from its weights: optimizer state,
 schedule and data position start fresh. Accepts an export folder (model.safetensors + config.yaml,
-e.g. output_dir/final) or a pipeline checkpoint (megamem.parallel.pipeline.plain_state_dict_from_checkpoint).
+e.g. output_dir/final) or a pipeline checkpoint (megamem.parallel.pipeline_state.plain_state_dict_from_checkpoint).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def read_plain_weights(path: str) -> Dict[str, torch.Tensor]:
         return load_file(weights)
     if not os.path.isdir(path):
         raise ConfigError(f"training.init_from: {path} does not exist (give an export folder or a pipeline checkpoint)")
-    from ..parallel.pipeline import plain_state_dict_from_checkpoint
+    from ..parallel.pipeline_state import plain_state_dict_from_checkpoint
 
     try:
         return plain_state_dict_from_checkpoint(path)
@@ -59,7 +59,7 @@ def init_from(model: nn.Module, cfg, zero_stage: int) -> None:
         return
     check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    from ..parallel.pipeline import plain_aliases
+    from ..parallel.pipeline_state import plain_aliases
 
     aliases = plain_aliases(cfg)  # a tied head or a shared router is loaded under its first name
     missing = sorted(k for k in missing if aliases.get(k, k) not in state)

@@ -41,7 +41,8 @@ class Trainer:
             from ..parallel.pipeline import build_pipeline_model
 
             model = build_pipeline_model(cfg, self.ds, self.t.seed)  # the plain model's weights, cut into stages
-            self.data_rank, self.data_world = model.mpu().get_data_parallel_rank(), model.mpu().get_data_parallel_world_size()
+            grid = model.mpu()
+            self.data_rank, self.data_world = grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
         else:
             model = build_model_for_zero(cfg, self.ds, zero_stage(self.ds), self.t.seed)  # same weights on every rank
             model.gradient_checkpointing = self.t.gradient_checkpointing
@@ -65,7 +66,8 @@ class Trainer:
             signal.signal(signal.SIGUSR1, self._request_stop)
         if self.t.resume_from_checkpoint:
             self._resume(self.t.resume_from_checkpoint)
-        self.tokens_per_step = self.t.batch_size * self.t.max_length * self.t.gradient_accumulation_steps * self.data_world
+        t = self.t
+        self.tokens_per_step = t.batch_size * t.max_length * t.gradient_accumulation_steps * self.data_world
         self.flops_per_token = flops_per_token(model, self.t.max_length)
         self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision == "bf16" else torch.float32)
 
