@@ -164,9 +164,12 @@ def describe_layout(ds: Dict[str, Any], world_size: int) -> str:
     precision = "bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"
     stages = pipeline_stages(ds)
     replicas = max(world_size // stages, 1)
-    pipe = (f"; pipeline: {stages} stages × {replicas} data-parallel replica{'s' if replicas > 1 else ''}, "
-            f"{ds['gradient_accumulation_steps']} micro-batches per step") if stages > 1 else ""
+    micro = ds["gradient_accumulation_steps"]
+    plural = lambda n, word, many: f"{n} {word if n == 1 else many}"  # noqa: E731
+    pipe = (f"; pipeline: {stages} stages × {plural(replicas, 'data-parallel replica', 'data-parallel replicas')}, "
+            f"{plural(micro, 'micro-batch', 'micro-batches')} per step") if stages > 1 else ""
     return (f"world size {world_size}, ZeRO-{stage}: {shards.get(stage, '?')}{pipe}"
             f"{'; offload: ' + ', '.join(offload) if offload else ''}; {precision}; micro-batch "
-            f"{ds['train_micro_batch_size_per_gpu']} × accumulation {ds['gradient_accumulation_steps']} × "
-            f"{replicas} {'replicas' if stages > 1 else 'ranks'} = {ds['train_batch_size']} sequences per step")
+            f"{ds['train_micro_batch_size_per_gpu']} × accumulation {micro} × "
+            f"{plural(replicas, 'replica', 'replicas') if stages > 1 else f'{world_size} ranks'} = "
+            f"{ds['train_batch_size']} sequences per step")
