@@ -13,12 +13,14 @@ from synthetic_data import SyntheticLoader, factory
 
 PIPELINE = os.path.join(ROOT, "ds_configs", "pipeline.json")
 ZERO0 = os.path.join(ROOT, "ds_configs", "zero0.json")
+ZERO1 = os.path.join(ROOT, "ds_configs", "zero1.json")
 SYN = ("memory.wo_init_zero=false", "training.mixed_precision=no", "training.max_length=16", "training.warmup_steps=2",
        "training.logging_steps=1", "training.eval_steps=1000", "training.save_steps=2", "memory.num_memory_tokens=16",
        "training.batch_size=2", "training.gradient_accumulation_steps=2", "training.max_steps=4",
        "training.max_grad_norm=0.05",  # clipping active: the norm must span both stages
        # memory in layers 1 and 3, one shared bank: with 2 stages each stage holds a memory layer
        "memory.memory_layer_placement=every_n", "memory.memory_layer_n=2", "memory.memory_sharing=shared")
+STAGES = ("parallel.pipeline_stages=2",)
 TIED = ("model.tie_embeddings=true",)  # the embedding is a TiedLayerSpec on both stages
 CHAPTERS = ("memory.use_chapters=true", "memory.num_chapters=4", "memory.top_k_chapters=2", "memory.shared_router=true",
             "memory.routing_strategy_train=token", "memory.use_z_loss=true", "memory.use_load_balance_loss=true",
@@ -63,9 +65,9 @@ def _eval_from(out, ds, extra):
     return Trainer(make_cfg(out, *extra), ds, factory(61, 2, 16)).evaluate()["eval_loss"]
 
 
-def _plain_and_pipeline(tmp_path, extra):
+def _plain_and_pipeline(tmp_path, extra, pipe_ds=PIPELINE, pipe_extra=()):
     plain = run_ranks(_fit, str(tmp_path / "plain"), ZERO0, extra, world_size=1, tmp_path=tmp_path / "r1")[0]
-    pipe = run_ranks(_fit, str(tmp_path / "pipe"), PIPELINE, extra, True, tmp_path=tmp_path / "r2")
+    pipe = run_ranks(_fit, str(tmp_path / "pipe"), pipe_ds, (*extra, *pipe_extra), True, tmp_path=tmp_path / "r2")
     return plain, pipe
 
 
@@ -94,13 +96,14 @@ def test_pipeline_matches_plain_model_resumes_and_converts(tmp_path):
     from megamem.model import build_model
     from megamem.parallel.pipeline import plain_state_dict_from_checkpoint
 
-    plain, pipe = _plain_and_pipeline(tmp_path, TIED)
+    # ZeRO-1, the stages from the YAML
+    plain, pipe = _plain_and_pipeline(tmp_path, TIED, ZERO1, STAGES)
     _check_against_plain(plain, pipe, recompute=False)
 
     # save at step 2 → resume → the same next losses as the unbroken run
     ckpt = tmp_path / "pipe" / "checkpoints"
-    resumed = run_ranks(_fit, str(tmp_path / "pipe"), PIPELINE,
-                        (*TIED, f"training.resume_from_checkpoint={ckpt / 'step00000002'}"),
+    resumed = run_ranks(_fit, str(tmp_path / "pipe"), ZERO1,
+                        (*TIED, *STAGES, f"training.resume_from_checkpoint={ckpt / 'step00000002'}"),
                         tmp_path=tmp_path / "r3")
     for rank in resumed:
         assert torch.allclose(torch.tensor(rank["train_losses"]), torch.tensor(pipe[0]["train_losses"][2:]), atol=1e-6,
