@@ -8,8 +8,8 @@ seed, then keeps only its stage's submodules, wrapped as pipeline layers:
     L+1      HeadPipe        norm + lm_head        (tied: NormPipe, then the tied embedding as head)
 
 So the same seed gives the same weights as a plain run, and a pipeline layer's state-dict keys map
-to plain names by prefix (`layer_plan` and the conversions live in pipeline_state.py). Activations between layers are tuples
-(hidden, aux[, document_ids]): `aux` is a float vector carrying the chapters' router losses
+to plain names by prefix (`layer_plan`; the conversions live in pipeline_state.py). Activations
+between layers are tuples (hidden, aux[, document_ids]): `aux` is a float vector carrying the chapters' router losses
 (one slot per enabled loss, already averaged over memory layers) from the layers that compute
 them to the loss on the last stage, where loss = LM loss + aux.sum() as in the plain trainer.
 

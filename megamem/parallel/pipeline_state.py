@@ -77,8 +77,9 @@ def plain_state_dict_from_checkpoint(ckpt_dir: str, tag: Optional[str] = None) -
 
     ckpt_dir: the `checkpoints/` folder (tag given, or read from `latest`) or one checkpoint folder.
     Reads the checkpoint's config.yaml for the layer plan and each `layer_XX-model_states.pt` with
-    torch.load(weights_only=True). `load_state_dict(..., strict=False)` into a plain model built
-    from that config then leaves only a tied lm_head.weight "missing" (it is tok_embeddings.weight).
+    torch.load(weights_only=True). Keys are those of a plain export: a tied lm_head.weight and the
+    later names of a shared router are absent (they are the same tensors), so load it into a plain
+    model with strict=False, or through training.init_from, which checks that.
     """
     import glob
 
