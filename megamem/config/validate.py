@@ -173,7 +173,14 @@ def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
 
 
 def _validate_parallel(cfg: MegamemConfig, problems: List[str]) -> None:
-    _positive(problems, "parallel", cfg.parallel, "ep_size")
+    _positive(problems, "parallel", cfg.parallel, "ep_size", "pipeline_stages")
+    if cfg.parallel.activation_checkpoint_interval < 0:
+        problems.append(f"parallel.activation_checkpoint_interval must be >= 0 (0 = off), "
+                        f"got {cfg.parallel.activation_checkpoint_interval}")
+    stages, layers = cfg.parallel.pipeline_stages, cfg.model.num_layers
+    if stages is not None and stages > 1 and layers > 0 and stages > layers:
+        problems.append(f"parallel.pipeline_stages ({stages}) must be at most model.num_layers ({layers}): "
+                        "every stage needs at least one block")
     ep, mem = cfg.parallel.ep_size, cfg.memory
     if ep > 1 and not mem.use_chapters:
         problems.append(f"parallel.ep_size = {ep} shards chapters across ranks, "
