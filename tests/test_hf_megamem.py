@@ -168,12 +168,12 @@ def test_convert_refuses_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match=r"do not match their config.yaml: missing \['banks.1.memory'"):
         convert_to_hf(str(tmp_path / "mismatch"), str(tmp_path / "hf"))
     assert not os.path.exists(tmp_path / "hf")
-    step = tmp_path / "ckpt" / "step2"
+    step = tmp_path / "ckpt" / "step2"  # a pipeline checkpoint with a truncated layer file
     step.mkdir(parents=True)
     for name in ("COMPLETE", "layer_00-model_states.pt"):
         (step / name).write_text("")
     (step / "config.yaml").write_text(open(tmp_path / "final" / "config.yaml").read())
-    with pytest.raises(ConfigError, match="pipeline-parallel checkpoint; converting those is not supported yet"):
+    with pytest.raises(ConfigError, match="layer_00-model_states.pt: cannot be read as pipeline layer weights"):
         convert_to_hf(str(step), str(tmp_path / "hf"))
 
 

@@ -123,6 +123,15 @@ def test_pipeline_matches_plain_model_resumes_and_converts(tmp_path):
     # the run's final export holds the same weights (gathered from both stages)
     exported = load_file(str(tmp_path / "pipe" / "final" / "model.safetensors"))
     assert exported.keys() == state.keys() and all(torch.equal(exported[k], state[k]) for k in state)
+    # ... and converts to a Hugging Face folder with the same logits
+    from transformers import AutoModelForCausalLM
+
+    from megamem.hf.convert import convert_to_hf
+
+    convert_to_hf(str(ckpt), str(tmp_path / "hf"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(batch["input_ids"]).logits, last["logits"], atol=1e-5, rtol=0)
 
     # another layout: a plain 1-rank run starts from the pipeline checkpoint's weights
     ev = run_ranks(_eval_from, str(tmp_path / "plain2"), ZERO0, (*TIED, f"training.init_from={ckpt / 'step00000004'}"),

@@ -60,8 +60,9 @@ def _is_pipeline_checkpoint(folder: str) -> bool:
 
 def read_pipeline_checkpoint(ckpt_dir: str, tag: str) -> Dict[str, torch.Tensor]:
     """The one place pipeline checkpoints are read (megamem.parallel owns their layout)."""
-    raise ConfigError(f"{os.path.join(ckpt_dir, tag)} is a pipeline-parallel checkpoint; converting those is not "
-                      "supported yet — export it from training (output_dir/final) and convert that")
+    from ..parallel.pipeline_state import plain_state_dict_from_checkpoint
+
+    return plain_state_dict_from_checkpoint(ckpt_dir, tag)
 
 
 def write_atomically(output: str, force: bool, write) -> str:
