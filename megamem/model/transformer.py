@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import MemoryConfig, ModelConfig
 from ..memory.bank import bank_dim, build_bank
 from ..memory.placement import bank_assignment, memory_layers, num_banks
+from ..ops import Linear
 from .attention import document_mask as make_document_mask
 from .block import Block
 from .kv_cache import KVCache
@@ -62,7 +63,7 @@ class MemoryTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(model, memory, width if i in self.bank_of_layer else None) for i in range(model.num_layers))
         self.norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
-        self.lm_head = nn.Linear(model.hidden_dim, model.vocab_size, bias=False)
+        self.lm_head = Linear(model.hidden_dim, model.vocab_size, bias=False)
         self.gradient_checkpointing = False
         if memory.use_chapters and memory.shared_router and self.memory_layers:
             router = self.blocks[self.memory_layers[0]].memory.attn.router
@@ -133,7 +134,9 @@ class MemoryTransformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # shift the labels, not the logits: no copy of the [B, S, V] logits (nor of their gradient)
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
         aux, usage = self._routing_stats() if self.memory_config.use_chapters and cache is None else ({}, {})
         return CausalLMOutput(logits=logits, loss=loss, aux_losses=aux, chapter_usage=usage)
 
