@@ -103,10 +103,14 @@ class MemoryTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, document_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
-        """document_ids [B, S]: packed documents attend only within themselves (positions stay global)."""
+                cache: Optional[KVCache] = None, document_ids: Optional[torch.Tensor] = None,
+                last_logits_only: bool = False) -> CausalLMOutput:
+        """document_ids [B, S]: packed documents attend only within themselves (positions stay global).
+        last_logits_only: logits of the last position only ([B, 1, V]; what decoding needs)."""
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
+        if last_logits_only and labels is not None:
+            raise ValueError("last_logits_only has no logits for the loss over every position; pass one or the other")
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids (packed training rows) cannot be combined with a KV cache")
         doc_mask = make_document_mask(document_ids) if document_ids is not None else None
@@ -131,7 +135,7 @@ class MemoryTransformer(nn.Module):
                 x = block(x, cos, sin, memory, cache, i, doc_mask)
         if cache is not None:
             cache.advance(S)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x[:, -1:] if last_logits_only else x))
         loss = None
         if labels is not None:
             # shift the labels, not the logits: no copy of the [B, S, V] logits (nor of their gradient)
@@ -180,7 +184,7 @@ class MemoryTransformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         out, step_input = input_ids, input_ids
         for _ in range(total - S):
-            logits = self(step_input, cache=cache).logits[:, -1]
+            logits = self(step_input, cache=cache, last_logits_only=True).logits[:, -1]
             nxt = select_next_token(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
