@@ -14,8 +14,8 @@ from typing import Callable, Dict, List
 import torch
 
 
-def clock() -> Callable[[], float]:
-    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+def clock(wall: bool = False) -> Callable[[], float]:
+    return time.perf_counter if wall or torch.get_num_threads() > 1 else time.process_time
 
 
 def sync() -> None:
@@ -23,8 +23,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def alternate(fns: Dict[str, Callable[[], object]], iters: int, warmup: int = 1) -> Dict[str, Dict[str, float]]:
+def alternate(fns: Dict[str, Callable[[], object]], iters: int, warmup: int = 1,
+              wall: bool = False) -> Dict[str, Dict[str, float]]:
     """Run each candidate `warmup` times, then `iters` rounds, the order reversed every round.
+    wall: time wall-clock even with one thread (work that waits on other processes, e.g. collectives).
 
     Returns per candidate {"median_s", "min_s", "times_s"}.
     """
@@ -33,7 +35,7 @@ def alternate(fns: Dict[str, Callable[[], object]], iters: int, warmup: int = 1)
         for name in names:
             fns[name]()
     sync()
-    now = clock()
+    now = clock(wall)
     times: Dict[str, List[float]] = {n: [] for n in names}
     for i in range(iters):
         for name in (names if i % 2 == 0 else names[::-1]):
