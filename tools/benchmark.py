@@ -35,12 +35,12 @@ SIZES = {
                   dist=dict(vocab=256, dim=64, inter=96, layers=2, heads=4, kv_heads=2, seq=32, batch=2,
                             memory_tokens=256, chapter_tokens=512, chapters=16, top_k=2),
                   iters=1, warmup=1),
-    "default": dict(model=dict(MODEL, batch=2, batch_bf16=1), banks=[1024, 4096, 16384],
+    "default": dict(model=dict(MODEL, batch=2, batch_bf16=1, batch_memory=1), banks=[1024, 4096, 16384],
                     gen=dict(new_tokens=64, gen_batch=1, prompt=32), gen_memory=4096,
                     chapters=None, chapter_banks=[16_384, 131_072, 1_048_576],
                     dist=dict(vocab=8192, dim=256, inter=688, layers=4, heads=8, kv_heads=4, seq=128, batch=2,
                               memory_tokens=4096, chapter_tokens=65_536, chapters=256, top_k=8),
-                    iters=5, warmup=1),
+                    iters=3, warmup=1),
     "full": dict(model=dict(MODEL, batch=8), banks=[1024, 4096, 16384],
                  gen=dict(new_tokens=128, gen_batch=1, prompt=64), gen_memory=16384,
                  chapters=None, chapter_banks=[16_384, 131_072, 1_048_576],
@@ -64,7 +64,9 @@ def machine() -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "cpu_native_bf16_gemm": cpu_has_native_bf16()}
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+        from megamem.model.attention import _HAS_FLASH_ATTN
+
+        info.update(gpu=torch.cuda.get_device_name(0), flash_attn=_HAS_FLASH_ATTN)
     try:
         import transformers
 
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes, one iteration (smoke test)")
     size.add_argument("--full", action="store_true", help="the target sizes (batch 8×256; slow on CPU)")
-    ap.add_argument("--iters", type=int, help="timed rounds per comparison (default 5; --quick 1)")
+    ap.add_argument("--iters", type=int, help="timed rounds per comparison (default 3, --full 5, --quick 1)")
     ap.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (default 1)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",

@@ -25,11 +25,12 @@ def memory_efficiency(size: Dict[str, int], banks: List[int], iters: int, warmup
     """Every model has a dense bank in every layer; all of them and the vanilla model alternate."""
     models = {"vanilla": build(megamem_config(size), torch.float32)}
     models.update({f"memory_{n}": build(megamem_config(size, n), torch.float32) for n in banks})
-    ids = random_ids(size["vocab"], size["batch"], size["seq"])
+    batch = size.get("batch_memory", size["batch"])
+    ids = random_ids(size["vocab"], batch, size["seq"])
     res = alternate({name: train_step(m, ids) for name, m in models.items()}, iters, warmup)
-    flops = {name: step_flops(m, size["batch"], size["seq"]) for name, m in models.items()}
+    flops = {name: step_flops(m, batch, size["seq"]) for name, m in models.items()}
     rate = {name: flops[name] / res[name]["median_s"] for name in models}
-    rows = [{"memory_tokens": n, "step_gflop": flops[f"memory_{n}"] / 1e9,
+    rows = [{"memory_tokens": n, "batch": batch, "step_gflop": flops[f"memory_{n}"] / 1e9,
              "vanilla_step_gflop": flops["vanilla"] / 1e9, "gflops": rate[f"memory_{n}"] / 1e9,
              "vanilla_gflops": rate["vanilla"] / 1e9, "ratio": rate[f"memory_{n}"] / rate["vanilla"], "target": 0.9}
             for n in banks]
