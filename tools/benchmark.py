@@ -77,8 +77,9 @@ def machine() -> dict:
 
 
 def run(only, level: str = "default", iters=None, warmup=None, threads: int = 1, device: str = "cpu",
-        compile_model: bool = False, chapter_modes=("sequence", "token")) -> dict:
-    """Run the selected sub-benchmarks; returns the JSON-able results."""
+        compile_model: bool = False, chapter_modes=("sequence", "token"), partial_json=None) -> dict:
+    """Run the selected sub-benchmarks; returns the JSON-able results (also written to partial_json
+    after each sub-benchmark, so a long run that is stopped keeps what it measured)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -118,8 +119,18 @@ def run(only, level: str = "default", iters=None, warmup=None, threads: int = 1,
         else:
             raise SystemExit(f"unknown sub-benchmark {name!r}; valid: {', '.join(ALL)}")
         out["results"][name] = res
+        print(json.dumps({name: res}, default=str), file=sys.stderr, flush=True)
+        if partial_json:
+            _write(partial_json, out)
     torch.set_num_threads(threads)
     return out
+
+
+def _write(path: str, out: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def _fmt(x, nd=2) -> str:
@@ -220,15 +231,15 @@ def main(argv=None) -> int:
     if args.iters is not None and args.iters < 1:
         ap.error(f"--iters must be ≥ 1, got {args.iters}")
     level = "quick" if args.quick else "full" if args.full else "default"
-    out = run(args.only, level, args.iters, args.warmup, args.threads, args.device, args.compile)
+    out = run(args.only, level, args.iters, args.warmup, args.threads, args.device, args.compile,
+              partial_json=args.json)
     text = table(out)
     print(f"# {out['machine']['cpu']}, {out['machine']['threads']} thread(s), torch {out['machine']['torch']}, "
           f"sizes: {level}\n\n{text}")
     out["table"] = text
     if args.plot_dir:
         out["plots"] = plots(out, args.plot_dir)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=1, default=str)
+    _write(args.json, out)
     print(f"\nresults: {args.json}" + (f", plots: {', '.join(out['plots'])}" if out.get("plots") else ""))
     return 0
 
