@@ -38,7 +38,7 @@ def test_every_sub_benchmark_reports_finite_ratios(quick):
     for v in r["memory"]["rows"]:
         assert _positive(v["ratio"]) and v["step_gflop"] > v["vanilla_step_gflop"]
     modes = [(v["mode"], v["memory_tokens"]) for v in r["chapters"]["rows"]]
-    assert modes == [("sequence", 256), ("sequence", 1024), ("token", 256), ("token", 1024)]
+    assert modes == [(m, n) for m in ("sequence-sparse", "token-sparse") for n in (256, 1024)]
     assert all(_positive(v["vs_smallest_bank"]) and _positive(v["vs_dense_smallest_bank"]) for v in r["chapters"]["rows"])
     assert [v["vs_smallest_bank"] for v in r["chapters"]["rows"]][::2] == [1.0, 1.0]
     assert all(_positive(v["mfu"]) and _positive(v["peak_gflops"]) for v in r["mfu"]["rows"])

@@ -77,7 +77,7 @@ def machine() -> dict:
 
 
 def run(only, level: str = "default", iters=None, warmup=None, threads: int = 1, device: str = "cpu",
-        compile_model: bool = False, chapter_modes=("sequence", "token"), partial_json=None) -> dict:
+        compile_model: bool = False, chapter_modes=("sequence-sparse", "token-sparse"), partial_json=None) -> dict:
     """Run the selected sub-benchmarks; returns the JSON-able results (also written to partial_json
     after each sub-benchmark, so a long run that is stopped keeps what it measured)."""
     import torch
@@ -218,6 +218,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cuda: MFU in bf16 with flash-attn when installed (GPU machines only)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the megamem model in `vanilla`")
+    ap.add_argument("--chapter-modes", nargs="+", default=["sequence-sparse", "token-sparse"],
+                    choices=["sequence", "sequence-sparse", "token", "token-sparse", "token-absorbed"],
+                    help="routing modes of `chapters` (-sparse: row-sparse bank gradient and AdamW, "
+                         "memory.sparse_bank_grad)")
     ap.add_argument("--json", default="benchmark.json", help="where to write the results")
     ap.add_argument("--plot-dir", default="benchmark_plots", help="where to write PNG plots ('' = none)")
     args = ap.parse_args(argv)
@@ -232,7 +236,7 @@ def main(argv=None) -> int:
         ap.error(f"--iters must be ≥ 1, got {args.iters}")
     level = "quick" if args.quick else "full" if args.full else "default"
     out = run(args.only, level, args.iters, args.warmup, args.threads, args.device, args.compile,
-              partial_json=args.json)
+              args.chapter_modes, partial_json=args.json)
     text = table(out)
     print(f"# {out['machine']['cpu']}, {out['machine']['threads']} thread(s), torch {out['machine']['torch']}, "
           f"sizes: {level}\n\n{text}")
