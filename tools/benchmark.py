@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """megamem performance, as ratios of two things measured side by side (not a test).
 
-    python tools/benchmark.py                  # every sub-benchmark, reduced sizes, about 10 minutes on 2 cores
+    python tools/benchmark.py                  # every sub-benchmark, the targets' model with small batches (~30 min on a busy 2-core machine)
     python tools/benchmark.py --quick          # tiny sizes, one iteration each (what tests/test_benchmark.py runs)
     python tools/benchmark.py --full           # the sizes of the performance targets (slow on CPU: bf16 HF steps)
     python tools/benchmark.py --only vanilla generation --json out.json
