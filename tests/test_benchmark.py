@@ -44,11 +44,14 @@ def test_every_sub_benchmark_reports_finite_ratios(quick):
     assert all(_positive(v["mfu"]) and _positive(v["peak_gflops"]) for v in r["mfu"]["rows"])
     for v in r["generation"]["rows"]:  # same weights give the same greedy tokens, memory model included
         assert v["same_tokens"] is True and _positive(v["ratio"])
+    wrapper = r["generation"]["hf_wrapper"]  # an exported folder's generate() gives megamem's tokens
+    assert [v["model"] for v in wrapper] == ["dense bank", "chapters, sequence routing"]
+    assert all(v["same_tokens"] is True and _positive(v["hf_over_megamem_time"]) for v in wrapper)
     z, e = r["distributed"]["zero3"], r["distributed"]["expert_parallel"]
     for x in (z["speedup_2_ranks_zero3"], z["zero3_over_zero0"], z["bank_gather_fraction_of_zero3_step"], e["ep2_over_ep1"]):
         assert _positive(x)
     table = benchmark.table(quick)
-    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 4  # one row per measured ratio
+    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4  # one row per measured ratio
 
 
 def test_cli_writes_json_and_refuses_bad_arguments(tmp_path, capsys):

@@ -157,6 +157,9 @@ def table(out: dict) -> str:
         what = "vanilla" if not v["memory_tokens"] else f"memory N_m={v['memory_tokens']:,} (layout B, HF via adapter hooks)"
         rows.append((f"generate() tokens/s, megamem / transformers, {what}, same tokens: {v['same_tokens']}",
                      v["ratio"], "≥ 1.0", v["met"]))
+    for v in r.get("generation", {}).get("hf_wrapper", []):
+        rows.append((f"generate() time, exported HF folder (transformers' loop) / megamem, {v['model']} "
+                     f"N_m={v['memory_tokens']:,}, same tokens: {v['same_tokens']}", v["hf_over_megamem_time"], "", ""))
     d = r.get("distributed")
     if d:
         z, e = d["zero3"], d["expert_parallel"]

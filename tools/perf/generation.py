@@ -58,4 +58,28 @@ def run(size: Dict[str, int], memory_tokens: List[Optional[int]], iters: int, wa
                      "transformers_tokens_per_s": tokens / res["transformers"]["median_s"],
                      "ratio": speedup(res, "megamem", "transformers"), "target": 1.0, "same_tokens": same})
         rows[-1]["met"] = rows[-1]["ratio"] >= 1.0
-    return {"rows": rows}
+    return {"rows": rows, "hf_wrapper": wrapper_rows(size, memory_tokens[-1], iters, warmup)}
+
+
+def wrapper_rows(size: Dict[str, int], memory_tokens: Optional[int], iters: int, warmup: int) -> List[Dict]:
+    """Cost of an exported folder's generate() (MegamemForCausalLM: transformers' loop on megamem's KV cache)
+    over MemoryTransformer.generate, same model, dense bank and sequence-routed chapters; same tokens checked."""
+    from megamem.hf.modeling import MegamemForCausalLM
+
+    new = size["new_tokens"]
+    prompt = random_ids(size["vocab"], size["gen_batch"], size["prompt"])
+    n = memory_tokens or 1024
+    chapters = dict(use_chapters=True, num_chapters=16, top_k_chapters=2)
+    rows = []
+    for label, extra in (("dense bank", {}), ("chapters, sequence routing", chapters)):
+        cfg = megamem_config(size, n, **extra)
+        ours = build(cfg, torch.float32).eval()
+        hf = MegamemForCausalLM.from_megamem(ours, cfg).eval()
+        kw = dict(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        res = alternate({"megamem": lambda: ours.generate(prompt, new), "hf": lambda: hf.generate(prompt, **kw)},
+                        iters, warmup)
+        with torch.no_grad():
+            same = torch.equal(ours.generate(prompt, new), hf.generate(prompt, **kw))
+        rows.append({"model": label, "memory_tokens": n, "hf_over_megamem_time": speedup(res, "megamem", "hf"),
+                     "same_tokens": same})
+    return rows
