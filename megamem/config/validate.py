@@ -144,9 +144,6 @@ def _validate_adapter(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append("adapter run with nothing to train (no memory adapter, no LoRA, frozen base): vanilla_mode "
                         "finetunes the base, so set model.freeze_base_model: false (or enable use_memory_adapter "
                         "or use_lora)")
-    if memory_on and mem.use_chapters:
-        problems.append("memory.use_chapters: chapter routing is not available for adapter models in this "
-                        "version; set use_chapters: false")
     if cfg.data.document_masking:
         problems.append("data.document_masking is not supported for adapter models (HF attention has no "
                         "per-document mask here); set document_masking: false")
