@@ -154,3 +154,14 @@ def test_chapter_adapter_refused_under_zero3(tmp_path):
     cfg = adapter_config(str(tmp_path), *CHAPTERS)
     with pytest.raises(ConfigError, match="use_chapters on an adapter model .* ZeRO stage 0, 1 or 2"):
         resolve_ds_config(f"{ROOT}/ds_configs/zero3.json", cfg, 2)
+
+
+def test_chapter_adapter_export_reloads_to_the_same_logits(tmp_path):
+    from megamem.adapter import load_adapter, save_adapter
+
+    path, _ = saved_base(tmp_path, "qwen3")
+    model = chapter_adapter(path, *strategy("token"), "memory.shared_router=true")
+    save_adapter(model, model.adapter_config, str(tmp_path / "ad"))
+    loaded, _, _ = load_adapter(str(tmp_path / "ad"))
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
