@@ -165,3 +165,8 @@ def test_chapter_adapter_export_reloads_to_the_same_logits(tmp_path):
     loaded, _, _ = load_adapter(str(tmp_path / "ad"))
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_chapter_adapter_refuses_expert_parallel(tmp_path):
+    with pytest.raises(ConfigError, match=r"parallel.ep_size = 2: expert-parallel chapter shards are for from-scratch"):
+        adapter_config(str(tmp_path), *CHAPTERS, "parallel.ep_size=2")
