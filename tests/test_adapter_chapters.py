@@ -47,7 +47,8 @@ def test_zero_init_chapter_adapter_equals_base(tmp_path, family, routing):
         out = model(IDS)
         assert torch.equal(out.logits, base(IDS).logits)
     assert set(out.chapter_usage) == set(model.memory_layers)
-    expected = base.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = base.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=5, do_sample=False,
+                             pad_token_id=0)
     assert torch.equal(model.generate(IDS, 5), expected)
 
 

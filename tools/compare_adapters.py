@@ -136,11 +136,12 @@ def main(argv=None) -> int:
     tokens = args.batch_size * args.max_length
     print(f"\n{args.steps} steps of {args.batch_size} x {args.max_length} tokens, seed {args.seed}, "
           f"eval on the first {args.eval_batches} held-out batches")
-    print(f"| mode | trainable params | held-out loss | perplexity | step time (median) |")
+    print("| mode | trainable params | held-out loss | perplexity | step time (median) |")
     print("|---|---|---|---|---|")
     for name, n_train, n_total, loss, step in rows:
         step_s = f"{step:.1f} s ({tokens / step:.0f} tok/s)" if step else "-"
-        print(f"| {name} | {n_train:,} ({100 * n_train / n_total:.2f}%) | {loss:.4f} | {math.exp(loss):.2f} | {step_s} |")
+        share = f"{n_train:,} ({100 * n_train / n_total:.2f}%)"
+        print(f"| {name} | {share} | {loss:.4f} | {math.exp(loss):.2f} | {step_s} |")
     return 0
 
 
