@@ -171,3 +171,18 @@ def test_chapter_adapter_export_reloads_to_the_same_logits(tmp_path):
 def test_chapter_adapter_refuses_expert_parallel(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel.ep_size = 2: expert-parallel chapter shards are for from-scratch"):
         adapter_config(str(tmp_path), *CHAPTERS, "parallel.ep_size=2")
+
+
+def test_gradient_checkpointing_gives_the_same_router_gradients(tmp_path):
+    path, _ = saved_base(tmp_path, "llama")
+    grads = []
+    for checkpointed in (False, True):
+        model = chapter_adapter(path, *strategy("token"), "memory.use_z_loss=true").train()
+        model.gradient_checkpointing = checkpointed
+        calls = []
+        model.branches["0"].attn.router.register_forward_hook(lambda *a: calls.append(1))
+        out = model(IDS, labels=IDS)
+        (out.loss + sum(out.aux_losses.values())).backward()
+        assert len(calls) == (2 if checkpointed else 1)  # checkpointed layers recompute the branch in backward
+        grads.append(torch.cat([model.branches[str(i)].attn.router.weight.grad.flatten() for i in model.memory_layers]))
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[1], grads[0], atol=1e-6)
