@@ -169,7 +169,8 @@ class AdapterModel(nn.Module):
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
-        """HF gradient checkpointing of the base's layers (the memory hooks run inside each checkpoint)."""
+        """HF gradient checkpointing of the base's layers. transformers checkpoints a layer's forward, so
+        the memory hooks run outside it; memory.memory_gradient_checkpointing checkpoints the branches."""
         if enabled:
             self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if not any(p.requires_grad for p in self.base.get_input_embeddings().parameters()):
