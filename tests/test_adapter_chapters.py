@@ -186,3 +186,20 @@ def test_gradient_checkpointing_gives_the_same_router_gradients(tmp_path, branch
         (out.loss + sum(out.aux_losses.values())).backward()
         grads.append(torch.cat([model.branches[str(i)].attn.router.weight.grad.flatten() for i in model.memory_layers]))
     assert grads[0].abs().max() > 0 and torch.allclose(grads[1], grads[0], atol=1e-6)
+
+
+def test_rolling_routing_reroutes_at_the_interval_on_the_recent_window(tmp_path):
+    path, _ = saved_base(tmp_path, "llama")
+    model = chapter_adapter(path, "memory.routing_strategy_inference=rolling", "memory.rolling_interval=3",
+                            "memory.rolling_window=4", "memory.memory_sharing=per_layer")
+    hidden = {}
+    for i in model.memory_layers:  # the normed hidden states the router sees
+        model.branches[str(i)].norm.register_forward_hook(lambda m, a, out, i=i: hidden.setdefault(i, []).append(out))
+    model.generate(IDS[:, :5], 11)  # forwards: the prompt (cache length 0), then one token at lengths 5..14
+    for i in model.memory_layers:
+        state = model._kv.routing[i]  # the routing state of that generation, next to its HF cache
+        assert state["routes"] == [0, 8, 11, 14]  # the prompt, then every 3 generated tokens
+        seen = torch.cat(hidden[i], 1)
+        assert seen.shape[1] == 15
+        expected = model.branches[str(i)].attn.router(seen[:, 11:15].mean(1)).chapters  # the last 4 tokens
+        assert torch.equal(state["routing"].chapters, expected)
