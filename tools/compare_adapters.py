@@ -5,9 +5,10 @@ same number of steps (same seed, data, schedule), trainable parameters, and medi
     python tools/compare_adapters.py --config configs/adapter_smollm2_135m.yaml \
         --steps 20 --batch-size 4 --max-length 128 --eval-batches 8 --out outputs/compare_adapters
 
-Each trained mode is one `scripts/train.py` run (its own process, so every mode starts from a cold
-process and is timed alike) with the eval at its last step only; the frozen base is evaluated here
-on the same eval batches with the same token-weighted loss as the trainer's. Extra `--section.key
+Each trained mode is one `scripts/train.py` run (its own process) with the eval at its last step
+only; the frozen base is evaluated here on the same eval batches with the same token-weighted loss
+as the trainer's. Step times of separate runs on a shared machine are not comparable, so the modes
+are also timed side by side: one process, one batch, the modes alternating each round (medians). Extra `--section.key
 VALUE` arguments go to every run (e.g. --memory.num_memory_tokens 128). Runs that already finished
 under --out are reused (delete the folder to rerun).
 """
@@ -80,6 +81,35 @@ def base_eval(cfg) -> float:
     return total / count
 
 
+def side_by_side_step_times(configs, rounds: int) -> dict:
+    """Median seconds of one training step (forward, backward, AdamW) per mode, the modes alternating
+    within each round in this one process on the same batch, after one warm-up round."""
+    import torch
+
+    from megamem.adapter import build_adapter_model
+    from megamem.data import build_loader, load_tokenizer
+
+    first = next(iter(configs.values()))
+    loader = build_loader(first, load_tokenizer(first), "train", 0, 1)
+    batch = next(iter(loader))
+    if hasattr(loader, "close"):
+        loader.close()
+    models = {m: build_adapter_model(cfg, seed=cfg.training.seed).train() for m, cfg in configs.items()}
+    optims = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+              for m, model in models.items()}
+    times = {m: [] for m in models}
+    for r in range(rounds + 1):
+        for m, model in models.items():
+            start = time.perf_counter()
+            out = model(batch["input_ids"], labels=batch["labels"])
+            (out.loss + sum(out.aux_losses.values())).backward()
+            optims[m].step()
+            optims[m].zero_grad(set_to_none=True)
+            if r:
+                times[m].append(time.perf_counter() - start)
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
 def trainable(cfg) -> tuple:
     """(trainable, total) parameter counts of the adapted model, built on the meta device."""
     from megamem.cli import _adapter_on_meta
@@ -102,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", default="memory,lora,both", help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--out", default="outputs/compare_adapters")
+    p.add_argument("--timing-rounds", type=int, default=3,
+                   help="rounds of the side-by-side step timing (modes alternating in one process); 0 skips it")
     args, extra = p.parse_known_args(argv)
     modes = args.modes.split(",")
     unknown = [m for m in modes if m not in MODES]
@@ -134,14 +166,18 @@ def main(argv=None) -> int:
         n_train, n_total = trainable(cfg)
         rows.append((mode, n_train, n_total, *result))
     tokens = args.batch_size * args.max_length
+    side = side_by_side_step_times(configs, args.timing_rounds) if args.timing_rounds else {}
     print(f"\n{args.steps} steps of {args.batch_size} x {args.max_length} tokens, seed {args.seed}, "
           f"eval on the first {args.eval_batches} held-out batches")
-    print("| mode | trainable params | held-out loss | perplexity | step time (median) |")
-    print("|---|---|---|---|---|")
+    ref = next(iter(side.values()), None)
+    print("| mode | trainable params | held-out loss | perplexity | step time in its run (median) "
+          "| side-by-side step time (ratio to the first mode) |")
+    print("|---|---|---|---|---|---|")
     for name, n_train, n_total, loss, step in rows:
         step_s = f"{step:.1f} s ({tokens / step:.0f} tok/s)" if step else "-"
         share = f"{n_train:,} ({100 * n_train / n_total:.2f}%)"
-        print(f"| {name} | {share} | {loss:.4f} | {math.exp(loss):.2f} | {step_s} |")
+        both = f"{side[name]:.1f} s ({side[name] / ref:.2f}x)" if name in side else "-"
+        print(f"| {name} | {share} | {loss:.4f} | {math.exp(loss):.2f} | {step_s} | {both} |")
     return 0
 
 
