@@ -9,8 +9,8 @@ Each trained mode is one `scripts/train.py` run (its own process) with the eval 
 only; the frozen base is evaluated here on the same eval batches with the same token-weighted loss
 as the trainer's. Step times of separate runs on a shared machine are not comparable, so the modes
 are also timed side by side: one process, one batch, the modes alternating each round (medians). Extra `--section.key
-VALUE` arguments go to every run (e.g. --memory.num_memory_tokens 128). Runs that already finished
-under --out are reused (delete the folder to rerun).
+VALUE` arguments go to every run (e.g. --memory.num_memory_tokens 128). Runs (and the base's loss)
+that already finished under --out are reused (delete the folder to rerun).
 """
 from __future__ import annotations
 
@@ -81,6 +81,24 @@ def base_eval(cfg) -> float:
     return total / count
 
 
+def cached_base_eval(cfg, args) -> float:
+    """base_eval, kept in <out>/frozen_base.json for the same base and eval batches."""
+    key = {"base": cfg.model.base_model_name, "eval_batches": args.eval_batches, "batch_size": args.batch_size,
+           "max_length": args.max_length}
+    path = os.path.join(args.out, "frozen_base.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            return saved["eval_loss"]
+    loss = base_eval(cfg)
+    os.makedirs(args.out, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"key": key, "eval_loss": loss}, f)
+    os.replace(path + ".tmp", path)
+    return loss
+
+
 def side_by_side_step_times(configs, rounds: int) -> dict:
     """Median seconds of one training step (forward, backward, AdamW) per mode, the modes alternating
     within each round in this one process on the same batch, after one warm-up round."""
@@ -149,7 +167,7 @@ def main(argv=None) -> int:
         p.error(f"--config {args.config}: model.base_model_name is not set (not an adapter config)")
     rows = []
     start = time.perf_counter()
-    loss = base_eval(first)
+    loss = cached_base_eval(first, args)
     rows.append(("frozen base", 0, trainable(first)[1], loss, None))
     print(f"frozen base: eval loss {loss:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
     for mode, cfg in configs.items():
