@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MemoryConfig, ModelConfig
 from ..memory.bank import bank_dim, build_bank
+from ..memory.chapters import routing_stats
 from ..memory.placement import bank_assignment, memory_layers, num_banks
 from ..ops import Linear
 from .attention import document_mask as make_document_mask
@@ -146,16 +147,7 @@ class MemoryTransformer(nn.Module):
 
     def _routing_stats(self):
         """Router losses averaged over memory layers (already weighted), and chapter usage per layer."""
-        aux, usage = {}, {}
-        for i in self.memory_layers:
-            attn = self.blocks[i].memory.attn
-            if attn.stats is None:
-                continue
-            _, losses, usage[i] = attn.stats
-            for name, value in losses.items():
-                aux[name] = aux.get(name, 0.0) + value / len(self.memory_layers)
-            attn.stats = None
-        return aux, usage
+        return routing_stats({i: self.blocks[i].memory.attn for i in self.memory_layers})
 
     # --------------------------------------------------------------- generation
     def new_cache(self, batch: int, max_len: int) -> KVCache:

@@ -96,6 +96,10 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
         problems.append("memory.sparse_bank_grad: row-sparse bank updates (RowSparseAdamW, see the Chapters section) "
                         "are not wired into scripts/train.py yet; set sparse_bank_grad: false (dense bank gradients "
                         "work with every layout)")
+    if cfg.model.base_model_name is not None and cfg.memory.use_chapters and stage == 3:
+        problems.append("memory.use_chapters on an adapter model (model.base_model_name set) trains with ZeRO stage "
+                        "0, 1 or 2 (ZeRO-3 is not wired for chapter branches added to an HF model); use "
+                        "ds_configs/zero2.json or set use_chapters: false")
     stages = pipeline_stages(ds)
     if stages > 1:
         problems += _pipeline_problems(cfg, stage, stages, world_size)
