@@ -68,7 +68,7 @@ class Trainer:
             self._resume(self.t.resume_from_checkpoint)
         t = self.t
         self.tokens_per_step = t.batch_size * t.max_length * t.gradient_accumulation_steps * self.data_world
-        self.flops_per_token = flops_per_token(model, self.t.max_length)
+        self.flops_per_token = flops_per_token(model, self.t.max_length, self.t.batch_size)
         self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision == "bf16" else torch.float32)
 
     def _request_stop(self, *_) -> None:
