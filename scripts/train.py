@@ -88,6 +88,8 @@ def train(cfg, ds_path) -> int:
                       tokenizer=tokenizer, has_eval=has_eval)
     trainer.stop_requested = trainer.stop_requested or bool(EARLY_STOP)
     result = trainer.fit()
+    if hasattr(signal, "SIGUSR1"):  # the run is over: a late or repeated notice has nothing left to stop
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # (and SIG_IGN, unlike a handler, outlives interpreter exit)
     if rank == 0:
         ev = result["eval"]
         summary = f"done: {result['steps']} steps"

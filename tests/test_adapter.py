@@ -144,7 +144,6 @@ def test_save_load_roundtrip_and_mismatched_base_refused(tmp_path):
     (["memory.vanilla_mode=true"], r"nothing to train"),
     (["memory.use_both_memory_and_lora=true", "memory.vanilla_mode=true"], r"use_both_memory_and_lora needs"),
     (["model.load_in_4bit=true", "model.freeze_base_model=false"], r"4-bit base weights cannot be trained"),
-    (["memory.use_chapters=true"], r"use_chapters: chapter routing is not available for adapter"),
 ])
 def test_bad_adapter_configs_refused_at_load(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -43,7 +43,7 @@ def test_auto_values_come_from_the_yaml():
                                            "memory.top_k_chapters=2", "parallel.ep_size=2"], False,
      r"DeepSpeed supports only with ZeRO stage 1 or 2 .*ds_configs/zero2.json"),
     ({"zero_optimization": {"stage": 2}, "pipeline": {"stages": 2}}, [], False,
-     r"pipeline parallelism runs with ZeRO stage 0 or 1 only"),
+     r"pipeline parallelism \(2 stages\) runs with ZeRO stage 0 or 1 only"),
 ])
 def test_refused_layouts(tmp_path, ds, overrides, on_cuda, message):
     cfg = tiny_config("training.batch_size=8", *overrides)

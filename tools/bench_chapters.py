@@ -33,7 +33,8 @@ BANKS = [16_384, 131_072, 1_048_576]
 MODES = ["dense", "sequence", "sequence-sparse", "token", "token-sparse", "token-absorbed"]
 
 
-def run_one(mode: str, bank: int, p: dict) -> dict:
+def build_case(mode: str, bank: int, p: dict):
+    """(model, optimizers) for one (mode, bank size): one memory layer, k·tokens_per_chapter fixed."""
     import torch
 
     from megamem.config import load_config
@@ -41,7 +42,6 @@ def run_one(mode: str, bank: int, p: dict) -> dict:
     from megamem.model import build_model
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # one compute thread: its CPU time is the step's cost, whatever else runs
     over = {"model.hidden_dim": p["dim"], "model.num_heads": p["heads"], "model.num_layers": 2,
             "model.intermediate_dim": 4 * p["dim"], "model.vocab_size": p["vocab"], "model.max_seq_len": p["seq"],
             "training.max_length": p["seq"], "memory.num_memory_tokens": bank,
@@ -56,16 +56,30 @@ def run_one(mode: str, bank: int, p: dict) -> dict:
     rows = list(model.banks.parameters()) if mode.endswith("sparse") else []
     rest = [p for p in model.parameters() if all(p is not b for b in rows)]
     opts = [torch.optim.AdamW(rest, lr=1e-4, fused=True)] + ([RowSparseAdamW(rows, lr=1e-4, block_rows=p["chapter"])] if rows else [])
+    return model, opts
+
+
+def train_step(model, opts, ids):
+    """Forward + backward (LM and router losses) + optimizer steps; returns the model output."""
+    out = model(ids, labels=ids)
+    (out.loss + sum(out.aux_losses.values())).backward()
+    for opt in opts:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out
+
+
+def run_one(mode: str, bank: int, p: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)  # one compute thread: its CPU time is the step's cost, whatever else runs
+    model, opts = build_case(mode, bank, p)
     gen = torch.Generator().manual_seed(0)
     times, walls = [], []
     for step in range(p["steps"] + 1):
         ids = torch.randint(0, p["vocab"], (p["batch"], p["seq"]), generator=gen)
         start, wall = time.process_time(), time.perf_counter()
-        out = model(ids, labels=ids)
-        (out.loss + sum(out.aux_losses.values())).backward()
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        out = train_step(model, opts, ids)
         if step:  # the first step warms up allocations and kernels
             times.append(time.process_time() - start)
             walls.append(time.perf_counter() - wall)

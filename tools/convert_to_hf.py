@@ -3,9 +3,11 @@
 
     python tools/convert_to_hf.py --checkpoint outputs/run/final --output hf/run [--dtype bf16] [--force]
 
---checkpoint takes an exported folder (output_dir/final) or a DeepSpeed checkpoint
-(output_dir/checkpoints, or one stepN folder). Vanilla models become native LlamaForCausalLM
-folders that load with AutoModelForCausalLM and no remote code.
+--checkpoint takes an exported folder (output_dir/final) or a DeepSpeed checkpoint of any ZeRO
+stage (output_dir/checkpoints, or one stepN folder). Llama-shaped vanilla models become native
+LlamaForCausalLM folders (no remote code); memory models a folder with remote code that loads with
+AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) (or without it after `import
+megamem`); adapter runs base + adapter, or with --merge-lora (LoRA only) the merged base model.
 """
 from __future__ import annotations
 
@@ -22,12 +24,18 @@ def main(argv=None) -> int:
     from megamem.hf.convert import DTYPES, convert_to_hf
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="output_dir/final, output_dir/checkpoints or a stepN folder")
     p.add_argument("--output", required=True)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--routing-strategy", choices=["sequence", "rolling", "token"],
+                   help="chapter models: the routing generate() uses by default (else the training config's)")
+    p.add_argument("--max-shard-size", default="5GB", help="larger weights are split into shards of this size")
+    p.add_argument("--merge-lora", action="store_true", help="adapter runs with LoRA only: merge it into the base")
     args = p.parse_args(argv)
-    print(f"wrote {convert_to_hf(args.checkpoint, args.output, args.dtype, args.force)}")
+    out = convert_to_hf(args.checkpoint, args.output, args.dtype, args.force, args.routing_strategy,
+                        args.max_shard_size, args.merge_lora)
+    print(f"wrote {out}")
     return 0
 
 

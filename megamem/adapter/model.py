@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from ..config import MegamemConfig, ModelConfig
 from ..memory.bank import bank_dim, build_bank
+from ..memory.chapters import routing_stats
 from ..memory.placement import bank_assignment, memory_layers, num_banks
+from ..memory.router import ChapterRouter
 from ..model.block import MemoryBranch
 from ..model.transformer import CausalLMOutput
 from .families import Dims, family_of
@@ -26,10 +28,16 @@ from .lora import is_lora_name
 
 
 class MemoryKV:
-    """Memory K/V per layer, kept across the decoding steps of one generation (the bank does not change)."""
+    """Memory K/V per layer, kept across the decoding steps of one generation (the bank does not change).
+
+    Chapters: `routing` holds each layer's routing state (sequence / rolling strategies) and `length`
+    the tokens already in the HF cache, as in megamem's own KVCache.
+    """
 
     def __init__(self):
         self.memory_kv: Dict[int, tuple] = {}
+        self.routing: Dict[int, dict] = {}
+        self.length = 0
 
     def memory(self, layer: int):
         return self.memory_kv.get(layer)
@@ -61,6 +69,10 @@ class AdapterModel(nn.Module):
                                    for _ in range(num_banks(self.bank_of_layer)))
         self.branches = nn.ModuleDict({str(i): MemoryBranch(self.model_config, cfg.memory, width)
                                        for i in self.memory_layers})
+        if cfg.memory.use_chapters and cfg.memory.shared_router and self.memory_layers:
+            router = self.branches[str(self.memory_layers[0])].attn.router
+            for i in self.memory_layers[1:]:
+                self.branches[str(i)].attn.router = router
         dtype = base.get_input_embeddings().weight.dtype
         self.banks.to(dtype)
         self.branches.to(dtype)
@@ -82,6 +94,10 @@ class AdapterModel(nn.Module):
                 self._kv, self._kv_owner = MemoryKV(), weakref.ref(past)
         else:
             self._kv = self._kv_owner = None
+        if self._kv is not None:
+            self._kv.length = past.get_seq_length()
+        if self.memory_config.use_chapters:
+            self._routing_stats()  # drop stats of forwards nobody collected (e.g. a generate() without cache)
         if self._kv is not None and len(self._kv.memory_kv) == len(self.memory_layers):
             self._bank_tensors = [None] * len(self.banks)
         else:
@@ -109,8 +125,15 @@ class AdapterModel(nn.Module):
         logits, loss = out.logits, None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        extra = {"past_key_values": out.past_key_values} if use_cache else {}
-        return CausalLMOutput(logits=logits, loss=loss, **extra)
+        aux, usage = self._routing_stats() if self.memory_config.use_chapters else ({}, {})
+        result = CausalLMOutput(logits=logits, loss=loss, aux_losses=aux, chapter_usage=usage)
+        if use_cache:
+            result.past_key_values = out.past_key_values
+        return result
+
+    def _routing_stats(self):
+        """Router losses (averaged over memory layers) and chapter usage per layer of the last forward without cache."""
+        return routing_stats({i: self.branches[str(i)].attn for i in self.memory_layers})
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -146,7 +169,8 @@ class AdapterModel(nn.Module):
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, enabled: bool) -> None:
-        """HF gradient checkpointing of the base's layers (the memory hooks run inside each checkpoint)."""
+        """HF gradient checkpointing of the base's layers. transformers checkpoints a layer's forward, so
+        the memory hooks run outside it; memory.memory_gradient_checkpointing checkpoints the branches."""
         if enabled:
             self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if not any(p.requires_grad for p in self.base.get_input_embeddings().parameters()):
@@ -165,7 +189,7 @@ class AdapterModel(nn.Module):
 
     def init_module(self, module: nn.Module, zero_ids: set) -> None:
         """Initialise one memory module (the base keeps its pretrained weights)."""
-        if any(module is bank for bank in self.banks):
+        if any(module is bank for bank in self.banks) or isinstance(module, ChapterRouter):
             module.reset_parameters()
         elif isinstance(module, nn.Linear):
             if id(module) in zero_ids:

@@ -160,6 +160,7 @@ class TrainingConfig:
     wandb_run_name: Optional[str] = None
     output_dir: str = "./outputs"
     resume_from_checkpoint: Optional[str] = None
+    init_from: Optional[str] = None  # weights only (fresh optimizer, schedule, data): an export folder or a pipeline checkpoint
     seed: int = 42
 
 
@@ -168,6 +169,9 @@ class ParallelConfig:
     """Layouts DeepSpeed applies from outside the model (ZeRO stage comes from the DeepSpeed JSON)."""
 
     ep_size: int = 1  # expert-parallel group size: chapters are sharded across this many ranks
+    pipeline_stages: Optional[int] = None  # layers split across this many ranks; null = the DeepSpeed JSON's pipeline.stages (else 1)
+    pipeline_partition: Literal["parameters", "uniform"] = "parameters"  # balance stages by parameter count, or by layer count
+    activation_checkpoint_interval: int = 0  # pipeline: recompute activations every this many layers in backward (0 = off)
 
 
 @dataclass

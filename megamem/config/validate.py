@@ -144,9 +144,9 @@ def _validate_adapter(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append("adapter run with nothing to train (no memory adapter, no LoRA, frozen base): vanilla_mode "
                         "finetunes the base, so set model.freeze_base_model: false (or enable use_memory_adapter "
                         "or use_lora)")
-    if memory_on and mem.use_chapters:
-        problems.append("memory.use_chapters: chapter routing is not available for adapter models in this "
-                        "version; set use_chapters: false")
+    if cfg.parallel.ep_size > 1:
+        problems.append(f"parallel.ep_size = {cfg.parallel.ep_size}: expert-parallel chapter shards are for "
+                        "from-scratch models; adapter models (model.base_model_name) keep the bank whole: set ep_size: 1")
     if cfg.data.document_masking:
         problems.append("data.document_masking is not supported for adapter models (HF attention has no "
                         "per-document mask here); set document_masking: false")
@@ -173,7 +173,14 @@ def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
 
 
 def _validate_parallel(cfg: MegamemConfig, problems: List[str]) -> None:
-    _positive(problems, "parallel", cfg.parallel, "ep_size")
+    _positive(problems, "parallel", cfg.parallel, "ep_size", "pipeline_stages")
+    if cfg.parallel.activation_checkpoint_interval < 0:
+        problems.append(f"parallel.activation_checkpoint_interval must be >= 0 (0 = off), "
+                        f"got {cfg.parallel.activation_checkpoint_interval}")
+    stages, layers = cfg.parallel.pipeline_stages, cfg.model.num_layers
+    if stages is not None and stages > 1 and layers > 0 and stages > layers:
+        problems.append(f"parallel.pipeline_stages ({stages}) must be at most model.num_layers ({layers}): "
+                        "every stage needs at least one block")
     ep, mem = cfg.parallel.ep_size, cfg.memory
     if ep > 1 and not mem.use_chapters:
         problems.append(f"parallel.ep_size = {ep} shards chapters across ranks, "

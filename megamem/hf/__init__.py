@@ -1,1 +1,1 @@
-"""Hugging Face interoperability: export megamem weights to transformers model folders."""
+"""Hugging Face interoperability: megamem models as transformers folders (native Llama or remote code), and back."""

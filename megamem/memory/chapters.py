@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,20 @@ def tokens_per_chapter(cfg: MemoryConfig) -> int:
 def build_router(hidden_dim: int, cfg: MemoryConfig) -> ChapterRouter:
     return ChapterRouter(hidden_dim, cfg.num_chapters, cfg.num_shared_chapters, cfg.top_k_chapters,
                          cfg.routed_scaling_factor)
+
+
+def routing_stats(attns: Dict[int, "ChapterMemoryAttention"]):
+    """(router losses averaged over the memory layers, already weighted; chapter usage per layer) of the
+    last forward of each layer's chapter attention, whose stats are then cleared."""
+    aux, usage = {}, {}
+    for i, attn in attns.items():
+        if attn.stats is None:
+            continue
+        _, losses, usage[i] = attn.stats
+        for name, value in losses.items():
+            aux[name] = aux.get(name, 0.0) + value / len(attns)
+        attn.stats = None
+    return aux, usage
 
 
 def _weight(proj: torch.nn.Module) -> torch.Tensor:

@@ -5,7 +5,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..ops import Linear, sdpa
 
 if TYPE_CHECKING:  # the cache lives with the model; only its type is needed here
     from ..model.kv_cache import KVCache
@@ -16,15 +17,15 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, rank: int):
         super().__init__()
-        self.down = nn.Linear(in_dim, rank, bias=False)
-        self.up = nn.Linear(rank, out_dim, bias=False)
+        self.down = Linear(in_dim, rank, bias=False)
+        self.up = Linear(rank, out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
 
 def _projection(in_dim: int, out_dim: int, rank: Optional[int]) -> nn.Module:
-    return LowRankLinear(in_dim, out_dim, rank) if rank else nn.Linear(in_dim, out_dim, bias=False)
+    return LowRankLinear(in_dim, out_dim, rank) if rank else Linear(in_dim, out_dim, bias=False)
 
 
 class MemoryCrossAttention(nn.Module):
@@ -66,6 +67,6 @@ class MemoryCrossAttention(nn.Module):
                 cache.memory_kv[layer] = kv
         k, v = kv
         q = self.q_proj(x).view(1, B * S, H, hd).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.num_kv_heads != H)
+        y = sdpa(q, k, v, enable_gqa=self.num_kv_heads != H)
         y = y.transpose(1, 2).reshape(B, S, H * hd)
         return self.dropout(self.o_proj(y))

@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..ops import Linear, sdpa
 from .kv_cache import KVCache
 from .layers import apply_rotary
 
@@ -33,8 +33,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
-        self.qkv_proj = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
+        self.qkv_proj = Linear(dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=False)
+        self.o_proj = Linear(num_heads * self.head_dim, dim, bias=False)
         self.attention_dropout = attention_dropout
         self.resid_dropout = nn.Dropout(dropout)
         self.use_flash_attention = use_flash_attention
@@ -57,8 +57,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)
         p = self.attention_dropout if self.training else 0.0
         if document_mask is not None:  # packed documents: block-diagonal causal mask through SDPA
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask, dropout_p=p,
-                                               enable_gqa=KV != H).transpose(1, 2).reshape(B, S, H * hd)
+            y = sdpa(q, k, v, attn_mask=document_mask, dropout_p=p,
+                     enable_gqa=KV != H).transpose(1, 2).reshape(B, S, H * hd)
         elif self.use_flash_attention and flash_attention_usable(x):
             from flash_attn import flash_attn_func  # guarded import: CUDA-only package
 
@@ -73,9 +73,9 @@ class CausalSelfAttention(nn.Module):
         S, T = q.shape[2], k.shape[2]
         gqa = self.num_kv_heads != self.num_heads
         if past == 0:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=S > 1, enable_gqa=gqa)
+            return sdpa(q, k, v, dropout_p=p, is_causal=S > 1, enable_gqa=gqa)
         if S == 1:  # one new token sees every cached token
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
+            return sdpa(q, k, v, dropout_p=p, enable_gqa=gqa)
         # several new tokens after a cached prefix: query i sees keys 0..past+i
         mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(diagonal=past)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
+        return sdpa(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import Linear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -50,8 +52,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
-        self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_up_proj = Linear(dim, 2 * hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +64,8 @@ class SwiGLU(nn.Module):
 class GeluMLP(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0, approximate: str = "none"):
         super().__init__()
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.approximate = approximate
 

@@ -13,7 +13,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MemoryConfig, ModelConfig
 from ..memory.bank import bank_dim, build_bank
+from ..memory.chapters import routing_stats
 from ..memory.placement import bank_assignment, memory_layers, num_banks
+from ..ops import Linear
 from .attention import document_mask as make_document_mask
 from .block import Block
 from .kv_cache import KVCache
@@ -62,7 +64,7 @@ class MemoryTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(model, memory, width if i in self.bank_of_layer else None) for i in range(model.num_layers))
         self.norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
-        self.lm_head = nn.Linear(model.hidden_dim, model.vocab_size, bias=False)
+        self.lm_head = Linear(model.hidden_dim, model.vocab_size, bias=False)
         self.gradient_checkpointing = False
         if memory.use_chapters and memory.shared_router and self.memory_layers:
             router = self.blocks[self.memory_layers[0]].memory.attn.router
@@ -102,10 +104,14 @@ class MemoryTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, document_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
-        """document_ids [B, S]: packed documents attend only within themselves (positions stay global)."""
+                cache: Optional[KVCache] = None, document_ids: Optional[torch.Tensor] = None,
+                last_logits_only: bool = False) -> CausalLMOutput:
+        """document_ids [B, S]: packed documents attend only within themselves (positions stay global).
+        last_logits_only: logits of the last position only ([B, 1, V]; what decoding needs)."""
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
+        if last_logits_only and labels is not None:
+            raise ValueError("last_logits_only has no logits for the loss over every position; pass one or the other")
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids (packed training rows) cannot be combined with a KV cache")
         doc_mask = make_document_mask(document_ids) if document_ids is not None else None
@@ -130,25 +136,18 @@ class MemoryTransformer(nn.Module):
                 x = block(x, cos, sin, memory, cache, i, doc_mask)
         if cache is not None:
             cache.advance(S)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x[:, -1:] if last_logits_only else x))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # shift the labels, not the logits: no copy of the [B, S, V] logits (nor of their gradient)
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
         aux, usage = self._routing_stats() if self.memory_config.use_chapters and cache is None else ({}, {})
         return CausalLMOutput(logits=logits, loss=loss, aux_losses=aux, chapter_usage=usage)
 
     def _routing_stats(self):
         """Router losses averaged over memory layers (already weighted), and chapter usage per layer."""
-        aux, usage = {}, {}
-        for i in self.memory_layers:
-            attn = self.blocks[i].memory.attn
-            if attn.stats is None:
-                continue
-            _, losses, usage[i] = attn.stats
-            for name, value in losses.items():
-                aux[name] = aux.get(name, 0.0) + value / len(self.memory_layers)
-            attn.stats = None
-        return aux, usage
+        return routing_stats({i: self.blocks[i].memory.attn for i in self.memory_layers})
 
     # --------------------------------------------------------------- generation
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -177,7 +176,7 @@ class MemoryTransformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         out, step_input = input_ids, input_ids
         for _ in range(total - S):
-            logits = self(step_input, cache=cache).logits[:, -1]
+            logits = self(step_input, cache=cache, last_logits_only=True).logits[:, -1]
             nxt = select_next_token(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)

@@ -47,7 +47,9 @@ def layout_problem(cfg: MegamemConfig, ds: Dict, stage: int, world_size: int) ->
                 f"set training.mixed_precision: no, or {off}")
     if cfg.training.optimizer == "sgd":
         return f"{what} updates the banks with AdamW: set training.optimizer to adamw or adam, or {off}"
-    if ds.get("pipeline"):
+    from .ds_config import pipeline_stages
+
+    if pipeline_stages(ds) > 1:
         return f"{what} is not supported with pipeline parallelism: set {off}"
     return None
 

@@ -46,6 +46,36 @@ def zero_stage(ds: Dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def pipeline_stages(ds: Dict[str, Any]) -> int:
+    """Stages of a resolved config (1 = no pipeline)."""
+    stages = ds.get("pipeline", {}).get("stages", 1)
+    return stages if isinstance(stages, int) else 1
+
+
+def _resolve_pipeline(ds: Dict[str, Any], cfg: MegamemConfig, where: str) -> int:
+    """parallel.pipeline_stages (YAML) or pipeline.stages (JSON): one number, written into the JSON."""
+    section = ds.get("pipeline")
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"{where}: pipeline must be a JSON object, e.g. {{\"stages\": 2}}")
+    from_json = (section or {}).get("stages", "auto")
+    if from_json != "auto" and (isinstance(from_json, bool) or not isinstance(from_json, int) or from_json < 1):
+        raise ConfigError(f"{where}: pipeline.stages must be a positive integer or \"auto\", got {from_json!r}")
+    from_yaml = cfg.parallel.pipeline_stages
+    if from_yaml is None:
+        stages = 1 if from_json == "auto" else from_json
+    else:
+        _fill(ds, ["pipeline", "stages"], from_yaml, "parallel.pipeline_stages", where)
+        stages = from_yaml
+    if section is not None or stages > 1:
+        ds.setdefault("pipeline", {})["stages"] = stages
+        # DeepSpeed's reentrant checkpoint cannot back-propagate twice through one segment, and a stage
+        # sends two float tensors (hidden states, router losses): recompute with the non-reentrant one
+        ds["pipeline"].setdefault("use_reentrant", False)
+        _fill(ds, ["pipeline", "activation_checkpoint_interval"], cfg.parallel.activation_checkpoint_interval,
+              "parallel.activation_checkpoint_interval", where)
+    return stages
+
+
 def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world_size: int = 1) -> List[str]:
     """Combinations DeepSpeed or megamem cannot run, each with the fix."""
     problems = []
@@ -63,8 +93,36 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
     message = None if any("ep_size" in p for p in problems) else layout_problem(cfg, ds, stage, world_size)
     if message:
         problems.append(message)
-    if ds.get("pipeline") and stage >= 2:
-        problems.append("pipeline parallelism runs with ZeRO stage 0 or 1 only (DeepSpeed refuses ZeRO-2/3 with pipelines)")
+    if cfg.model.base_model_name is not None and cfg.memory.use_chapters and stage == 3:
+        problems.append("memory.use_chapters on an adapter model (model.base_model_name set) trains with ZeRO stage "
+                        "0, 1 or 2 (ZeRO-3 is not wired for chapter branches added to an HF model); use "
+                        "ds_configs/zero2.json or set use_chapters: false")
+    stages = pipeline_stages(ds)
+    if stages > 1:
+        problems += _pipeline_problems(cfg, stage, stages, world_size)
+    return problems
+
+
+def _pipeline_problems(cfg: MegamemConfig, stage: int, stages: int, world_size: int) -> List[str]:
+    problems = []
+    if stage >= 2:
+        problems.append(f"pipeline parallelism ({stages} stages) runs with ZeRO stage 0 or 1 only (DeepSpeed refuses "
+                        f"ZeRO-2/3 with pipelines); set zero_optimization.stage to 0 or 1 (ds_configs/pipeline.json)")
+    if world_size % stages:
+        problems.append(f"pipeline.stages = {stages} must divide the world size ({world_size} rank"
+                        f"{'s' if world_size > 1 else ''}); launch a multiple of {stages} ranks "
+                        f"(e.g. deepspeed --num_gpus {stages}) or set parallel.pipeline_stages")
+    if cfg.parallel.ep_size > 1:
+        problems.append("parallel.ep_size > 1 cannot be combined with pipeline stages; use ep_size: 1")
+    if cfg.model.base_model_name is not None:
+        problems.append("memory adapters on a pretrained model (model.base_model_name) do not run as a pipeline; "
+                        "use ZeRO-2/3 (ds_configs/zero2.json, zero3.json)")
+    if cfg.training.gradient_checkpointing:
+        problems.append("training.gradient_checkpointing: under a pipeline use parallel.activation_checkpoint_interval "
+                        "(e.g. 1) instead, and set gradient_checkpointing: false")
+    if cfg.model.num_layers < stages:
+        problems.append(f"pipeline.stages = {stages} exceeds model.num_layers ({cfg.model.num_layers}): "
+                        "every stage needs at least one block")
     return problems
 
 
@@ -79,11 +137,14 @@ def resolve_ds_config(path: Optional[str], cfg: MegamemConfig, world_size: int,
             raise ConfigError(f"{where}: remove the '{section}' section: megamem builds the {section} from the YAML "
                               f"(training.optimizer / training.scheduler and the learning rates)")
     t = cfg.training
+    stages = _resolve_pipeline(ds, cfg, where)
+    data_parallel = max(world_size // stages, 1)  # a pipeline's stages see the same batch
     _fill(ds, ["train_micro_batch_size_per_gpu"], t.batch_size, "training.batch_size", where)
     _fill(ds, ["gradient_accumulation_steps"], t.gradient_accumulation_steps, "training.gradient_accumulation_steps",
           where)
-    _fill(ds, ["train_batch_size"], t.batch_size * t.gradient_accumulation_steps * world_size,
-          "training.batch_size × gradient_accumulation_steps × world size", where)
+    _fill(ds, ["train_batch_size"], t.batch_size * t.gradient_accumulation_steps * data_parallel,
+          "training.batch_size × gradient_accumulation_steps × data-parallel size (world size / pipeline stages)",
+          where)
     _fill(ds, ["gradient_clipping"], float(t.max_grad_norm), "training.max_grad_norm", where)
     _fill(ds, ["bf16", "enabled"], t.mixed_precision == "bf16", "training.mixed_precision", where)
     _fill(ds, ["fp16", "enabled"], t.mixed_precision == "fp16", "training.mixed_precision", where)
@@ -102,7 +163,14 @@ def describe_layout(ds: Dict[str, Any], world_size: int) -> str:
     shards = {0: "nothing sharded (data parallel)", 1: "optimizer state sharded",
               2: "optimizer state + gradients sharded", 3: "parameters (banks included) + gradients + optimizer state sharded"}
     precision = "bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"
-    return (f"world size {world_size}, ZeRO-{stage}: {shards.get(stage, '?')}"
+    stages = pipeline_stages(ds)
+    replicas = max(world_size // stages, 1)
+    micro = ds["gradient_accumulation_steps"]
+    plural = lambda n, word, many: f"{n} {word if n == 1 else many}"  # noqa: E731
+    pipe = (f"; pipeline: {stages} stages × {plural(replicas, 'data-parallel replica', 'data-parallel replicas')}, "
+            f"{plural(micro, 'micro-batch', 'micro-batches')} per step") if stages > 1 else ""
+    return (f"world size {world_size}, ZeRO-{stage}: {shards.get(stage, '?')}{pipe}"
             f"{'; offload: ' + ', '.join(offload) if offload else ''}; {precision}; micro-batch "
-            f"{ds['train_micro_batch_size_per_gpu']} × accumulation {ds['gradient_accumulation_steps']} × "
-            f"{world_size} ranks = {ds['train_batch_size']} sequences per step")
+            f"{ds['train_micro_batch_size_per_gpu']} × accumulation {micro} × "
+            f"{plural(replicas, 'replica', 'replicas') if stages > 1 else f'{world_size} ranks'} = "
+            f"{ds['train_batch_size']} sequences per step")

@@ -41,29 +41,38 @@ def export_model(state: Dict[str, torch.Tensor], cfg, tokenizer, path: str, step
     os.replace(tmp, path)
 
 
+def model_with_state(cfg, state: Dict[str, torch.Tensor], where: str, dtype: Optional[torch.dtype] = None):
+    """The model of cfg holding `state` (every key must match; a tied lm_head may be absent), in eval mode."""
+    from ..model import build_model
+
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ConfigError(f"{where} does not match its config.yaml: missing {sorted(set(missing) - tied)[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    return model.to(dtype or state["tok_embeddings.weight"].dtype).eval()
+
+
 def load_exported(path: str, dtype: Optional[torch.dtype] = None):
-    """(model, cfg, tokenizer or None) from an exported folder."""
+    """(model, cfg, tokenizer or None) from an exported folder, or a megamem Hugging Face folder."""
     from safetensors.torch import load_file
 
-    from ..model import build_model
+    from ..hf.folder import is_megamem_folder, load_megamem_folder
 
     if os.path.isfile(os.path.join(path, "adapter.json")):  # an adapter run: its base + the adapter weights
         from ..adapter import load_adapter
 
-        return load_adapter(path, dtype=dtype)
+        here = os.path.isfile(os.path.join(path, "config.json"))  # converted: the base's files are in the folder
+        return load_adapter(path, base_model_name=path if here else None, dtype=dtype)
+    if is_megamem_folder(path):
+        return load_megamem_folder(path, dtype)
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
         raise ConfigError(f"{path}: no model.safetensors (expected a folder written at the end of training, "
                           "e.g. outputs/<run>/final)")
     cfg = load_config(os.path.join(path, "config.yaml"))
-    model = build_model(cfg)
-    state = load_file(weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise ConfigError(f"{weights} does not match its config.yaml: missing {sorted(set(missing) - tied)[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-    model = model.to(dtype or state["tok_embeddings.weight"].dtype).eval()
+    model = model_with_state(cfg, load_file(weights), weights, dtype)
     tokenizer = None
     if os.path.isdir(os.path.join(path, "tokenizer")):
         from transformers import AutoTokenizer

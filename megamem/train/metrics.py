@@ -18,11 +18,14 @@ import torch
 from ..config import ConfigError, MegamemConfig, config_to_dict
 
 
-def flops_per_token(model, seq_len: int) -> float:
+def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
     """Training FLOPs per token (forward + backward ≈ 3 × forward), matmuls only.
 
     Weights: 6 per non-embedding parameter (the LM head counts). Self-attention: QKᵀ and PV over
     an average causal context of seq_len/2. Memory attention: QKᵀ and PV over all N_m rows.
+    With `batch` (sequences per forward), the memory K/V projections count as what they are — one
+    projection of the N_m bank rows per memory layer per forward, shared by batch·seq_len tokens —
+    instead of as a per-token weight.
     """
     if hasattr(model, "flops_per_token"):  # adapter models count their own base
         return model.flops_per_token(seq_len)
@@ -35,6 +38,11 @@ def flops_per_token(model, seq_len: int) -> float:
     attn = 6 * 2 * m.num_layers * (seq_len / 2) * m.hidden_dim
     heads = mem.memory_num_heads or m.num_heads
     memory = 6 * 2 * len(model.memory_layers) * mem.num_memory_tokens * heads * (m.hidden_dim // heads)
+    if batch is not None and not mem.use_chapters:
+        kv = sum(p.numel() for i in model.memory_layers for proj in (model.blocks[i].memory.attn.k_proj,
+                                                                      model.blocks[i].memory.attn.v_proj)
+                 for p in proj.parameters())
+        dense += 6 * kv * (mem.num_memory_tokens / (batch * seq_len) - 1)
     return dense + attn + memory
 
 

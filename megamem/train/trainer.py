@@ -15,7 +15,7 @@ from ..parallel.zero import build_model_for_zero, gathered_state_dict
 from .chapter_banks import ChapterBanks, banks_outside_engine
 from .checkpoint import CheckpointManager, resolve_resume
 from .export import SAVE_DTYPES, export_model
-from .ds_config import resolve_ds_config, zero_stage
+from .ds_config import pipeline_stages, resolve_ds_config, zero_stage
 from .metrics import MetricsLogger, flops_per_token, measure_peak_flops
 from .optim import build_optimizer, build_scheduler, parameter_groups
 
@@ -35,9 +35,23 @@ class Trainer:
         self.rank, self.local_rank, self.world = init_distributed()
         self.ds = resolve_ds_config(ds_config_path, cfg, self.world)
         self.output_dir = self.t.output_dir
-        model = build_model_for_zero(cfg, self.ds, zero_stage(self.ds), self.t.seed)  # same weights on every rank
-        model.gradient_checkpointing = self.t.gradient_checkpointing
-        self.train_loader = loaders("train", self.rank, self.world)
+        self.pipeline = pipeline_stages(self.ds) > 1
+        # data-parallel position: a pipeline's stages all read the same batches
+        self.data_rank, self.data_world = self.rank, self.world
+        if self.pipeline:
+            from ..parallel.pipeline import build_pipeline_model
+
+            model = build_pipeline_model(cfg, self.ds, self.t.seed)  # the plain model's weights, cut into stages
+            grid = model.mpu()
+            self.data_rank, self.data_world = grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
+        else:
+            model = build_model_for_zero(cfg, self.ds, zero_stage(self.ds), self.t.seed)  # same weights on every rank
+            model.gradient_checkpointing = self.t.gradient_checkpointing
+        if self.t.init_from:  # weights only, e.g. a pipeline run continued on another layout
+            from .init_from import init_from
+
+            init_from(model, cfg, zero_stage(self.ds))
+        self.train_loader = loaders("train", self.data_rank, self.data_world)
         self.eval_loader = None
         self.total_steps = self._total_steps()
         outside = banks_outside_engine(cfg)  # chapter banks: expert shards or row-sparse (chapter_banks.py)
@@ -55,8 +69,9 @@ class Trainer:
             signal.signal(signal.SIGUSR1, self._request_stop)
         if self.t.resume_from_checkpoint:
             self._resume(self.t.resume_from_checkpoint)
-        self.tokens_per_step = self.t.batch_size * self.t.max_length * self.t.gradient_accumulation_steps * self.world
-        self.flops_per_token = flops_per_token(model, self.t.max_length)
+        t = self.t
+        self.tokens_per_step = t.batch_size * t.max_length * t.gradient_accumulation_steps * self.data_world
+        self.flops_per_token = flops_per_token(model, self.t.max_length, self.t.batch_size)
         self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision == "bf16" else torch.float32)
 
     def _request_stop(self, *_) -> None:
@@ -98,6 +113,11 @@ class Trainer:
         return values
 
     def _forward(self, batch: Dict[str, torch.Tensor]):
+        if self.pipeline:  # evaluation only: the LM loss, from the last stage, on every rank
+            from ..model import CausalLMOutput
+            from ..parallel.pipeline import pipe_batch
+
+            return CausalLMOutput(None, self.engine.eval_batch(iter([pipe_batch(batch)]), num_micro_batches=1))
         kwargs = {k: v.to(self.engine.device) for k, v in batch.items() if k not in ("input_ids",)}
         return self.engine(batch["input_ids"].to(self.engine.device), **kwargs)
 
@@ -107,6 +127,8 @@ class Trainer:
     # ------------------------------------------------------------------ train
     def train_step(self, batches) -> Dict[str, float]:
         """One optimizer step over gradient_accumulation_steps micro-batches; non-finite ones are skipped."""
+        if self.pipeline:
+            return self._pipeline_step(batches)
         losses, aux, micro, in_a_row = [], {}, 0, 0
         while micro < self.t.gradient_accumulation_steps:
             out = self._forward(next(batches))
@@ -137,13 +159,25 @@ class Trainer:
         record["loss"] = lm + sum(v for k, v in record.items() if k != "lm_loss")
         return record
 
+    def _pipeline_step(self, batches) -> Dict[str, float]:
+        """DeepSpeed's pipeline schedule runs the micro-batches; router losses arrive per name from the last stage."""
+        from ..parallel.pipeline import pipe_batch
+
+        loss = self.engine.train_batch(map(pipe_batch, batches)).item()
+        if not math.isfinite(loss):  # the schedule has no per-micro-batch skip: stop instead
+            raise NonFiniteLossError(f"loss was NaN/inf at step {self.step + 1} of a pipeline run (micro-batches "
+                                     "cannot be skipped there); stopping. Lower the learning rate or check the data")
+        record = {k: v.item() for k, v in self.engine.agg_additional_losses.items()}
+        record["loss"] = record["lm_loss"] + sum(v for k, v in record.items() if k != "lm_loss")
+        return record
+
     @torch.no_grad()
     def evaluate(self) -> Optional[Dict[str, float]]:
         if not self.has_eval:
             return None
         self.engine.eval()
         if self.eval_loader is None:
-            self.eval_loader = self.loaders("eval", self.rank, self.world)
+            self.eval_loader = self.loaders("eval", self.data_rank, self.data_world)
         it = iter(self.eval_loader)  # each iter() is one pass over the eval split
         total = torch.zeros(2, dtype=torch.float64)
         for i in range(self.t.eval_max_batches or 2**62):
@@ -155,7 +189,7 @@ class Trainer:
             n = (batch["labels"][:, 1:] != -100).sum().item()
             total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
         self.engine.train()
-        total = self._all_reduce(total)
+        total = self._all_reduce(total) / (self.world // self.data_world)  # each pipeline stage counted it
         if total[1] == 0:
             return None
         loss = (total[0] / total[1]).item()
@@ -223,7 +257,12 @@ class Trainer:
     def export(self, path: str) -> None:
         """Final weights: the whole model, or for adapter runs only what trained (megamem.adapter.saving)."""
         names = self.model.export_names() if hasattr(self.model, "export_names") else None
-        state = gathered_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank, names)
+        if self.pipeline:
+            from ..parallel.pipeline import gathered_plain_state_dict
+
+            state = gathered_plain_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank)
+        else:
+            state = gathered_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank, names)
         if self.banks is not None:  # expert-parallel shards → whole banks
             self.banks.full_banks(state, SAVE_DTYPES[self.t.save_precision])
         if self.rank == 0 and names is not None:

@@ -1,0 +1,48 @@
+"""Perplexity over a data split: token-weighted mean NLL of every labelled token, as training's eval."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, Optional
+
+import torch
+
+
+@torch.no_grad()
+def perplexity(loaded, cfg, split: str = "eval", max_batches: Optional[int] = None) -> Dict[str, object]:
+    """{"loss", "ppl", "tokens", "batches", "chapter_usage"}; chapter_usage: per memory layer, reads per chapter."""
+    from tqdm.auto import tqdm
+
+    from ..data import build_loader
+    from ..model import MemoryTransformer
+
+    ours = isinstance(loaded.megamem, MemoryTransformer)
+    model = loaded.megamem if ours else loaded.hf
+    model.eval()
+    loader = build_loader(cfg, loaded.tokenizer, split)
+    nll, count, batches, usage = 0.0, 0, 0, {}
+    bar = tqdm(desc=f"perplexity ({split})", unit="batch", disable=os.environ.get("MEGAMEM_NO_PROGRESS") == "1")
+    try:
+        for batch in loader:
+            if max_batches is not None and batches >= max_batches:
+                break
+            ids, labels = batch["input_ids"], batch["labels"]
+            if ours:
+                out = model(ids, document_ids=batch.get("document_ids"))
+                for layer, counts in out.chapter_usage.items():
+                    usage[layer] = usage.get(layer, 0) + counts.detach().double().cpu()
+            else:
+                out = model(input_ids=ids)
+            logp = out.logits[:, :-1].float().log_softmax(-1)
+            target = labels[:, 1:]
+            keep = target != -100
+            nll -= logp.gather(-1, target.clamp(min=0)[..., None])[..., 0][keep].double().sum().item()
+            count += int(keep.sum())
+            batches += 1
+            bar.update(1)
+    finally:
+        bar.close()
+        loader.close()
+    loss = nll / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count, "batches": batches,
+            "chapter_usage": {layer: c.tolist() for layer, c in sorted(usage.items())}}

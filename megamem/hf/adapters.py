@@ -1,0 +1,84 @@
+"""Adapter runs as Hugging Face folders.
+
+- `merge_lora`: a LoRA-only run (no memory adapter) becomes the base model with the LoRA deltas
+  merged into its weights: a plain folder of the base's architecture (no megamem, no peft needed).
+- otherwise: base + adapter — the base's own files (config.json, weights, tokenizer) next to the
+  adapter export (adapter.safetensors, adapter.json, config.yaml). `AutoModelForCausalLM` loads the
+  base from it; megamem's `load_exported(folder)` loads base + memory/LoRA (the folder is its own
+  base, checked by config hash as always).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from ..config import ConfigError
+
+
+def base_folder(name: str) -> str:
+    """The local folder of a base model: a folder path, or its snapshot in the HF cache (no download)."""
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any miss means the same thing here
+        raise ConfigError(f"model.base_model_name '{name}' is neither a folder nor in the local Hugging Face cache "
+                          f"({type(e).__name__}); download it first") from None
+
+
+def merged_lora_base(model):
+    """The adapter model's base with every LoRA layer merged into its base weights (peft's merge)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.base
+    for name, module in list(base.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent) if parent else base, child, module.get_base_layer())
+    return base
+
+
+def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool) -> None:
+    from ..adapter.saving import load_adapter
+    from .convert import DTYPES
+
+    if merge_lora:
+        model, cfg, tokenizer = load_adapter(source, dtype=torch.float32)
+        if model.memory_layers:
+            raise ConfigError(f"--merge-lora: {source} has memory adapters, which cannot be merged into the base; "
+                              "convert without --merge-lora (base + adapter)")
+        if not (cfg.memory.use_lora or cfg.memory.use_both_memory_and_lora):
+            raise ConfigError(f"--merge-lora: {source} has no LoRA weights")
+        merged_lora_base(model).to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        return
+    copy_base_and_adapter(folder, source, DTYPES[dtype])
+
+
+def copy_base_and_adapter(folder: str, source: str, dtype: torch.dtype) -> None:
+    """The base's files as they are, then the adapter export (its weights in dtype) beside them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ..adapter.saving import META, WEIGHTS
+    from ..config import load_config
+
+    home = base_folder(load_config(os.path.join(source, "config.yaml")).model.base_model_name)
+    for name in os.listdir(home):
+        if os.path.isfile(os.path.join(home, name)) and not name.startswith("."):
+            shutil.copyfile(os.path.join(home, name), os.path.join(folder, name))
+    for name in (META, "config.yaml"):
+        shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
+    if os.path.isdir(os.path.join(source, "tokenizer")):
+        shutil.copytree(os.path.join(source, "tokenizer"), os.path.join(folder, "tokenizer"))
+    with safe_open(os.path.join(source, WEIGHTS), "pt") as f:
+        meta = f.metadata()
+    state = load_file(os.path.join(source, WEIGHTS))
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+              os.path.join(folder, WEIGHTS), metadata=meta)

@@ -1,0 +1,129 @@
+"""MegamemForCausalLM: megamem's MemoryTransformer behind the transformers PreTrainedModel API.
+
+The wrapped model is `self.model` (state-dict keys are megamem's with a `model.` prefix), so the
+same weights serve megamem and transformers. generate() runs on megamem's own KV cache (passed
+between steps as `megamem_cache`), so chapter routing at inference (sequence / rolling / token)
+behaves exactly as in `MemoryTransformer.generate`; greedy tokens are the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from .configuration import MegamemHFConfig
+
+
+@dataclass
+class MegamemCausalLMOutput(ModelOutput):
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    megamem_cache: Optional[Any] = None  # megamem.model.kv_cache.KVCache while generating
+    aux_losses: Optional[Dict[str, torch.Tensor]] = None  # router losses (chapter models, no cache)
+    chapter_usage: Optional[Dict[int, torch.Tensor]] = None  # per memory layer: units that read each chapter
+
+
+def check_attention_mask(mask: Optional[torch.Tensor], cached: bool) -> None:
+    """megamem has no padding mask: right padding is harmless to the real tokens of a causal model
+    (dense memory); left padding, or any padding while generating, would change the result."""
+    if mask is None or bool(mask.all()):
+        return
+    if cached:
+        raise ValueError("megamem generate() takes unpadded prompts (attention_mask has zeros); generate each prompt "
+                         "on its own or give prompts of equal length")
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("megamem models accept right padding only (attention_mask has zeros before ones)")
+
+
+class MegamemForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = MegamemHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"model.lm_head.weight": "model.tok_embeddings.weight"}  # when tie_word_embeddings
+
+    def __init__(self, config: MegamemHFConfig, model=None):
+        super().__init__(config)
+        from ..model import MemoryTransformer
+
+        cfg = config.megamem_config()
+        self.model = model if model is not None else MemoryTransformer(cfg.model, cfg.memory)
+        if config.routing_strategy_inference is not None:  # a wrapped model keeps its own config object
+            self.model.memory_config.routing_strategy_inference = config.routing_strategy_inference
+        self.post_init()
+
+    @classmethod
+    def from_megamem(cls, model, cfg, **config_kwargs) -> "MegamemForCausalLM":
+        """Wrap an existing MemoryTransformer (weights shared, nothing copied)."""
+        return cls(MegamemHFConfig.from_megamem(cfg, **config_kwargs), model=model).to(model.tok_embeddings.weight.dtype)
+
+    # ----------------------------------------------------------- HF plumbing
+    def get_input_embeddings(self):
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.model.lm_head
+
+    def set_output_embeddings(self, value):
+        self.model.lm_head = value
+
+    def set_routing_strategy(self, strategy: str) -> None:
+        """Chapter routing used by generate(): sequence | rolling | token."""
+        from .configuration import ROUTING_STRATEGIES
+
+        if strategy not in ROUTING_STRATEGIES:
+            raise ValueError(f"routing strategy {strategy!r}; valid: {', '.join(ROUTING_STRATEGIES)}")
+        self.config.routing_strategy_inference = strategy
+        self.model.memory_config.routing_strategy_inference = strategy
+
+    def _init_weights(self, module):
+        """Only what a checkpoint does not hold: the RoPE frequencies (a non-persistent buffer).
+
+        Weights keep megamem's own initialisation (MemoryTransformer's constructor: zero W_o, bank
+        init) or come from the checkpoint; transformers' generic init would overwrite both.
+        """
+        from transformers import initialization as init
+
+        from ..model.layers import RotaryEmbedding
+
+        if isinstance(module, RotaryEmbedding):
+            head_dim, theta = 2 * module.inv_freq.shape[0], self.model.model_config.rope_theta
+            inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+            init.copy_(module.inv_freq, inv)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.LongTensor] = None, megamem_cache=None, **kwargs) -> MegamemCausalLMOutput:
+        """labels: as in transformers (same shape as input_ids, shifted inside, -100 ignored)."""
+        check_attention_mask(attention_mask, megamem_cache is not None)
+        out = self.model(input_ids, labels=labels, cache=megamem_cache)
+        return MegamemCausalLMOutput(loss=out.loss, logits=out.logits, megamem_cache=megamem_cache,
+                                     aux_losses=out.aux_losses, chapter_usage=out.chapter_usage)
+
+    # ------------------------------------------------------------ generation
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, *args, **kwargs):
+        if generation_config.num_beams > 1:
+            raise ValueError("megamem models generate with greedy or sampled decoding (num_beams=1); beam search "
+                             "would need its KV cache reordered, which it does not support")
+        model_kwargs["megamem_cache_len"] = min(max_cache_length + 1, self.model.model_config.max_seq_len)
+
+    def prepare_inputs_for_generation(self, input_ids, megamem_cache=None, attention_mask=None,
+                                      megamem_cache_len=None, **kwargs):
+        if megamem_cache is None:
+            megamem_cache = self.model.new_cache(input_ids.shape[0],
+                                                 megamem_cache_len or self.model.model_config.max_seq_len)
+        return {"input_ids": input_ids[:, megamem_cache.length:].to(self.device), "megamem_cache": megamem_cache,
+                "attention_mask": attention_mask}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["megamem_cache"] = outputs.megamem_cache
+        return model_kwargs

@@ -1,0 +1,1 @@
+"""Files copied into exported Hugging Face folders as remote code (`trust_remote_code=True`)."""

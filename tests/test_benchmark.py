@@ -1,0 +1,121 @@
+"""tools/benchmark.py at tiny sizes (so the tool never rots), FLOP counting against a closed form, and the
+model changes made for speed (bf16 kernels widened on CPUs without bf16 GEMMs, label shift, last logits)."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, tiny_config
+from megamem.model import build_model
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+
+@pytest.fixture(scope="module")
+def quick():
+    import benchmark
+
+    return benchmark.run(benchmark.ALL, "quick")
+
+
+def _positive(x):
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_every_sub_benchmark_reports_finite_ratios(quick):
+    import benchmark
+
+    r = quick["results"]
+    assert set(r) == set(benchmark.ALL)
+    assert [v["dtype"] for v in r["vanilla"]["rows"]] == ["fp32", "bf16"]
+    for v in r["vanilla"]["rows"]:
+        assert _positive(v["ratio"]) and v["met"] == (v["ratio"] >= v["target"])
+        assert v["ratio"] == pytest.approx(v["megamem_tokens_per_s"] / v["transformers_tokens_per_s"])
+    assert [v["memory_tokens"] for v in r["memory"]["rows"]] == [64, 256]
+    for v in r["memory"]["rows"]:
+        assert _positive(v["ratio"]) and v["step_gflop"] > v["vanilla_step_gflop"]
+    modes = [(v["mode"], v["memory_tokens"]) for v in r["chapters"]["rows"]]
+    assert modes == [(m, n) for m in ("sequence-sparse", "token-sparse") for n in (256, 1024)]
+    assert all(_positive(v["vs_smallest_bank"]) and _positive(v["vs_dense_smallest_bank"]) for v in r["chapters"]["rows"])
+    assert [v["vs_smallest_bank"] for v in r["chapters"]["rows"]][::2] == [1.0, 1.0]
+    assert all(_positive(v["mfu"]) and _positive(v["peak_gflops"]) for v in r["mfu"]["rows"])
+    for v in r["generation"]["rows"]:  # same weights give the same greedy tokens, memory model included
+        assert v["same_tokens"] is True and _positive(v["ratio"])
+    wrapper = r["generation"]["hf_wrapper"]  # an exported folder's generate() gives megamem's tokens
+    assert [v["model"] for v in wrapper] == ["dense bank", "chapters, sequence routing"]
+    assert all(v["same_tokens"] is True and _positive(v["hf_over_megamem_time"]) for v in wrapper)
+    z, e = r["distributed"]["zero3"], r["distributed"]["expert_parallel"]
+    for x in (z["speedup_2_ranks_zero3"], z["zero3_over_zero0"], z["bank_gather_fraction_of_zero3_step"], e["ep2_over_ep1"]):
+        assert _positive(x)
+    table = benchmark.table(quick)
+    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4  # one row per measured ratio
+
+
+def test_cli_writes_json_and_refuses_bad_arguments(tmp_path, capsys):
+    import json
+
+    import benchmark
+
+    out = tmp_path / "b.json"
+    assert benchmark.main(["--quick", "--only", "mfu", "--json", str(out), "--plot-dir", ""]) == 0
+    data = json.loads(out.read_text())
+    assert data["machine"]["torch"] == torch.__version__ and len(data["results"]["mfu"]["rows"]) == 2
+    with pytest.raises(SystemExit):
+        benchmark.main(["--quick", "--iters", "0"])
+    assert "--iters must be ≥ 1, got 0" in capsys.readouterr().err
+
+
+def test_flops_per_token_closed_form():
+    from megamem.train.metrics import flops_per_token
+
+    d, H, KV, L, inter, V, N, S, B = 32, 4, 2, 4, 48, 61, 12, 16, 3
+    hd = d // H
+    vanilla = build_model(tiny_config("memory.vanilla_mode=true"))
+    per_layer = 2 * d + d * (H + 2 * KV) * hd + d * d + 3 * d * inter  # norms, qkv, o, SwiGLU
+    weights = 6 * (L * per_layer + d + V * d)  # + final norm + LM head
+    attention = 6 * L * S * d  # QKᵀ and PV, 2·d each, over S/2 keys on average, ×3 for training
+    assert flops_per_token(vanilla, S, B) == weights + attention
+    memory = build_model(tiny_config("memory.memory_layer_placement=last_k", "memory.memory_layer_k=2"))
+    kv = 2 * d * H * hd  # memory heads = model heads, kv heads = heads: k and v are d×d
+    branch = d + d * d + d * d  # norm, q, o: per token
+    expected = weights + attention + 2 * (6 * branch + 6 * kv * N / (B * S) + 12 * N * d)
+    assert flops_per_token(memory, S, B) == pytest.approx(expected, rel=1e-12)
+
+
+def test_widened_bf16_kernels_match_torch_bf16():
+    from megamem import ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 64, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(48, 64, generator=g).bfloat16().requires_grad_()
+    ours = ops.linear(x, w)
+    ref = F.linear(x.detach(), w.detach())  # torch's own bf16 kernel
+    assert ours.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), ref.float(), rtol=2 ** -7, atol=1e-2)
+    ours.sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert torch.allclose(w.grad.float(), x.detach().float().flatten(0, 1).sum(0).expand(48, 64), rtol=2 ** -7, atol=1e-2)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g).bfloat16() for _ in range(3))
+    y = ops.sdpa(q, k, v, is_causal=True)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), F.scaled_dot_product_attention(q, k, v, is_causal=True).float(), atol=2e-2)
+    if not ops.cpu_has_native_bf16():  # this path is the fp32 GEMM, rounded once
+        assert torch.equal(ours, F.linear(x.detach().float(), w.detach().float()).bfloat16())
+
+
+def test_loss_and_last_logits_unchanged():
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    ids = torch.randint(0, 61, (2, 11))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels)
+    ref = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(out.loss, ref, atol=1e-6, rtol=0)
+    last = model(ids, last_logits_only=True).logits
+    assert last.shape == (2, 1, 61) and torch.allclose(last, out.logits[:, -1:], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="last_logits_only"):
+        model(ids, labels=ids, last_logits_only=True)

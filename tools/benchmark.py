@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""megamem performance, as ratios of two things measured side by side (not a test).
+
+    python tools/benchmark.py                  # every sub-benchmark, the targets' model with small batches (~30 min on a busy 2-core machine)
+    python tools/benchmark.py --quick          # tiny sizes, one iteration each (what tests/test_benchmark.py runs)
+    python tools/benchmark.py --full           # the sizes of the performance targets (slow on CPU: bf16 HF steps)
+    python tools/benchmark.py --only vanilla generation --json out.json
+
+Every number is a ratio of two medians timed in this process, alternating (A B B A ...) after a
+warm-up, with the same torch.set_num_threads for both sides; with one thread the time is CPU time.
+Sub-benchmarks: vanilla (train tokens/s vs transformers Llama), memory (achieved FLOP/s of memory
+models vs vanilla), chapters (step time vs bank size), mfu (achieved FLOP/s over a matmul peak
+measured here), generation (generate() vs transformers generate()), distributed (2 gloo ranks:
+ZeRO-3, bank gather, expert-parallel all-to-all). Writes JSON (--json) and PNG plots (--plot-dir).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+# model shapes: the issue's (vocab 8192, hidden 512, 8 heads, 4 kv heads, 6 layers); smaller batches by default
+MODEL = dict(vocab=8192, dim=512, inter=1376, layers=6, heads=8, kv_heads=4, seq=256)
+SIZES = {
+    "quick": dict(model=dict(vocab=256, dim=64, inter=96, layers=2, heads=4, kv_heads=2, seq=32, batch=2),
+                  banks=[64, 256], gen=dict(new_tokens=4, gen_batch=1, prompt=8), gen_memory=64,
+                  chapters=dict(batch=2, seq=32, dim=32, heads=2, k=2, chapter=16, vocab=128, steps=1),
+                  chapter_banks=[256, 1024],
+                  dist=dict(vocab=256, dim=64, inter=96, layers=2, heads=4, kv_heads=2, seq=32, batch=2,
+                            memory_tokens=256, chapter_tokens=512, chapters=16, top_k=2),
+                  iters=1, warmup=1),
+    "default": dict(model=dict(MODEL, batch=2, batch_bf16=1, batch_memory=1), banks=[1024, 4096, 16384],
+                    gen=dict(new_tokens=64, gen_batch=1, prompt=32), gen_memory=4096,
+                    chapters=None, chapter_banks=[16_384, 131_072, 1_048_576],
+                    dist=dict(vocab=8192, dim=256, inter=688, layers=4, heads=8, kv_heads=4, seq=128, batch=2,
+                              memory_tokens=4096, chapter_tokens=65_536, chapters=256, top_k=8),
+                    iters=3, warmup=1),
+    "full": dict(model=dict(MODEL, batch=8), banks=[1024, 4096, 16384],
+                 gen=dict(new_tokens=128, gen_batch=1, prompt=64), gen_memory=16384,
+                 chapters=None, chapter_banks=[16_384, 131_072, 1_048_576],
+                 dist=dict(MODEL, batch=4, memory_tokens=16384, chapter_tokens=1_048_576, chapters=4096, top_k=8),
+                 iters=5, warmup=1),
+}
+ALL = ["vanilla", "memory", "chapters", "mfu", "generation", "distributed"]
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    from megamem.ops import cpu_has_native_bf16
+
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "cpu_native_bf16_gemm": cpu_has_native_bf16()}
+    if torch.cuda.is_available():
+        from megamem.model.attention import _HAS_FLASH_ATTN
+
+        info.update(gpu=torch.cuda.get_device_name(0), flash_attn=_HAS_FLASH_ATTN)
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run(only, level: str = "default", iters=None, warmup=None, threads: int = 1, device: str = "cpu",
+        compile_model: bool = False, chapter_modes=("sequence-sparse", "token-sparse"), partial_json=None) -> dict:
+    """Run the selected sub-benchmarks; returns the JSON-able results (also written to partial_json
+    after each sub-benchmark, so a long run that is stopped keeps what it measured)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    s = SIZES[level]
+    it, wu = iters or s["iters"], s["warmup"] if warmup is None else warmup
+    out = {"level": level, "iters": it, "warmup": wu, "machine": machine(), "results": {}}
+    m = s["model"]
+    for name in only:
+        print(f"[benchmark] {name} ...", file=sys.stderr, flush=True)
+        if name == "vanilla":
+            from perf import vanilla
+
+            res = vanilla.run(m, ["fp32", "bf16"], it, wu, compile_model=compile_model)
+        elif name == "memory":
+            from perf.efficiency import memory_efficiency
+
+            res = memory_efficiency(m, s["banks"], it, wu)
+        elif name == "chapters":
+            import bench_chapters
+            from perf import chapters
+
+            p = s["chapters"] or (bench_chapters.FULL if level == "full" else bench_chapters.SMALL)
+            res = chapters.run(p, s["chapter_banks"], list(chapter_modes), it, wu)
+        elif name == "mfu":
+            from perf.efficiency import mfu
+
+            dtypes = ["bf16"] if device == "cuda" else ["fp32", "bf16"]
+            res = mfu(m, dtypes, it, wu, device=device, peak_n=8192 if device == "cuda" else 1024)
+        elif name == "generation":
+            from perf import generation
+
+            res = generation.run(dict(m, **s["gen"]), [None, s["gen_memory"]], it, wu)
+        elif name == "distributed":
+            from perf import distributed
+
+            res = distributed.run(s["dist"], it, wu)
+        else:
+            raise SystemExit(f"unknown sub-benchmark {name!r}; valid: {', '.join(ALL)}")
+        out["results"][name] = res
+        print(json.dumps({name: res}, default=str), file=sys.stderr, flush=True)
+        if partial_json:
+            _write(partial_json, out)
+    torch.set_num_threads(threads)
+    return out
+
+
+def _write(path: str, out: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _fmt(x, nd=2) -> str:
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def table(out: dict) -> str:
+    """One markdown row per measured ratio: what, ratio, target, met."""
+    rows, r = [], out["results"]
+    for v in r.get("vanilla", {}).get("rows", []):
+        rows.append((f"train tokens/s, megamem vanilla / transformers Llama, {v['dtype']} (batch {v['batch']}×{v['seq']})",
+                     v["ratio"], f"≥ {v['target']}", v["met"]))
+    for v in r.get("memory", {}).get("rows", []):
+        rows.append((f"achieved FLOP/s, memory model N_m={v['memory_tokens']:,} every layer / vanilla "
+                     f"({v['gflops']:.1f} / {v['vanilla_gflops']:.1f} GFLOP/s)", v["ratio"], "≥ 0.9", v["met"]))
+    for v in r.get("chapters", {}).get("rows", []):
+        rows.append((f"step time, {v['mode']} routing, {v['memory_tokens']:,} memory tokens / smallest bank "
+                     f"(/ dense at smallest: {v['vs_dense_smallest_bank']:.2f})", v["vs_smallest_bank"],
+                     "≤ 1.2" if "target" in v else "", v.get("met", "")))
+    for v in r.get("mfu", {}).get("rows", []):
+        rows.append((f"MFU {v['dtype']} on {v['device']} ({v['achieved_gflops']:.1f} / {v['peak_gflops']:.1f} GFLOP/s "
+                     f"matmul peak measured here)", v["mfu"], "", ""))
+    for v in r.get("generation", {}).get("rows", []):
+        what = "vanilla" if not v["memory_tokens"] else f"memory N_m={v['memory_tokens']:,} (layout B, HF via adapter hooks)"
+        rows.append((f"generate() tokens/s, megamem / transformers, {what}, same tokens: {v['same_tokens']}",
+                     v["ratio"], "≥ 1.0", v["met"]))
+    for v in r.get("generation", {}).get("hf_wrapper", []):
+        rows.append((f"generate() time, exported HF folder (transformers' loop) / megamem, {v['model']} "
+                     f"N_m={v['memory_tokens']:,}, same tokens: {v['same_tokens']}", v["hf_over_megamem_time"], "", ""))
+    d = r.get("distributed")
+    if d:
+        z, e = d["zero3"], d["expert_parallel"]
+        rows.append((f"speed-up of 2 ranks ZeRO-3 over 1 rank, same global batch {z['global_batch']}×{z['seq']}, "
+                     f"N_m={z['memory_tokens']:,}", z["speedup_2_ranks_zero3"], "", ""))
+        rows.append(("step time ZeRO-3 / ZeRO-0, 2 ranks", z["zero3_over_zero0"], "", ""))
+        rows.append(("bank all-gathers (fwd + bwd) / ZeRO-3 step time", z["bank_gather_fraction_of_zero3_step"], "", ""))
+        rows.append((f"chapters, token routing fwd+bwd, ep_size 2 / ep_size 1 ({e['chapters']} chapters, "
+                     f"{e['memory_tokens']:,} tokens)", e["ep2_over_ep1"], "", ""))
+    lines = ["| measurement | ratio | target | met |", "|---|---|---|---|"]
+    lines += [f"| {w} | {_fmt(x)} | {t} | {'yes' if m is True else 'no' if m is False else ''} |" for w, x, t, m in rows]
+    return "\n".join(lines)
+
+
+def plots(out: dict, directory: str) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    made = []
+    ch = out["results"].get("chapters")
+    if ch:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for mode in dict.fromkeys(r["mode"] for r in ch["rows"]):
+            pts = [r for r in ch["rows"] if r["mode"] == mode]
+            ax.plot([r["memory_tokens"] for r in pts], [r["vs_smallest_bank"] for r in pts], "o-", label=mode)
+        ax.axhline(1.2, ls="--", c="gray", label="target 1.2×")
+        ax.set(xscale="log", xlabel="memory tokens", ylabel="step time / smallest bank", title="chapter scaling")
+        ax.legend()
+        made.append(os.path.join(directory, "chapters.png"))
+        fig.tight_layout()
+        fig.savefig(made[-1], dpi=110)
+    mem = out["results"].get("memory")
+    if mem:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.plot([r["memory_tokens"] for r in mem["rows"]], [r["ratio"] for r in mem["rows"]], "o-")
+        ax.axhline(0.9, ls="--", c="gray", label="target 0.9")
+        ax.set(xscale="log", xlabel="memory tokens (every layer)", ylabel="FLOP/s / vanilla FLOP/s",
+               title="memory-attention efficiency")
+        ax.legend()
+        made.append(os.path.join(directory, "memory_efficiency.png"))
+        fig.tight_layout()
+        fig.savefig(made[-1], dpi=110)
+    return made
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--only", nargs="+", choices=ALL, default=ALL, help="sub-benchmarks to run (default: all)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes, one iteration (smoke test)")
+    size.add_argument("--full", action="store_true", help="the target sizes (batch 8×256; slow on CPU)")
+    ap.add_argument("--iters", type=int, help="timed rounds per comparison (default 3, --full 5, --quick 1)")
+    ap.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (default 1)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: MFU in bf16 with flash-attn when installed (GPU machines only)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the megamem model in `vanilla`")
+    ap.add_argument("--chapter-modes", nargs="+", default=["sequence-sparse", "token-sparse"],
+                    choices=["sequence", "sequence-sparse", "token", "token-sparse", "token-absorbed"],
+                    help="routing modes of `chapters` (-sparse: row-sparse bank gradient and AdamW, "
+                         "memory.sparse_bank_grad)")
+    ap.add_argument("--json", default="benchmark.json", help="where to write the results")
+    ap.add_argument("--plot-dir", default="benchmark_plots", help="where to write PNG plots ('' = none)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device is visible to torch")
+        if set(args.only) - {"mfu"}:
+            ap.error("--device cuda runs only the mfu sub-benchmark: add --only mfu")
+    if args.iters is not None and args.iters < 1:
+        ap.error(f"--iters must be ≥ 1, got {args.iters}")
+    level = "quick" if args.quick else "full" if args.full else "default"
+    out = run(args.only, level, args.iters, args.warmup, args.threads, args.device, args.compile,
+              args.chapter_modes, partial_json=args.json)
+    text = table(out)
+    print(f"# {out['machine']['cpu']}, {out['machine']['threads']} thread(s), torch {out['machine']['torch']}, "
+          f"sizes: {level}\n\n{text}")
+    out["table"] = text
+    if args.plot_dir:
+        out["plots"] = plots(out, args.plot_dir)
+    _write(args.json, out)
+    print(f"\nresults: {args.json}" + (f", plots: {', '.join(out['plots'])}" if out.get("plots") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
