@@ -252,6 +252,11 @@ def test_expert_parallel_trains_resumes_and_exports_like_ep1(tmp_path):
     assert _close(resumed["train_losses"], two["train_losses"][2:], 1e-6)
     c = _exported(tmp_path / "two")
     assert all(torch.equal(b[k], c[k]) for k in b)
+    # the last checkpoint converts with whole banks from the ranks' shard files (megamem.hf)
+    from megamem.hf.convert import read_source
+
+    state, _, _ = read_source(str(tmp_path / "two" / "checkpoints"))
+    assert state.keys() == c.keys() and all(torch.equal(state[k], c[k].float()) for k in c)
 
 
 def test_sparse_bank_grad_trains_and_resumes(tmp_path):

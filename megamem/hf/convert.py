@@ -41,14 +41,19 @@ def read_source(path: str) -> Tuple[Dict[str, torch.Tensor], MegamemConfig, str]
         raise ConfigError(f"{path}: neither an exported folder (model.safetensors) nor a megamem checkpoint "
                           "(stepN/config.yaml)")
     folder = os.path.join(ckpt_dir, tag)
+    from ..train.chapter_banks import banks_from_checkpoint
+
     if not any("zero_pp_rank_" in n for n in os.listdir(folder)):  # ZeRO-0: whole weights in the model states
         state = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu",
                            weights_only=True)["module"]
-        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, load_config(config), folder
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with safe_torch_load():
-        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+        with safe_torch_load():
+            state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    # banks trained outside the engine (expert-parallel shards, row-sparse updates) live in their own files
+    state.update(banks_from_checkpoint(folder))
     return state, load_config(config), folder
 
 
