@@ -82,15 +82,15 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
     stage = zero_stage(ds)
     if cfg.training.mixed_precision == "fp16" and not on_cuda:
         problems.append("training.mixed_precision: fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or no")
-    if cfg.parallel.ep_size > 1:
-        from ..parallel.expert import check_layout
-
-        message = check_layout(cfg, stage)
-        if message:
-            problems.append(message)
     from .chapter_banks import layout_problem
 
-    message = None if any("ep_size" in p for p in problems) else layout_problem(cfg, ds, stage, world_size)
+    message = None
+    if cfg.parallel.ep_size > 1:
+        from ..parallel.expert import check_layout  # imports DeepSpeed's MoE: only for expert-parallel runs
+
+        message = check_layout(cfg, stage)
+    # one message per layout: check_layout's (ZeRO-3 + EP), else the chapter banks' own
+    message = message or layout_problem(cfg, ds, stage, world_size)
     if message:
         problems.append(message)
     if cfg.model.base_model_name is not None and cfg.memory.use_chapters and stage == 3:
