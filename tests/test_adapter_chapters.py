@@ -195,9 +195,11 @@ def test_rolling_routing_reroutes_at_the_interval_on_the_recent_window(tmp_path)
     hidden = {}
     for i in model.memory_layers:  # the normed hidden states the router sees
         model.branches[str(i)].norm.register_forward_hook(lambda m, a, out, i=i: hidden.setdefault(i, []).append(out))
-    model.generate(IDS[:, :5], 11)  # forwards: the prompt (cache length 0), then one token at lengths 5..14
+    with model.decoding() as decoding:  # HF generate() called directly, inside megamem's decoding state
+        model.base.generate(IDS[:, :5], attention_mask=torch.ones_like(IDS[:, :5]), max_new_tokens=11,
+                            do_sample=False, pad_token_id=0)  # forwards: the prompt, then one token at lengths 5..14
     for i in model.memory_layers:
-        state = model._kv.routing[i]  # the routing state of that generation, next to its HF cache
+        state = decoding.routing[i]  # the routing state of that generation
         assert state["routes"] == [0, 8, 11, 14]  # the prompt, then every 3 generated tokens
         seen = torch.cat(hidden[i], 1)
         assert seen.shape[1] == 15

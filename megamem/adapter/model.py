@@ -6,11 +6,12 @@ MLP), and a pre-hook on the base materialises each bank once per forward. Hooks 
 wrapper modules, so the base's state dict, LoRA names and ZeRO-3 weight loading are unchanged,
 and HF `generate()` (which calls the base directly) reads memory too. With wo_init_zero every
 branch starts as the identity, so the adapted model starts exactly as the base model.
+While generating, the memory state lives in megamem's DecodingState (see decoding.py).
 """
 from __future__ import annotations
 
-import weakref
-from typing import Dict, List, Optional
+import contextlib
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -23,24 +24,9 @@ from ..memory.placement import bank_assignment, memory_layers, num_banks
 from ..memory.router import ChapterRouter
 from ..model.block import MemoryBranch
 from ..model.transformer import CausalLMOutput
+from .decoding import DecodingState, DecodingStateError, find_hf_cache, refuse_stateless_decoding
 from .families import Dims, family_of
 from .lora import is_lora_name
-
-
-class MemoryKV:
-    """Memory K/V per layer, kept across the decoding steps of one generation (the bank does not change).
-
-    Chapters: `routing` holds each layer's routing state (sequence / rolling strategies) and `length`
-    the tokens already in the HF cache, as in megamem's own KVCache.
-    """
-
-    def __init__(self):
-        self.memory_kv: Dict[int, tuple] = {}
-        self.routing: Dict[int, dict] = {}
-        self.length = 0
-
-    def memory(self, layer: int):
-        return self.memory_kv.get(layer)
 
 
 def branch_model_config(dims: Dims) -> ModelConfig:
@@ -77,8 +63,7 @@ class AdapterModel(nn.Module):
         self.banks.to(dtype)
         self.branches.to(dtype)
         self._bank_tensors: List[Optional[torch.Tensor]] = []
-        self._kv: Optional[MemoryKV] = None
-        self._kv_owner = None  # weakref to the HF cache object the memory K/V belong to
+        self._decoding: Optional[DecodingState] = None  # open while generating (decoding())
         if self.memory_layers:
             layers = family_of(base.config).layers(base)
             for i in self.memory_layers:
@@ -87,19 +72,20 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ hooks
     def _before_base(self, module, args, kwargs):
-        """Materialise banks once per forward; during cached decoding reuse the memory K/V instead."""
-        past = kwargs.get("past_key_values")
-        if past is not None and not module.training and not torch.is_grad_enabled():
-            if self._kv is None or self._kv_owner is None or self._kv_owner() is not past:
-                self._kv, self._kv_owner = MemoryKV(), weakref.ref(past)
-        else:
-            self._kv = self._kv_owner = None
-        if self._kv is not None:
-            self._kv.length = past.get_seq_length()
+        """Materialise banks once per forward; inside decoding(), once per generation (memory K/V too)."""
+        hf_cache = find_hf_cache(args, kwargs.values())
+        past = hf_cache.get_seq_length() if hf_cache is not None else 0
+        state = self._decoding
+        if state is not None and hf_cache is None:
+            raise DecodingStateError("memory adapter: decoding() needs generation with the HF KV cache; "
+                                     "use_cache=False is not supported inside it")
+        if state is None and past > 0:
+            refuse_stateless_decoding(past)
         if self.memory_config.use_chapters:
             self._routing_stats()  # drop stats of forwards nobody collected (e.g. a generate() without cache)
-        if self._kv is not None and len(self._kv.memory_kv) == len(self.memory_layers):
-            self._bank_tensors = [None] * len(self.banks)
+        if state is not None:
+            state.step(hf_cache)
+            self._bank_tensors = state.bank_tensors(self.banks)
         else:
             self._bank_tensors = [bank() for bank in self.banks]
 
@@ -108,27 +94,28 @@ class AdapterModel(nn.Module):
             branch = self.branches[str(layer)]
             memory = self._bank_tensors[self.bank_of_layer[layer]]
             if isinstance(output, tuple):
-                return (branch(output[0], memory, self._kv, layer),) + tuple(output[1:])
-            return branch(output, memory, self._kv, layer)
+                return (branch(output[0], memory, self._decoding, layer),) + tuple(output[1:])
+            return branch(output, memory, self._decoding, layer)
         return hook
 
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, past_key_values=None, use_cache: bool = False,
-                document_ids: Optional[torch.Tensor] = None, **kwargs) -> CausalLMOutput:
-        """Same contract as MemoryTransformer: logits, loss (mean over labelled tokens), aux_losses."""
+                attention_mask: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
+                **kwargs) -> CausalLMOutput:
+        """Same contract as MemoryTransformer: logits, loss (mean over labelled tokens), aux_losses.
+        Other keyword arguments go to the base model unchanged; its KV cache, if it returns one, is `out.cache`."""
         if document_ids is not None:
             raise ValueError("document_ids (packed documents) are not supported by adapter models; "
                              "set data.document_masking: false")
-        out = self.base(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                        use_cache=use_cache, **kwargs)
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         logits, loss = out.logits, None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         aux, usage = self._routing_stats() if self.memory_config.use_chapters else ({}, {})
         result = CausalLMOutput(logits=logits, loss=loss, aux_losses=aux, chapter_usage=usage)
-        if use_cache:
-            result.past_key_values = out.past_key_values
+        hf_cache = find_hf_cache(out.values())
+        if hf_cache is not None:
+            result["cache"] = hf_cache
         return result
 
     def _routing_stats(self):
@@ -159,9 +146,24 @@ class AdapterModel(nn.Module):
             args.update(temperature=None, top_k=None, top_p=None)
         args.update(hf_kwargs)
         try:
-            return self.base.generate(input_ids, **args)
+            with self.decoding():
+                return self.base.generate(input_ids, **args)
         finally:
             self.train(was_training)
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[DecodingState]:
+        """Open megamem's memory state for HF generation with the base's KV cache: banks and memory K/V
+        are computed by the prompt's forward and reused, chapter routing follows routing_strategy_inference.
+        `model.generate` uses it; wrap `model.base.generate(...)` in it to call HF generate directly."""
+        if self._decoding is not None:
+            raise DecodingStateError("memory adapter: decoding() is already open (one generation at a time)")
+        self._decoding = DecodingState()
+        try:
+            yield self._decoding
+        finally:
+            self._decoding = None
+            self._bank_tensors = []
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -172,11 +174,11 @@ class AdapterModel(nn.Module):
         """HF gradient checkpointing of the base's layers. transformers checkpoints a layer's forward, so
         the memory hooks run outside it; memory.memory_gradient_checkpointing checkpoints the branches."""
         if enabled:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             if not any(p.requires_grad for p in self.base.get_input_embeddings().parameters()):
                 self.base.enable_input_require_grads()  # frozen embeddings: checkpointed layers still need grads
         elif self.gradient_checkpointing:
-            self.base.gradient_checkpointing_disable()
+            self.base.activation_checkpointing_disable()
 
     # ------------------------------------------------------------------- init
     def memory_modules(self) -> List[nn.Module]:

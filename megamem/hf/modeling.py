@@ -1,14 +1,17 @@
 """MegamemForCausalLM: megamem's MemoryTransformer behind the transformers PreTrainedModel API.
 
 The wrapped model is `self.model` (state-dict keys are megamem's with a `model.` prefix), so the
-same weights serve megamem and transformers. generate() runs on megamem's own KV cache (passed
-between steps as `megamem_cache`), so chapter routing at inference (sequence / rolling / token)
-behaves exactly as in `MemoryTransformer.generate`; greedy tokens are the same.
+same weights serve megamem and transformers. generate() runs on megamem's own KV cache, which
+megamem creates for each generate() call and clears after it (HF's cache machinery is not used, so
+nothing depends on how a transformers release names its cache); chapter routing at inference
+(sequence / rolling / token) behaves exactly as in `MemoryTransformer.generate`; greedy tokens are
+the same. Only public GenerationMixin hooks are overridden (generate, prepare_inputs_for_generation).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
@@ -21,7 +24,6 @@ from .configuration import MegamemHFConfig
 class MegamemCausalLMOutput(ModelOutput):
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
-    megamem_cache: Optional[Any] = None  # megamem.model.kv_cache.KVCache while generating
     aux_losses: Optional[Dict[str, torch.Tensor]] = None  # router losses (chapter models, no cache)
     chapter_usage: Optional[Dict[int, torch.Tensor]] = None  # per memory layer: units that read each chapter
 
@@ -101,29 +103,53 @@ class MegamemForCausalLM(PreTrainedModel, GenerationMixin):
     # --------------------------------------------------------------- forward
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.LongTensor] = None, megamem_cache=None, **kwargs) -> MegamemCausalLMOutput:
-        """labels: as in transformers (same shape as input_ids, shifted inside, -100 ignored)."""
+        """labels: as in transformers (same shape as input_ids, shifted inside, -100 ignored).
+        megamem_cache: megamem's KVCache, passed by generate(); other keywords (HF's own) are ignored."""
         check_attention_mask(attention_mask, megamem_cache is not None)
         out = self.model(input_ids, labels=labels, cache=megamem_cache)
-        return MegamemCausalLMOutput(loss=out.loss, logits=out.logits, megamem_cache=megamem_cache,
-                                     aux_losses=out.aux_losses, chapter_usage=out.chapter_usage)
+        return MegamemCausalLMOutput(loss=out.loss, logits=out.logits, aux_losses=out.aux_losses,
+                                     chapter_usage=out.chapter_usage)
 
     # ------------------------------------------------------------ generation
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
-                                      max_cache_length, *args, **kwargs):
-        if generation_config.num_beams > 1:
+    @torch.no_grad()
+    def generate(self, inputs: Optional[torch.Tensor] = None, generation_config=None, **kwargs):
+        """transformers' generate() on megamem's own KV cache (greedy or sampled; no beam search).
+
+        The cache is created by the prompt's forward and dropped when generate() returns; HF is told
+        to keep no cache of its own (use_cache=False), so its cache handling never runs."""
+        from transformers.cache_utils import Cache
+
+        beams = kwargs.get("num_beams", getattr(generation_config or self.generation_config, "num_beams", 1))
+        if beams is not None and beams > 1:
             raise ValueError("megamem models generate with greedy or sampled decoding (num_beams=1); beam search "
                              "would need its KV cache reordered, which it does not support")
-        model_kwargs["megamem_cache_len"] = min(max_cache_length + 1, self.model.model_config.max_seq_len)
+        if any(isinstance(v, Cache) for v in kwargs.values()):
+            raise ValueError("megamem models keep their own KV cache while generating; pass no transformers Cache "
+                             "object to generate()")
+        kwargs["use_cache"] = False
+        with self._decoding():
+            return super().generate(inputs, generation_config, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, megamem_cache=None, attention_mask=None,
-                                      megamem_cache_len=None, **kwargs):
-        if megamem_cache is None:
-            megamem_cache = self.model.new_cache(input_ids.shape[0],
-                                                 megamem_cache_len or self.model.model_config.max_seq_len)
-        return {"input_ids": input_ids[:, megamem_cache.length:].to(self.device), "megamem_cache": megamem_cache,
+    @contextlib.contextmanager
+    def _decoding(self):
+        if getattr(self, "_megamem_decoding", None) is not None:
+            raise RuntimeError("megamem models run one generate() at a time")
+        self._megamem_decoding = {}  # the KVCache, created by the prompt's forward
+        try:
+            yield
+        finally:
+            self._megamem_decoding = None
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """The tokens megamem's cache has not seen yet, and that cache (created here for the prompt)."""
+        state = getattr(self, "_megamem_decoding", None)
+        if state is None:
+            raise RuntimeError("prepare_inputs_for_generation of a megamem model runs inside its generate() only")
+        if "cache" not in state:
+            state["cache"] = self.model.new_cache(input_ids.shape[0], self.model.model_config.max_seq_len,
+                                                  capacity=input_ids.shape[1] + 64)
+        cache = state["cache"]
+        if input_ids.shape[1] <= cache.length:
+            raise RuntimeError(f"generate() fed {input_ids.shape[1]} tokens to a cache already holding {cache.length}")
+        return {"input_ids": input_ids[:, cache.length:].to(self.device), "megamem_cache": cache,
                 "attention_mask": attention_mask}
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
-        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        model_kwargs["megamem_cache"] = outputs.megamem_cache
-        return model_kwargs

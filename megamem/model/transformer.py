@@ -125,9 +125,8 @@ class MemoryTransformer(nn.Module):
         cos = sin = None
         if self.rotary is not None:
             cos, sin = self.rotary(positions, x.dtype)
-        # each bank is materialised once per forward (not per layer); skipped when cached K/V exist
-        need_banks = cache is None or len(cache.memory_kv) < len(self.memory_layers) or self.memory_config.use_chapters
-        bank_tensors = [bank() for bank in self.banks] if need_banks else [None] * len(self.banks)
+        # each bank is materialised once per forward (not per layer), and once per generation when decoding
+        bank_tensors = cache.bank_tensors(self.banks) if cache is not None else [bank() for bank in self.banks]
         for i, block in enumerate(self.blocks):
             memory = bank_tensors[self.bank_of_layer[i]] if i in self.bank_of_layer else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -150,11 +149,13 @@ class MemoryTransformer(nn.Module):
         return routing_stats({i: self.blocks[i].memory.attn for i in self.memory_layers})
 
     # --------------------------------------------------------------- generation
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, capacity: Optional[int] = None) -> KVCache:
+        """A decoding cache for up to max_len tokens, storage for `capacity` of them allocated now."""
         m = self.model_config
         kv_heads = m.num_kv_heads or m.num_heads
         p = self.tok_embeddings.weight
-        return KVCache(m.num_layers, batch, kv_heads, m.hidden_dim // m.num_heads, max_len, p.device, p.dtype)
+        return KVCache(m.num_layers, batch, kv_heads, m.hidden_dim // m.num_heads, max_len, p.device, p.dtype,
+                       capacity)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
