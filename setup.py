@@ -1,7 +1,8 @@
 """megamem: memory-augmented transformers pretrained at scale with DeepSpeed.
 
 torch is required but not pinned to a build: install the torch wheel that fits your machine
-(CUDA or CPU) first; `tools/setup_env.sh` does this for a CPU-only machine.
+(CUDA or CPU) first; `tools/setup_env.sh` does this for a CPU-only machine, under the exact pins
+of constraints.txt.
 """
 from setuptools import find_packages, setup
 
@@ -13,15 +14,17 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megamem", "megamem.*"]),
     python_requires=">=3.10",
+    # Lower bounds: the oldest releases megamem's suite has passed on (README, Supported versions);
+    # exact tested versions of everything, transitive dependencies included, are in constraints.txt.
     install_requires=[
-        "torch>=2.5",
-        "deepspeed>=0.16",
-        "transformers>=4.45",
-        "datasets>=2.19",
+        "torch>=2.13",
+        "deepspeed>=0.19.8",
+        "transformers>=5.23",  # 5.x APIs: transformers.initialization, activation_checkpointing_enable
+        "datasets>=5.0",
         "sentencepiece>=0.2",
         "safetensors>=0.4",
-        "accelerate>=0.34",
-        "peft>=0.12",
+        "accelerate>=1.0",
+        "peft>=0.21",
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "matplotlib>=3.7",

@@ -11,6 +11,8 @@ from megamem.config import load_config  # noqa: E402
 
 torch.set_num_threads(1)
 
+pytest_plugins = ["no_silent_skips"]  # under CI=true a skip is a failure
+
 
 def tiny_config(*overrides: str, **sections):
     """A small valid config; overrides are `section.key=value` strings."""

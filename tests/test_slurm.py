@@ -176,7 +176,7 @@ def slurm(tmp_path_factory):
         ["bash", "-c", f"kill -0 $(cat {state}/slurmctld.pid)"], capture_output=True).returncode == 0
     start = subprocess.run(["bash", "tools/slurm_cluster.sh", "start"], cwd=ROOT, capture_output=True, text=True)
     if start.returncode == 3:  # no root or no apt-get: SLURM cannot be installed here
-        pytest.skip(f"no SLURM cluster: {start.stderr.strip()}")
+        pytest.skip(f"no SLURM cluster ({start.stderr.strip()}); tools/slurm_cluster.sh start installs and starts one as root")
     assert start.returncode == 0, start.stderr
     env = {**os.environ, "SLURM_CONF": os.path.join(state, "slurm.conf"), "MEGAMEM_PYTHON": PY}
     env.pop("MEGAMEM_ROOT", None)

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run the test suite. Extra arguments go to pytest.
+# Set up the environment if needed (tools/setup_env.sh: .venv under constraints.txt), then run the
+# test suite. Extra arguments go to pytest.
+#   MEGAMEM_LATEST=1  run on the newest releases instead of the pins (.venv-latest/): the drift check
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
-exec .venv/bin/python -m pytest tests "$@"
+if [ "${MEGAMEM_LATEST:-0}" = 1 ]; then VENV=${VENV:-.venv-latest}; else VENV=${VENV:-.venv}; fi
+exec "$VENV/bin/python" -m pytest tests "$@"
