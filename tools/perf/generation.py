@@ -7,7 +7,8 @@ branches — the same computation, so both give the same greedy tokens (checked)
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import contextlib
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -15,15 +16,16 @@ from .models import build, hf_twin, megamem_config, random_ids
 from .timing import alternate, speedup
 
 
-def hf_model(ours, size: Dict[str, int], memory_tokens: Optional[int]):
-    """transformers' LlamaForCausalLM with `ours`' weights (and its memory branches, run by adapter hooks)."""
+def hf_model(ours, size: Dict[str, int], memory_tokens: Optional[int]) -> Tuple[torch.nn.Module, Callable]:
+    """transformers' LlamaForCausalLM with `ours`' weights (and its memory branches, run by adapter hooks),
+    and the context its generate() runs in (the adapter's decoding state, which keeps memory K/V)."""
     cfg = megamem_config(size)
     twin = build(cfg, torch.float32)
     state = ours.state_dict()
     twin.load_state_dict({k: v for k, v in state.items() if k in twin.state_dict()})
     hf = hf_twin(twin, cfg, torch.float32).eval()
     if memory_tokens is None:
-        return hf
+        return hf, contextlib.nullcontext
     from megamem.adapter.model import AdapterModel
 
     adapter = AdapterModel(hf, _adapter_config(size, memory_tokens)).eval()
@@ -33,7 +35,7 @@ def hf_model(ours, size: Dict[str, int], memory_tokens: Optional[int]):
     missing, unexpected = adapter.load_state_dict(mine, strict=False)
     if unexpected or any(not k.startswith("base.") for k in missing):
         raise RuntimeError(f"memory weights did not map onto the adapter: {missing}, {unexpected}")
-    return hf  # the hooks on hf run the adapter's branches
+    return hf, adapter.decoding  # the hooks on hf run the adapter's branches
 
 
 def _adapter_config(size, memory_tokens):
@@ -47,11 +49,15 @@ def run(size: Dict[str, int], memory_tokens: List[Optional[int]], iters: int, wa
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
     for n in memory_tokens:
         ours = build(_adapter_config(size, n) if n else megamem_config(size), torch.float32).eval()
-        theirs = hf_model(ours, size, n)
-        res = alternate({"megamem": lambda: ours.generate(prompt, new),
-                         "transformers": lambda: theirs.generate(prompt, **kw)}, iters, warmup)
+        theirs, decoding = hf_model(ours, size, n)
+
+        def hf_generate(theirs=theirs, decoding=decoding):
+            with decoding():
+                return theirs.generate(prompt, **kw)
+
+        res = alternate({"megamem": lambda: ours.generate(prompt, new), "transformers": hf_generate}, iters, warmup)
         with torch.no_grad():  # same weights, same greedy tokens: the two did the same work
-            same = torch.equal(ours.generate(prompt, new), theirs.generate(prompt, **kw))
+            same = torch.equal(ours.generate(prompt, new), hf_generate())
         tokens = new * prompt.shape[0]
         rows.append({"memory_tokens": n or 0, "batch": prompt.shape[0], "prompt": prompt.shape[1], "new_tokens": new,
                      "megamem_tokens_per_s": tokens / res["megamem"]["median_s"],
