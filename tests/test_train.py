@@ -31,6 +31,7 @@ def _fit(out, ds, batch, extra):
         result["bank_local"] = bank.ds_tensor.numel() if hasattr(bank, "ds_tensor") else bank.numel()
         result["bank_total"] = bank.ds_numel if hasattr(bank, "ds_numel") else bank.numel()
     result["groups"] = {g["name"]: (g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups}
+    result["group_names"] = {g["name"]: sorted(g["param_names"]) for g in trainer.groups}
     return result
 
 
@@ -42,6 +43,11 @@ def test_zero3_two_ranks_match_one_rank(tmp_path):
         assert rank["bank_local"] * 2 == rank["bank_total"] == 16 * 32  # each rank stores half the bank
     assert one["train_losses"][0] > one["train_losses"][-1]
     assert torch.allclose(torch.tensor(two[0]["train_losses"]), torch.tensor(one["train_losses"]), atol=1e-4, rtol=0)
+    # weight decay decided by each parameter's full shape, not its (flat, partitioned) ZeRO-3 shard
+    assert two[0]["group_names"] == two[1]["group_names"] == one["group_names"]
+    assert two[0]["groups"] == one["groups"] and two[0]["groups"]["base"][1] > 0
+    assert "blocks.0.attn.qkv_proj.weight" in two[0]["group_names"]["base"]
+    assert "norm.weight" in two[0]["group_names"]["base_no_decay"]
 
 
 def _preempt_during(step):
@@ -107,6 +113,12 @@ def test_kill_during_save_keeps_latest_on_previous_checkpoint(tmp_path):
     assert torch.allclose(torch.tensor(resumed["train_losses"]), torch.tensor(unbroken["train_losses"][2:]), atol=1e-6,
                           rtol=0)
     assert (ckpt / "latest").read_text() == "step00000006"
+    # the log reads as one run: the killed run's records of steps 3-4 (redone) were dropped on resume
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert torch.allclose(torch.tensor([r["lm_loss"] for r in train]), torch.tensor(unbroken["train_losses"]),
+                          atol=1e-6, rtol=0)
 
 
 def _nan_run(out, bad_calls, max_bad):
@@ -284,3 +296,23 @@ def test_banks_outside_the_engine_refuse_zero0_and_zero3():
     with pytest.raises(ConfigError, match="mixed_precision: no"):
         resolve_ds_config(ZERO[2], tiny_config(*CHAPTERS, "memory.sparse_bank_grad=true",
                                                "training.mixed_precision=bf16"), 2)
+
+
+def _grad_norms(out, ds, extra=()):
+    from megamem.train.trainer import Trainer
+
+    cfg = make_cfg(out, "training.batch_size=2", "training.max_steps=3", "training.gradient_accumulation_steps=2",
+                   "training.max_grad_norm=0.5", *extra)
+    Trainer(cfg, ds, factory(61, 2, 16)).fit()
+    records = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    return [r["grad_norm"] for r in records if r["kind"] == "train"]
+
+
+def test_grad_norm_reported_without_deepspeed_json(tmp_path):
+    """ZeRO-0 in fp32 (the default without --deepspeed, single process, SLURM's default): DeepSpeed reports no
+    norm, megamem measures it; it must equal the unclipped norm DeepSpeed's ZeRO-1 optimizer reports."""
+    plain = run_ranks(_grad_norms, str(tmp_path / "a"), None, world_size=1, tmp_path=tmp_path / "r1")[0]
+    zero1 = run_ranks(_grad_norms, str(tmp_path / "b"), ZERO[1], world_size=1, tmp_path=tmp_path / "r2")[0]
+    assert None not in plain and len(plain) == 3
+    assert max(plain) > 0.5  # above max_grad_norm: the reported norm is the one before clipping
+    assert torch.allclose(torch.tensor(plain), torch.tensor(zero1), rtol=1e-5, atol=0)

@@ -131,13 +131,25 @@ class CheckpointManager:
             if os.path.isdir(full) and tag not in keep and os.path.isfile(os.path.join(full, COMPLETE)):
                 shutil.rmtree(full)
 
-    def load(self, engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
-        """Restore engine state and return this rank's run state (RNG already restored)."""
+    def run_state(self, ckpt_dir: str, tag: str) -> Dict[str, Any]:
+        """This rank's run state in a checkpoint (step, data position, layout, RNG)."""
         state_path = os.path.join(ckpt_dir, tag, f"run_state_rank{self.rank}.json")
         if not os.path.isfile(state_path):
             raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} has no state for rank {self.rank}: "
                               f"it was written by a run with fewer ranks")
-        state = json.load(open(state_path, encoding="utf-8"))
+        try:
+            with open(state_path, encoding="utf-8") as f:
+                state = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{state_path}: not a readable run state ({e}); the checkpoint is damaged: resume "
+                              "from an earlier one") from None
+        if not isinstance(state, dict) or not {"step", "world_size", "rng"} <= set(state):
+            raise ConfigError(f"{state_path}: not a megamem run state (no step / world_size / rng)")
+        return state
+
+    def load(self, engine, ckpt_dir: str, tag: str) -> Dict[str, Any]:
+        """Restore engine state and return this rank's run state (RNG already restored)."""
+        state = self.run_state(ckpt_dir, tag)
         if state["world_size"] != self.world_size:
             raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} was written by {state['world_size']} ranks; "
                               f"this run has {self.world_size}. Resume with the same number of ranks")

@@ -12,6 +12,12 @@ from transformers.optimization import get_constant_schedule_with_warmup, get_cos
 from ..config import TrainingConfig
 
 
+def full_ndim(p: torch.Tensor) -> int:
+    """Dimensions of the whole parameter: under ZeRO-3 the local tensor is a flat (or empty) shard,
+    its real shape is `ds_shape`."""
+    return len(getattr(p, "ds_shape", p.shape))
+
+
 def parameter_groups(model: nn.Module, t: TrainingConfig, exclude: Iterable[nn.Parameter] = ()) -> List[Dict]:
     """Named groups: memory (memory_lr), lora (lora_lr, adapter runs) and base — the rest: learning_rate
     (default memory_lr) from scratch, base_model_lr for a pretrained base. Frozen parameters and
@@ -33,7 +39,7 @@ def parameter_groups(model: nn.Module, t: TrainingConfig, exclude: Iterable[nn.P
             continue
         seen.add(id(p))
         part = "memory" if id(p) in memory else "lora" if id(p) in lora else "base"
-        no_decay = p.ndim < 2 or (id(p) in banks and not t.bank_weight_decay)
+        no_decay = full_ndim(p) < 2 or (id(p) in banks and not t.bank_weight_decay)
         key = f"{part}{'_no_decay' if no_decay else ''}"
         group = groups.setdefault(key, {"name": key, "params": [], "param_names": [], "lr": lrs[part],
                                         "weight_decay": 0.0 if no_decay else t.weight_decay})

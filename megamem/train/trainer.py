@@ -18,6 +18,7 @@ from .export import SAVE_DTYPES, export_model
 from .ds_config import pipeline_stages, resolve_ds_config, zero_stage
 from .metrics import MetricsLogger, flops_per_token, measure_peak_flops
 from .optim import build_optimizer, build_scheduler, parameter_groups
+from .run_dir import check_output_dir, check_resume, layout_of, report_changes, truncate_metrics
 
 LoaderFactory = Callable[[str, int, int], Iterable[Dict[str, torch.Tensor]]]  # (split, rank, world) → loader
 
@@ -35,6 +36,8 @@ class Trainer:
         self.rank, self.local_rank, self.world = init_distributed()
         self.ds = resolve_ds_config(ds_config_path, cfg, self.world)
         self.output_dir = self.t.output_dir
+        check_output_dir(cfg)  # before anything is written: never land on another run
+        self.layout = layout_of(self.ds, cfg, self.world)
         self.pipeline = pipeline_stages(self.ds) > 1
         # data-parallel position: a pipeline's stages all read the same batches
         self.data_rank, self.data_world = self.rank, self.world
@@ -61,6 +64,10 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds, dist_init_required=False)
         self.model = model
+        # DeepSpeed reports no gradient norm for ZeRO-0 without bf16/fp16 (plain fp32 optimizer): megamem measures it
+        self.own_grad_norm = (zero_stage(self.ds) == 0 and not self.pipeline
+                              and not (self.ds.get("bf16", {}).get("enabled") or self.ds.get("fp16", {}).get("enabled")))
+        self.grad_norm: Optional[float] = None
         self.banks = ChapterBanks(model, cfg, self.rank) if outside else None
         self.ckpt = CheckpointManager(self.output_dir, self.rank, self.world, self.t.save_total_limit)
         self.step, self.best_eval, self.bad_evals, self.skipped = 0, float("inf"), 0, 0
@@ -89,11 +96,16 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _run_state(self) -> Dict[str, Any]:
         return {"step": self.step, "data": self.train_loader.state_dict(), "best_eval": self.best_eval,
-                "bad_evals": self.bad_evals, "skipped": self.skipped}
+                "bad_evals": self.bad_evals, "skipped": self.skipped, "layout": self.layout}
 
     def _resume(self, where: str) -> None:
         ckpt_dir, tag = resolve_resume(where, self.output_dir)
+        changed = check_resume(self.cfg, os.path.join(ckpt_dir, tag), self.ckpt.run_state(ckpt_dir, tag),
+                               self.layout, self.total_steps)
         state = self.ckpt.load(self.engine, ckpt_dir, tag)
+        report_changes(changed, state["step"], self.rank)
+        if self.rank == 0:  # steps after the checkpoint are redone: their old records go
+            truncate_metrics(self.output_dir, state["step"])
         if self.banks is not None:
             self.banks.load(os.path.join(ckpt_dir, tag))
         self.train_loader.load_state_dict(state["data"])
@@ -121,6 +133,12 @@ class Trainer:
         kwargs = {k: v.to(self.engine.device) for k, v in batch.items() if k not in ("input_ids",)}
         return self.engine(batch["input_ids"].to(self.engine.device), **kwargs)
 
+    def _engine_grad_norm(self) -> float:
+        """Global L2 norm of the engine's (already all-reduced, unclipped) gradients: DeepSpeed reports none
+        for ZeRO-0 in fp32, where every rank holds whole gradients."""
+        grads = [p.grad.detach().float() for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+
     def _lr_factor(self) -> float:
         return self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
 
@@ -147,6 +165,8 @@ class Trainer:
             # the banks outside the engine step with the learning rate the engine's schedule gives this step
             bank_lr = self._lr_factor() if self.banks is not None and self.engine.is_gradient_accumulation_boundary() \
                 else None
+            if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                self.grad_norm = self._engine_grad_norm()
             self.engine.step()
             if bank_lr is not None:
                 self.banks.step(bank_lr)
@@ -232,7 +252,7 @@ class Trainer:
     def _train_record(self, record: Dict[str, float], elapsed: float) -> Dict[str, Any]:
         tps = self.tokens_per_step / elapsed
         lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g}
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
         return {"kind": "train", "step": self.step, **record, "lr": self.optimizer.param_groups[0]["lr"], **lrs,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": tps,
                 "mfu": tps * self.flops_per_token / (self.peak_flops * self.world), "step_time_s": elapsed,

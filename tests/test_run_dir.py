@@ -1,0 +1,89 @@
+"""An output_dir holds one run: a new run never lands on it, a resume continues that same run
+(same model, same layout, steps left), and metrics.jsonl reads as one run after a crash."""
+import io
+import json
+import os
+import sys
+
+import pytest
+
+from megamem.config import ConfigError
+from megamem.train.run_dir import truncate_metrics
+
+from conftest import tiny_config
+from dist_utils import run_ranks
+from synthetic_data import factory
+from test_train import SYN, ZERO
+
+
+def _trainer(out, ds, *extra):
+    from megamem.train.trainer import Trainer
+
+    cfg = tiny_config(*SYN, f"training.output_dir={out}", "training.batch_size=2", *extra)
+    return Trainer(cfg, ds, factory(61, 2, 16))
+
+
+def _refusals(out):
+    """Each case on one rank; returns what each raised (or the warning it printed)."""
+    _trainer(out, ZERO[0], "training.max_steps=2", "training.save_steps=1").fit()
+    before = {p: os.path.getmtime(os.path.join(out, p)) for p in ("final/model.safetensors", "metrics.jsonl")}
+    cases = {
+        "new run": ("training.max_steps=2",),
+        "finished": ("training.max_steps=2", "training.resume_from_checkpoint=latest"),
+        "other model": ("training.max_steps=4", "training.resume_from_checkpoint=latest", "model.num_layers=3"),
+        "other layout": ("training.max_steps=4", "training.resume_from_checkpoint=latest", "ds=1"),
+    }
+    result = {}
+    for name, extra in cases.items():
+        ds = ZERO[1] if "ds=1" in extra else ZERO[0]
+        try:
+            _trainer(out, ds, *[e for e in extra if e != "ds=1"])
+            result[name] = None
+        except ConfigError as e:
+            result[name] = str(e)
+    result["untouched"] = before == {p: os.path.getmtime(os.path.join(out, p)) for p in before}
+    err, sys.stderr = sys.stderr, io.StringIO()
+    try:  # a longer run: allowed, and the changed keys are reported
+        trainer = _trainer(out, ZERO[0], "training.max_steps=4", "training.resume_from_checkpoint=latest",
+                           "training.warmup_steps=3")
+        result["warning"] = sys.stderr.getvalue()
+        result["resumed_at"] = trainer.step
+    finally:
+        sys.stderr = err
+    file_out = os.path.join(os.path.dirname(out), "a-file")
+    open(file_out, "w").close()
+    try:
+        _trainer(file_out, ZERO[0], "training.max_steps=2")
+    except ConfigError as e:
+        result["file"] = str(e)
+    return result
+
+
+def test_output_dir_and_resume_refusals(tmp_path):
+    out = str(tmp_path / "run")
+    r = run_ranks(_refusals, out, world_size=1, tmp_path=tmp_path / "r")[0]
+    assert r["new run"] == (f"training.output_dir {out} already holds a run (a final model (final/), checkpoints up "
+                            "to step 2, metrics.jsonl); megamem never overwrites a run: continue it with "
+                            "--training.resume_from_checkpoint latest, or choose another output_dir")
+    ckpt = os.path.join(out, "checkpoints", "step00000002")
+    assert r["finished"].startswith(f"checkpoint {ckpt} is at step 2 and this run trains 2 steps: the run is "
+                                    "finished, there is nothing to resume. To train further raise training.max_steps")
+    assert r["other model"] == (f"checkpoint {ckpt} holds another model (model.num_layers: 4 → 3); a resume "
+                                "continues the same model: restore those keys, or start a new run from its weights "
+                                f"with --training.init_from {ckpt}")
+    assert r["other layout"].startswith(f"checkpoint {ckpt} was written under another parallel layout "
+                                        "(zero_stage: 0 → 1); resume with the same layout")
+    assert r["untouched"]  # refused before anything was written
+    assert r["resumed_at"] == 2
+    assert "resuming at step 2 with changed keys (each takes effect from there): training.max_steps: 2 → 4; " \
+           "training.warmup_steps: 2 → 3" in r["warning"]
+    assert r["file"] == f"training.output_dir {tmp_path / 'a-file'} is a file; give a folder (it is created if missing)"
+
+
+def test_truncate_metrics_keeps_records_up_to_the_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s}) for s in (1, 2, 3, 4)] + ['{"kind": "eval", "st']
+    path.write_text("\n".join(lines) + "\n")
+    assert truncate_metrics(str(tmp_path), 2) == 3  # steps 3, 4 and the line cut short by a crash
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    assert truncate_metrics(str(tmp_path / "none"), 2) == 0
