@@ -151,13 +151,11 @@ class ChapterBanks:
         """
         if self.ep == 1:
             return
-        import torch.distributed as dist
-
+        from .. import comm
         from ..parallel.expert import expert_parallel_group
 
         group = expert_parallel_group(self.ep)
         for name, p in self.model.banks.named_parameters():
-            parts = [torch.empty_like(p) for _ in range(self.ep)]
-            dist.all_gather(parts, p.detach().contiguous(), group=group)
+            parts = comm.all_gather(p.detach(), group=group)
             if self.rank == 0:
                 state[f"banks.{name}"] = torch.cat(parts).to(dtype).contiguous()

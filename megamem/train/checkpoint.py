@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from .. import comm
 from ..config import ConfigError
 
 COMPLETE = "COMPLETE"
@@ -87,15 +88,13 @@ class CheckpointManager:
     def save(self, engine, step: int, run_state: Dict[str, Any], config_yaml: str, tokenizer=None,
              best: bool = False, write_extra: Optional[Callable[[str], None]] = None) -> str:
         """write_extra(checkpoint folder): each rank's own files (chapter bank shards), before COMPLETE."""
-        import deepspeed.comm as dist
-
         tag = tag_for(step)
         path = os.path.join(self.dir, tag)
         if self.rank == 0:
             os.makedirs(self.dir, exist_ok=True)
             if os.path.isdir(path):  # a leftover of an interrupted save, or a re-save of the same step
                 shutil.rmtree(path)
-        dist.barrier()
+        comm.barrier()
         engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
         if write_extra is not None:
             write_extra(path)
@@ -105,14 +104,14 @@ class CheckpointManager:
             _atomic_write(os.path.join(path, "config.yaml"), config_yaml)
             if tokenizer is not None:
                 tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-        dist.barrier()
+        comm.barrier()
         if self.rank == 0:
             _atomic_write(os.path.join(path, COMPLETE), f"{step}\n")
             _atomic_write(os.path.join(self.dir, "latest"), tag)
             if best:
                 _atomic_write(os.path.join(self.dir, "best"), tag)
             self._rotate()
-        dist.barrier()
+        comm.barrier()
         return tag
 
     def mark_best(self, tag: str) -> None:

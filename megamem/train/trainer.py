@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
+from .. import comm
 from ..config import ConfigError, MegamemConfig, dump_config
 from ..parallel.distributed import init_distributed
 from ..parallel.zero import build_model_for_zero, gathered_state_dict
@@ -118,11 +119,7 @@ class Trainer:
 
     # --------------------------------------------------------------- helpers
     def _all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        import deepspeed.comm as dist
-
-        if self.world > 1:
-            dist.all_reduce(values, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
-        return values
+        return comm.all_reduce(values, op) if self.world > 1 else values
 
     def _forward(self, batch: Dict[str, torch.Tensor]):
         if self.pipeline:  # evaluation only: the LM loss, from the last stage, on every rank
@@ -291,9 +288,7 @@ class Trainer:
             export_adapter(state, self.cfg, self.tokenizer, path, self.step)
         elif self.rank == 0:
             export_model(state, self.cfg, self.tokenizer, path, self.step)
-        import deepspeed.comm as dist
-
-        dist.barrier()
+        comm.barrier()
 
 
 __all__ = ["Trainer", "NonFiniteLossError"]
