@@ -1,12 +1,21 @@
 """Shared pieces of the command-line scripts: user-error handling and the parameter report."""
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 
 from .config import ConfigError, MegamemConfig
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with megamem's user-error contract: one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_cli(main: Callable[[], int]) -> int:

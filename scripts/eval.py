@@ -11,19 +11,18 @@ Chapter models also report how reads spread over chapters, and plot it (--plot).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megamem.cli import run_cli  # noqa: E402
+from megamem.cli import ArgumentParser, run_cli  # noqa: E402
 from megamem.config import ConfigError  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--config", help="megamem YAML with the data to evaluate on (default: the model's config.yaml)")
     p.add_argument("--split", choices=["eval", "train"], default="eval",

@@ -11,17 +11,16 @@ the prompt is a user message and an interactive session keeps the conversation.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megamem.cli import run_cli  # noqa: E402
+from megamem.cli import ArgumentParser, run_cli  # noqa: E402
 from megamem.config import ConfigError  # noqa: E402
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="output_dir/final, a checkpoint, or a Hugging Face folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one prompt (without --prompt or --prompt-file: interactive)")

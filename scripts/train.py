@@ -28,12 +28,12 @@ PREEMPTED_EXIT_CODE = 75
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megamem.cli import parameter_report, run_cli  # noqa: E402
+from megamem.cli import ArgumentParser, parameter_report, run_cli  # noqa: E402
 from megamem.config import dump_config, load_config  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Any --section.key VALUE overrides that key of the config.")
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="print resolved config and parameter counts, then exit")

@@ -11,19 +11,18 @@ megamem`); adapter runs base + adapter, or with --merge-lora (LoRA only) the mer
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megamem.cli import run_cli  # noqa: E402
+from megamem.cli import ArgumentParser, run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
     from megamem.hf.convert import DTYPES, convert_to_hf
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="output_dir/final, output_dir/checkpoints or a stepN folder")
     p.add_argument("--output", required=True)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

@@ -15,7 +15,7 @@ from multiprocessing import Pool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megamem.cli import run_cli  # noqa: E402
+from megamem.cli import ArgumentParser, run_cli  # noqa: E402
 from megamem.config import ConfigError  # noqa: E402
 
 _TOK = None
@@ -40,7 +40,7 @@ def _chunks(it, n):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True)
     ap.add_argument("--tokenizer", required=True, help="tokenizer folder")
     ap.add_argument("--out", required=True, help="split folder to write (index.json + shard_*.bin)")

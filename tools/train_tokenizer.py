@@ -13,13 +13,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megamem.cli import run_cli  # noqa: E402
+from megamem.cli import ArgumentParser, run_cli  # noqa: E402
 from megamem.data.textfiles import iter_texts  # noqa: E402
 from megamem.data.tokenizer import train_sentencepiece  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="files or globs (txt, jsonl, json, parquet, csv)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--vocab-size", type=int, default=4096)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -20,6 +21,34 @@ class ConfigError(ValueError):
 
 class _EntryError(Exception):
     """An error inside a list entry (e.g. one of data.datasets); _set_field adds where and key."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice in one mapping "
+                                  f"(first on line {seen[key]}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str) -> Any:
+    """The YAML document in path (strict: no duplicate keys); ConfigError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]} "
+                          f"({getattr(e, 'problem_mark', '') or ''})".replace(" ()", "")) from None
 
 
 def _closest(name: str, options: Iterable[str]) -> str:
@@ -134,6 +163,8 @@ def _set_field(obj, section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(
             f"{where}: {section}.{key} = {value!r} has the wrong type: expected {_type_name(types_[key])}"
         )
+    if isinstance(out, float) and not math.isfinite(out):
+        raise ConfigError(f"{where}: {section}.{key} = {value!r} is not a finite number")
     setattr(obj, key, out)
 
 
@@ -196,12 +227,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]} "
-                              f"({getattr(e, 'problem_mark', '') or ''})".replace(" ()", "")) from None
+        data = read_yaml(path)
+        if data is None:
+            raise ConfigError(f"{path}: the file is empty; a config has sections such as model:, memory:, training: "
+                              "(configs/base_small.yaml documents every key)")
     cfg = config_from_dict(data, where)
     apply_overrides(cfg, parse_overrides(overrides or []))
     problems = validate(cfg)

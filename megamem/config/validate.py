@@ -54,6 +54,9 @@ def _validate_memory(cfg: MegamemConfig, problems: List[str]) -> None:
     if kv_heads > 0 and heads % kv_heads:
         problems.append(f"memory.memory_num_heads ({heads}) must be divisible by memory.memory_num_kv_heads ({kv_heads})")
     placement, n_layers = mem.memory_layer_placement, m.num_layers
+    if placement == "every_n" and mem.memory_layer_n > n_layers:
+        problems.append(f"memory.memory_layer_n = {mem.memory_layer_n} selects no layer of {n_layers} (every_n reads "
+                        f"layers n-1, 2n-1, …): use 1..{n_layers}, or memory.vanilla_mode: true for no memory")
     if placement in ("first_k", "last_k") and not 1 <= mem.memory_layer_k <= n_layers:
         problems.append(f"memory.memory_layer_k = {mem.memory_layer_k} must be in [1, {n_layers}] "
                         f"(model.num_layers) for placement {placement}")
@@ -130,6 +133,9 @@ def _validate_adapter(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append("model.load_in_4bit: 4-bit base weights cannot be trained; set model.freeze_base_model: true "
                         "(QLoRA trains LoRA and/or memory on the frozen 4-bit base)")
     if m.base_model_name is None:
+        if not mem.use_memory_adapter and not mem.vanilla_mode:
+            problems.append("memory.use_memory_adapter: false applies to adapter runs (model.base_model_name); a "
+                            "from-scratch model without memory is memory.vanilla_mode: true")
         return
     memory_on = mem.use_memory_adapter and not mem.vanilla_mode
     if mem.use_both_memory_and_lora and not memory_on:

@@ -111,7 +111,31 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def read_error(e: BaseException, what: str) -> ConfigError:
+def first_bad_json_line(path: str) -> Optional[str]:
+    """'line N: <why>' for the first line of a JSON-lines file that is not one JSON object, else None."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+                if not isinstance(record, dict):
+                    return f"line {n}: a JSON {type(record).__name__}, expected an object ({{\"text\": ...}})"
+    except UnicodeDecodeError:
+        return None
+    return None
+
+
+def read_error(e: BaseException, what: str, path: Optional[str] = None) -> ConfigError:
+    if path is not None and path.endswith((".jsonl", ".json")):
+        bad = first_bad_json_line(path)
+        if bad is not None:
+            return ConfigError(f"{what} {bad}; fix or remove that record")
     root = _root_cause(e)
     if isinstance(root, UnicodeDecodeError):
         return ConfigError(f"{what}: not valid UTF-8 ({root.reason} at byte {root.start}: {root.object[root.start:root.end]!r})")
@@ -134,7 +158,7 @@ def load_local(files: List[str], spec: DatasetSpec, label: str, cache_dir: Optio
             parts.append(datasets.load_dataset(builder, data_files=[f], split="train", cache_dir=cache_dir,
                                                **_builder_kwargs(builder, spec)))
         except Exception as e:  # noqa: BLE001
-            raise read_error(e, f"{label}: {f}") from None
+            raise read_error(e, f"{label}: {f}", f) from None
         if len(parts[-1]) == 0:
             raise ConfigError(f"{label}: no records in {f}")
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]

@@ -132,6 +132,12 @@ def resolve_ds_config(path: Optional[str], cfg: MegamemConfig, world_size: int,
     on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
     where = path or "<default DeepSpeed config>"
     ds = copy.deepcopy(load_ds_json(path)) if path else {"zero_optimization": {"stage": 0}}
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: zero_optimization must be a JSON object, e.g. {{\"stage\": 3}}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage = {stage!r}; valid: 0, 1, 2, 3 (ds_configs/zero*.json)")
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(f"{where}: remove the '{section}' section: megamem builds the {section} from the YAML "

@@ -66,9 +66,9 @@ class MetricsLogger:
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.bar = None
         self.wandb = None
+        self.output_dir = output_dir
         if rank != 0:
             return
-        os.makedirs(output_dir, exist_ok=True)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
@@ -79,6 +79,7 @@ class MetricsLogger:
             except ImportError:
                 raise ConfigError("training.log_to_wandb: wandb is not installed; pip install 'megamem[wandb]' "
                                   "or set log_to_wandb: false") from None
+            os.makedirs(output_dir, exist_ok=True)
             self.wandb = wandb.init(project=self.t.wandb_project, name=self.t.wandb_run_name, dir=output_dir,
                                     config=config_to_dict(cfg), resume="allow")
 
@@ -86,6 +87,7 @@ class MetricsLogger:
         if self.rank != 0:
             return
         clean = {k: (float(v) if isinstance(v, (float, torch.Tensor)) else v) for k, v in record.items()}
+        os.makedirs(self.output_dir, exist_ok=True)  # created by the first record: a run failing before it leaves none
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
         if self.wandb is not None:
