@@ -44,7 +44,7 @@ def is_adapter_export(path: str) -> bool:
 
 def load_adapter(path: str, base_model_name: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """(model, cfg, tokenizer or None). base_model_name: where the base is now, if it moved (same config)."""
-    from safetensors.torch import load_file
+    from ..safe_load import load_safetensors as load_file
 
     from .build import build_adapter_model
 

@@ -7,6 +7,8 @@ from typing import Dict, Optional
 
 import torch
 
+from ..config import ConfigError
+
 
 @torch.no_grad()
 def perplexity(loaded, cfg, split: str = "eval", max_batches: Optional[int] = None) -> Dict[str, object]:
@@ -16,6 +18,8 @@ def perplexity(loaded, cfg, split: str = "eval", max_batches: Optional[int] = No
     from ..data import build_loader
     from ..model import MemoryTransformer
 
+    if max_batches is not None and max_batches < 1:
+        raise ConfigError(f"--max-batches {max_batches}: evaluate at least 1 batch (or leave it out for the whole split)")
     ours = isinstance(loaded.megamem, MemoryTransformer)
     model = loaded.megamem if ours else loaded.hf
     model.eval()
@@ -43,6 +47,9 @@ def perplexity(loaded, cfg, split: str = "eval", max_batches: Optional[int] = No
     finally:
         bar.close()
         loader.close()
-    loss = nll / max(count, 1)
+    if count == 0:
+        raise ConfigError(f"the {split} split gave no labelled tokens to score: check the data (data.datasets / "
+                          "training.eval_split) and --max-batches")
+    loss = nll / count
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count, "batches": batches,
             "chapter_usage": {layer: c.tolist() for layer, c in sorted(usage.items())}}

@@ -63,10 +63,10 @@ def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool)
 
 def copy_base_and_adapter(folder: str, source: str, dtype: torch.dtype) -> None:
     """The base's files as they are, then the adapter export (its weights in dtype) beside them."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from ..adapter.saving import META, WEIGHTS
+    from ..safe_load import load_safetensors, open_safetensors
     from ..config import load_config
 
     home = base_folder(load_config(os.path.join(source, "config.yaml")).model.base_model_name)
@@ -77,8 +77,8 @@ def copy_base_and_adapter(folder: str, source: str, dtype: torch.dtype) -> None:
         shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
     if os.path.isdir(os.path.join(source, "tokenizer")):
         shutil.copytree(os.path.join(source, "tokenizer"), os.path.join(folder, "tokenizer"))
-    with safe_open(os.path.join(source, WEIGHTS), "pt") as f:
+    with open_safetensors(os.path.join(source, WEIGHTS)) as f:
         meta = f.metadata()
-    state = load_file(os.path.join(source, WEIGHTS))
+    state = load_safetensors(os.path.join(source, WEIGHTS))
     save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
               os.path.join(folder, WEIGHTS), metadata=meta)

@@ -21,9 +21,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def read_source(path: str) -> Tuple[Dict[str, torch.Tensor], MegamemConfig, str]:
     """(megamem state dict, config, folder holding tokenizer/) from an export or a checkpoint."""
     if os.path.isfile(os.path.join(path, "model.safetensors")):
-        from safetensors.torch import load_file
+        from ..safe_load import load_safetensors
 
-        return load_file(os.path.join(path, "model.safetensors")), load_config(os.path.join(path, "config.yaml")), path
+        return load_safetensors(os.path.join(path, "model.safetensors")), load_config(os.path.join(path, "config.yaml")), path
     from ..train.checkpoint import resolve_resume, safe_torch_load
 
     if not os.path.isdir(path):
@@ -44,8 +44,9 @@ def read_source(path: str) -> Tuple[Dict[str, torch.Tensor], MegamemConfig, str]
     from ..train.chapter_banks import banks_from_checkpoint
 
     if not any("zero_pp_rank_" in n for n in os.listdir(folder)):  # ZeRO-0: whole weights in the model states
-        state = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu",
-                           weights_only=True)["module"]
+        from ..safe_load import torch_load_weights
+
+        state = torch_load_weights(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu")["module"]
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

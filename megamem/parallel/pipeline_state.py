@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..config import MegamemConfig
+from ..safe_load import torch_load_weights
 from ..memory.placement import bank_assignment, memory_layers
 
 
@@ -104,9 +105,6 @@ def plain_state_dict_from_checkpoint(ckpt_dir: str, tag: Optional[str] = None) -
         if not files:
             raise ConfigError(f"{folder}: no layer_{idx:02d}-*model_states.pt; not a pipeline checkpoint of this "
                               f"config (a ZeRO checkpoint converts with megamem.hf / zero_to_fp32 instead)")
-        try:
-            state = torch.load(files[0], map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or foreign file: name it instead of a pickle traceback
-            raise ConfigError(f"{files[0]}: cannot be read as pipeline layer weights ({type(e).__name__}: {e})") from None
+        state = torch_load_weights(files[0], map_location="cpu")
         found.update(to_plain_names(state, entry["names"]))
     return canonical_state(found, cfg, folder)

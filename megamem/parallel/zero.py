@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MegamemConfig
+from ..safe_load import open_safetensors
 from ..model import MemoryTransformer, build_model
 
 
@@ -64,7 +65,6 @@ def build_adapter_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_s
         raise ConfigError("model.load_in_4bit cannot be combined with ZeRO-3 (bitsandbytes 4-bit weights are not "
                           "partitioned); use ds_configs/zero2.json or turn load_in_4bit off")
     import deepspeed
-    from safetensors import safe_open
 
     from ..adapter.base import base_config, empty_base, weight_files
     from ..adapter.build import check_against_base
@@ -76,7 +76,7 @@ def build_adapter_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_s
     params = dict(base.named_parameters())
     loaded = set()
     for path in weight_files(cfg.model.base_model_name):
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 if key not in params:
                     continue

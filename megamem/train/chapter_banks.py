@@ -30,12 +30,12 @@ def banks_from_checkpoint(folder: str) -> Dict[str, torch.Tensor]:
     The engine's files hold a stale copy of these banks; readers of checkpoints (megamem.hf) use this.
     Ranks 0 … ep_size−1 form the first expert-parallel group, holding chapter shards in rank order.
     """
-    from safetensors import safe_open
+    from ..safe_load import open_safetensors
 
     first = os.path.join(folder, "chapter_banks_rank0.safetensors")
     if not os.path.isfile(first):
         return {}
-    with safe_open(first, framework="pt") as f:
+    with open_safetensors(first) as f:
         ep = int(f.metadata().get("ep_size", 1))
     parts: Dict[str, list] = {}
     for r in range(ep):
@@ -43,7 +43,7 @@ def banks_from_checkpoint(folder: str) -> Dict[str, torch.Tensor]:
         if not os.path.isfile(file):
             raise ConfigError(f"{folder}: chapter shards of ep_size {ep} need chapter_banks_rank0 … {ep - 1}; "
                               f"{os.path.basename(file)} is missing (an incomplete copy of the checkpoint?)")
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 if key.startswith("param."):
                     parts.setdefault(f"banks.{key[len('param.'):]}", []).append(f.get_tensor(key))
@@ -122,13 +122,13 @@ class ChapterBanks:
         os.replace(tmp, self._file(path))
 
     def load(self, path: str) -> None:
-        from safetensors import safe_open
+        from ..safe_load import open_safetensors
 
         file = self._file(path)
         if not os.path.isfile(file):
             raise ConfigError(f"checkpoint {path} has no {os.path.basename(file)}: it was written by a run whose banks "
                               "trained inside the engine (ep_size 1, sparse_bank_grad false); resume with that layout")
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             saved_ep = int(f.metadata().get("ep_size", 1))
             if saved_ep != self.ep:
                 raise ConfigError(f"{file} holds chapter shards of ep_size {saved_ep}; this run has parallel.ep_size "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
 import random
 import shutil
 from typing import Any, Callable, Dict, List, Optional
@@ -22,6 +23,7 @@ import torch
 
 from .. import comm
 from ..config import ConfigError
+from ..safe_load import weights_error
 
 COMPLETE = "COMPLETE"
 
@@ -178,9 +180,12 @@ class safe_torch_load:
                                               argparse_namespace()])
         orig = self._orig
 
-        def load(*args, **kwargs):
+        def load(f, *args, **kwargs):
             kwargs["weights_only"] = True
-            return orig(*args, **kwargs)
+            try:
+                return orig(f, *args, **kwargs)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+                raise weights_error(str(f), e) from None
 
         torch.load = load
         return self

@@ -56,9 +56,8 @@ def model_with_state(cfg, state: Dict[str, torch.Tensor], where: str, dtype: Opt
 
 def load_exported(path: str, dtype: Optional[torch.dtype] = None):
     """(model, cfg, tokenizer or None) from an exported folder, or a megamem Hugging Face folder."""
-    from safetensors.torch import load_file
-
     from ..hf.folder import is_megamem_folder, load_megamem_folder
+    from ..safe_load import load_safetensors
 
     if os.path.isfile(os.path.join(path, "adapter.json")):  # an adapter run: its base + the adapter weights
         from ..adapter import load_adapter
@@ -72,7 +71,7 @@ def load_exported(path: str, dtype: Optional[torch.dtype] = None):
         raise ConfigError(f"{path}: no model.safetensors (expected a folder written at the end of training, "
                           "e.g. outputs/<run>/final)")
     cfg = load_config(os.path.join(path, "config.yaml"))
-    model = model_with_state(cfg, load_file(weights), weights, dtype)
+    model = model_with_state(cfg, load_safetensors(weights), weights, dtype)
     tokenizer = None
     if os.path.isdir(os.path.join(path, "tokenizer")):
         from transformers import AutoTokenizer

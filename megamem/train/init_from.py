@@ -22,7 +22,7 @@ def read_plain_weights(path: str) -> Dict[str, torch.Tensor]:
     if os.path.isfile(weights):
         if os.path.isfile(os.path.join(path, "adapter.json")):
             raise ConfigError(f"training.init_from: {path} is an adapter export; adapters start from their base model")
-        from safetensors.torch import load_file
+        from ..safe_load import load_safetensors as load_file
 
         return load_file(weights)
     if not os.path.isdir(path):
