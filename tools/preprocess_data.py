@@ -58,13 +58,17 @@ def main() -> int:
     _init(args.tokenizer)
     writer = ShardWriter(args.out, len(_TOK), _TOK.eos_token_id, os.path.abspath(args.tokenizer), args.shard_tokens)
     start, docs, tokens = time.perf_counter(), 0, 0
-    with Pool(args.workers, initializer=_init, initargs=(args.tokenizer,)) as pool, \
-            tqdm(desc="tokenizing", unit="doc") as bar:
-        for encoded in pool.imap(_encode, _chunks(iter_texts(args.input, args.text_field), 256)):
-            writer.add(encoded)
-            docs, tokens = docs + len(encoded), tokens + sum(map(len, encoded))
-            bar.update(len(encoded))
-    meta = writer.finish()
+    try:
+        with Pool(args.workers, initializer=_init, initargs=(args.tokenizer,)) as pool, \
+                tqdm(desc="tokenizing", unit="doc") as bar:
+            for encoded in pool.imap(_encode, _chunks(iter_texts(args.input, args.text_field), 256)):
+                writer.add(encoded)
+                docs, tokens = docs + len(encoded), tokens + sum(map(len, encoded))
+                bar.update(len(encoded))
+        meta = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
     took = time.perf_counter() - start
     print(f"{args.out}: {docs} documents, {tokens:,} tokens in {len(meta['shards'])} shard(s), "
           f"{tokens / took:,.0f} tokens/s with {args.workers} worker(s)")

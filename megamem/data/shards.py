@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -26,11 +27,22 @@ def token_dtype(vocab_size: int):
 
 
 class ShardWriter:
-    """Appends tokenized documents; starts a new shard every `shard_tokens` tokens; index.json last."""
+    """Appends tokenized documents; starts a new shard every `shard_tokens` tokens; index.json last.
+
+    Writes into `<out_dir>.partial` and renames it to out_dir in finish(), so out_dir either holds a
+    whole split or does not exist; abort() removes the partial folder (a failed run leaves nothing).
+    """
 
     def __init__(self, out_dir: str, vocab_size: int, eos_token_id: int, tokenizer: str = "",
                  shard_tokens: int = 100_000_000):
-        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(out_dir):
+            raise ConfigError(f"--out {out_dir} already exists; shards are written to a new folder: remove it or "
+                              "choose another")
+        self.final = out_dir
+        out_dir = f"{out_dir.rstrip(os.sep)}.partial"
+        if os.path.isdir(out_dir):  # left by an interrupted run: ours to replace
+            shutil.rmtree(out_dir)
+        os.makedirs(out_dir)
         self.dir, self.dtype, self.shard_tokens = out_dir, token_dtype(vocab_size), shard_tokens
         self.meta = {"format": FORMAT, "dtype": np.dtype(self.dtype).name, "eos_token_id": eos_token_id,
                      "vocab_size": vocab_size, "tokenizer": tokenizer, "shards": []}
@@ -66,7 +78,17 @@ class ShardWriter:
         with open(tmp, "w") as f:
             json.dump(self.meta, f, indent=1)
         os.replace(tmp, os.path.join(self.dir, "index.json"))
+        os.rename(self.dir, self.final)
+        self.dir = self.final
         return self.meta
+
+    def abort(self) -> None:
+        """Remove the partial folder (after an error): nothing half-written is left behind."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self.dir != self.final and os.path.isdir(self.dir):
+            shutil.rmtree(self.dir)
 
 
 def read_index(path: str) -> Dict[str, Any]:
