@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     from megamem.eval.chapter_stats import plot_usage, usage_summary
 
     args, overrides = parse_args(argv)
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ConfigError(f"--max-batches {args.max_batches}: evaluate at least 1 batch (or leave it out for the "
+                          "whole split)")
     results = {"model": args.model}
     if not args.no_perplexity:
         loaded = load_any(args.model, torch.float32, args.routing_strategy)

@@ -6,6 +6,7 @@ streaming sources re-read (not re-tokenize) `pos` records of the epoch's determi
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -147,6 +148,20 @@ def _builder_kwargs(builder: str, spec: DatasetSpec) -> Dict[str, Any]:
     return {"sample_by": spec.sample_by} if builder == "text" else {}
 
 
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """datasets logs a failed read at ERROR level before raising; megamem reports it as one line itself."""
+    import datasets
+
+    logger = datasets.utils.logging.get_logger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_local(files: List[str], spec: DatasetSpec, label: str, cache_dir: Optional[str]):
     """Files → one Arrow Dataset (loaded per file, so errors and records name their file) + file starts."""
     import datasets
@@ -155,8 +170,9 @@ def load_local(files: List[str], spec: DatasetSpec, label: str, cache_dir: Optio
     parts = []
     for f in files:
         try:
-            parts.append(datasets.load_dataset(builder, data_files=[f], split="train", cache_dir=cache_dir,
-                                               **_builder_kwargs(builder, spec)))
+            with quiet_datasets():
+                parts.append(datasets.load_dataset(builder, data_files=[f], split="train", cache_dir=cache_dir,
+                                                   **_builder_kwargs(builder, spec)))
         except Exception as e:  # noqa: BLE001
             raise read_error(e, f"{label}: {f}", f) from None
         if len(parts[-1]) == 0:

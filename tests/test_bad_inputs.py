@@ -1,0 +1,273 @@
+"""A catalogue of malformed inputs to megamem's command-line tools: configs, CLI flags, DeepSpeed JSON,
+data files, tokenizers, checkpoints and exports. Each must end with exit code 2 and exactly one line
+on stderr, starting with `error:` and naming the culprit — no traceback, and nothing new left on disk
+(an output folder, a partial shard, a half-written export). A code-running pickle is never executed.
+
+The scripts run in this process (their `main` under `run_cli`, sys.argv set), so an unexpected
+exception fails the test with its traceback instead of being hidden in a subprocess.
+"""
+import importlib.util
+import json
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_config
+
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
+SCRIPTS = {"train": "scripts/train.py", "eval": "scripts/eval.py", "inference": "scripts/inference.py",
+           "convert": "tools/convert_to_hf.py", "preprocess": "tools/preprocess_data.py"}
+_modules = {}
+
+
+def script(name):
+    if name not in _modules:
+        spec = importlib.util.spec_from_file_location(f"megamem_cli_{name}", os.path.join(ROOT, SCRIPTS[name]))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _modules[name] = module
+    return _modules[name]
+
+
+class Evil:
+    """Unpickling this runs a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Good and bad inputs, made once: an export, a ZeRO-0 checkpoint, a tokenizer, and damaged copies."""
+    from megamem.model import build_model
+    from megamem.train.export import export_model
+
+    d = tmp_path_factory.mktemp("inputs")
+    w = lambda name, text, mode="w": (open(d / name, mode).write(text), str(d / name))[1]  # noqa: E731
+    f = {"dir": d, "marker": str(d / "PICKLE_RAN")}
+    cfg = tiny_config()
+    model = build_model(cfg)
+    export_model(model.state_dict(), cfg, None, str(d / "final"), 1)
+    f["final"] = str(d / "final")
+    for name, damage in (("trunc", "truncate"), ("pickled", "pickle")):
+        os.makedirs(d / name)
+        for item in os.listdir(d / "final"):
+            os.link(d / "final" / item, d / name / item) if item != "model.safetensors" else None
+        weights = open(d / "final" / "model.safetensors", "rb").read()
+        blob = weights[:len(weights) // 2] if damage == "truncate" else pickle.dumps(Evil(f["marker"]))
+        open(d / name / "model.safetensors", "wb").write(blob)
+        f[name] = str(d / name)
+    step = d / "ckpt" / "step00000001"  # a ZeRO-0 checkpoint whose model states are a code-running pickle
+    os.makedirs(step)
+    (step / "COMPLETE").write_text("1\n")
+    (step / "config.yaml").write_text(open(d / "final" / "config.yaml").read())
+    (d / "ckpt" / "latest").write_text("step00000001")
+    torch.save({"module": Evil(f["marker"])}, str(step / "mp_rank_00_model_states.pt"))
+    f["evil_ckpt"] = str(d / "ckpt")
+    tstep = d / "tckpt" / "step00000001"  # … and one whose model states are truncated
+    os.makedirs(tstep)
+    for name in ("COMPLETE", "config.yaml"):
+        (tstep / name).write_text((step / name).read_text())
+    (d / "tckpt" / "latest").write_text("step00000001")
+    torch.save({"module": model.state_dict()}, str(tstep / "whole.pt"))
+    data = (tstep / "whole.pt").read_bytes()
+    (tstep / "mp_rank_00_model_states.pt").write_bytes(data[:len(data) // 3])
+    os.remove(tstep / "whole.pt")
+    f["trunc_ckpt"] = str(d / "tckpt")
+    os.makedirs(d / "not_empty")
+    (d / "not_empty" / "keep.txt").write_text("x")
+    f["yaml"] = {
+        "empty": w("empty.yaml", ""),
+        "dup": w("dup.yaml", "model:\n  hidden_dim: 64\n  num_layers: 2\n  hidden_dim: 128\n"),
+        "syntax": w("syntax.yaml", "model:\n  hidden_dim: [64\n"),
+        "list": w("list.yaml", "- model\n- memory\n"),
+        "section": w("section.yaml", "modle:\n  hidden_dim: 64\n"),
+        "notmap": w("notmap.yaml", "model: 64\n"),
+        "nan": w("nan.yaml", "training:\n  memory_lr: .nan\n"),
+        "binary": w("binary.yaml", bytes(range(128, 256)), "wb"),
+    }
+    f["ds"] = {
+        "notjson": w("notjson.json", "{oops"),
+        "list": w("list.json", "[1, 2]"),
+        "stage4": w("stage4.json", json.dumps({"zero_optimization": {"stage": 4}})),
+        "stagestr": w("stagestr.json", json.dumps({"zero_optimization": {"stage": "three"}})),
+        "zeronotobj": w("zeronotobj.json", json.dumps({"zero_optimization": 3})),
+        "optimizer": w("optimizer.json", json.dumps({"optimizer": {"type": "Adam"}})),
+        "batch": w("batch.json", json.dumps({"train_micro_batch_size_per_gpu": 3})),
+    }
+    f["data"] = {
+        "corrupt": w("corrupt.jsonl", '{"text": "one"}\n{"text": "two"}\n{"text": broken\n{"text": "four"}\n'),
+        "nofield": w("nofield.jsonl", '{"text": "one"}\n{"body": "two"}\n'),
+        "nonstr": w("nonstr.jsonl", '{"text": "one"}\n{"text": 5}\n'),
+        "array": w("array.jsonl", '{"text": "one"}\n[1, 2]\n'),
+        "utf8": w("utf8.txt", b"fine\n\xff\xfe broken\n", "wb"),
+    }
+    from data_utils import tokenizer_dir
+
+    tok = tokenizer_dir()  # a small SentencePiece tokenizer of our own (no hub), outside the watched folder
+    f["tok"] = tok
+    return f
+
+
+def Y(f, k):
+    return f["yaml"][k]
+
+
+def DS(f, k):
+    return f["ds"][k]
+
+
+def D(f, k):
+    return f["data"][k]
+
+
+DRY = ("--config", TINY, "--dry-run")
+CASES = {
+    # ---- configs
+    "config file missing": ("train", lambda f: ["--config", "nope.yaml", "--dry-run"], "config file not found: nope.yaml"),
+    "config empty": ("train", lambda f: ["--config", Y(f, "empty"), "--dry-run"], "the file is empty"),
+    "config duplicate key": ("train", lambda f: ["--config", Y(f, "dup"), "--dry-run"],
+                             "line 4: key 'hidden_dim' is given twice in one mapping (first on line 2)"),
+    "config not YAML": ("train", lambda f: ["--config", Y(f, "syntax"), "--dry-run"], "not valid YAML"),
+    "config top level a list": ("train", lambda f: ["--config", Y(f, "list"), "--dry-run"],
+                                "the top level must be a mapping"),
+    "config unknown section": ("train", lambda f: ["--config", Y(f, "section"), "--dry-run"],
+                               "unknown section 'modle' (did you mean 'model'?)"),
+    "config section not a mapping": ("train", lambda f: ["--config", Y(f, "notmap"), "--dry-run"],
+                                     "section 'model' must be a mapping of keys"),
+    "config nan learning rate": ("train", lambda f: ["--config", Y(f, "nan"), "--dry-run"],
+                                 "training.memory_lr = nan is not a finite number"),
+    "config not UTF-8": ("train", lambda f: ["--config", Y(f, "binary"), "--dry-run"], "not a text file (not UTF-8)"),
+    "override inf max_grad_norm": ("train", lambda f: [*DRY, "--training.max_grad_norm", "inf"],
+                                   "training.max_grad_norm = 'inf' is not a finite number"),
+    "override unknown key": ("train", lambda f: [*DRY, "--memory.num_memory_token", "5"],
+                             "unknown key 'memory.num_memory_token' (did you mean 'num_memory_tokens'?)"),
+    "override wrong type": ("train", lambda f: [*DRY, "--model.num_layers", "four"],
+                            "model.num_layers = 'four' has the wrong type: expected integer"),
+    "override without value": ("train", lambda f: [*DRY, "--model.num_layers"], "needs a value"),
+    "override unknown section": ("train", lambda f: [*DRY, "--modl.num_layers", "2"], "unknown section 'modl'"),
+    "override not an override": ("train", lambda f: [*DRY, "stray"], "unrecognised argument 'stray'"),
+    "every_n beyond the layers": ("train", lambda f: [*DRY, "--memory.memory_layer_placement", "every_n",
+                                                      "--memory.memory_layer_n", "9"],
+                                  "memory.memory_layer_n = 9 selects no layer of 4"),
+    "no memory adapter from scratch": ("train", lambda f: [*DRY, "--memory.use_memory_adapter", "false"],
+                                       "use_memory_adapter: false applies to adapter runs"),
+    "heads do not divide width": ("train", lambda f: [*DRY, "--model.num_heads", "3"],
+                                  "model.hidden_dim (128) must be divisible by model.num_heads (3)"),
+    "memory layer index out of range": ("train", lambda f: [*DRY, "--memory.memory_layer_placement", "custom",
+                                                            "--memory.memory_layer_indices", "[9]"],
+                                        "memory.memory_layer_indices [9] out of range"),
+    "top-k above the chapters": ("train", lambda f: [*DRY, "--memory.use_chapters", "true", "--memory.num_chapters",
+                                                     "4", "--memory.top_k_chapters", "5"],
+                                 "memory.top_k_chapters (5) must be <= memory.num_chapters (4)"),
+    "negative warmup": ("train", lambda f: [*DRY, "--training.warmup_steps", "-1"], "training.warmup_steps must be >= 0"),
+    "retired distributed_strategy": ("train", lambda f: [*DRY, "--training.distributed_strategy", "fsdp"],
+                                     "'fsdp' is not supported"),
+    # ---- CLI flags
+    "train without --config": ("train", lambda f: ["--dry-run"], "the following arguments are required: --config"),
+    "eval without --model": ("eval", lambda f: [], "the following arguments are required: --model"),
+    "eval zero batches": ("eval", lambda f: ["--model", f["final"], "--max-batches", "0"],
+                          "--max-batches 0: evaluate at least 1 batch"),
+    "inference negative length": ("inference", lambda f: ["--model", f["final"], "--prompt", "hi",
+                                                          "--max-new-tokens", "-1"], "--max-new-tokens must be at least 1"),
+    "convert bad dtype": ("convert", lambda f: ["--checkpoint", f["final"], "--output", str(f["dir"] / "o1"),
+                                                "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    "convert missing input": ("convert", lambda f: ["--checkpoint", str(f["dir"] / "none"), "--output",
+                                                    str(f["dir"] / "o2")], "does not exist"),
+    "convert onto a non-empty folder": ("convert", lambda f: ["--checkpoint", f["final"], "--output",
+                                                              str(f["dir"] / "not_empty")], "--force"),
+    # ---- DeepSpeed JSON
+    "deepspeed file missing": ("train", lambda f: [*DRY, "--deepspeed", "nope.json"], "DeepSpeed config not found"),
+    "deepspeed not JSON": ("train", lambda f: [*DRY, "--deepspeed", DS(f, "notjson")], "not valid JSON"),
+    "deepspeed top level a list": ("train", lambda f: [*DRY, "--deepspeed", DS(f, "list")],
+                                   "the top level must be a JSON object"),
+    "deepspeed stage 4": ("train", lambda f: [*DRY, "--deepspeed", DS(f, "stage4")],
+                          "zero_optimization.stage = 4; valid: 0, 1, 2, 3"),
+    "deepspeed stage a word": ("train", lambda f: [*DRY, "--deepspeed", DS(f, "stagestr")],
+                               "zero_optimization.stage = 'three'"),
+    "deepspeed zero section a number": ("train", lambda f: [*DRY, "--deepspeed", DS(f, "zeronotobj")],
+                                        "zero_optimization must be a JSON object"),
+    "deepspeed own optimizer": ("train", lambda f: [*DRY, "--deepspeed", DS(f, "optimizer")],
+                                "remove the 'optimizer' section"),
+    "deepspeed batch conflicts with YAML": ("train", lambda f: [*DRY, "--deepspeed", DS(f, "batch")],
+                                            "train_micro_batch_size_per_gpu = 3 conflicts with training.batch_size"),
+    # ---- data files (tools/preprocess_data.py)
+    "data corrupt record": ("preprocess", lambda f: ["--input", D(f, "corrupt"), "--tokenizer", f["tok"], "--out",
+                                                     str(f["dir"] / "s1"), "--workers", "1"],
+                            "corrupt.jsonl line 3: not valid JSON"),
+    "data missing field": ("preprocess", lambda f: ["--input", D(f, "nofield"), "--tokenizer", f["tok"], "--out",
+                                                    str(f["dir"] / "s2"), "--workers", "1"],
+                           "nofield.jsonl record 2 has no field 'text'"),
+    "data non-string field": ("preprocess", lambda f: ["--input", D(f, "nonstr"), "--tokenizer", f["tok"], "--out",
+                                                       str(f["dir"] / "s3"), "--workers", "1"],
+                              "nonstr.jsonl record 2: field 'text' is int"),
+    "data record not an object": ("preprocess", lambda f: ["--input", D(f, "array"), "--tokenizer", f["tok"],
+                                                           "--out", str(f["dir"] / "s4"), "--workers", "1"],
+                                  "array.jsonl line 2: a JSON list, expected an object"),
+    "data not UTF-8": ("preprocess", lambda f: ["--input", D(f, "utf8"), "--tokenizer", f["tok"], "--out",
+                                                str(f["dir"] / "s5"), "--workers", "1"], "not valid UTF-8"),
+    "data file missing": ("preprocess", lambda f: ["--input", str(f["dir"] / "none.jsonl"), "--tokenizer", f["tok"],
+                                                   "--out", str(f["dir"] / "s6"), "--workers", "1"], "none.jsonl"),
+    "data output exists": ("preprocess", lambda f: ["--input", D(f, "nonstr"), "--tokenizer", f["tok"], "--out",
+                                                    str(f["dir"] / "not_empty"), "--workers", "1"], "already exists"),
+    # ---- tokenizers
+    "tokenizer folder missing (preprocess)": ("preprocess", lambda f: ["--input", D(f, "nonstr"), "--tokenizer",
+                                                                       str(f["dir"] / "notok"), "--out",
+                                                                       str(f["dir"] / "s7")], "folder not found"),
+    "tokenizer folder missing (train)": ("train", lambda f: ["--config", TINY, "--model.tokenizer_name",
+                                                             str(f["dir"] / "notok"), "--training.output_dir",
+                                                             str(f["dir"] / "run")], "tokenizer folder not found"),
+    # ---- checkpoints and exports
+    "export truncated (eval)": ("eval", lambda f: ["--model", f["trunc"]], "model.safetensors: not a readable weights"),
+    "export truncated (inference)": ("inference", lambda f: ["--model", f["trunc"], "--prompt", "hi"],
+                                     "model.safetensors: not a readable weights file"),
+    "export truncated (convert)": ("convert", lambda f: ["--checkpoint", f["trunc"], "--output", str(f["dir"] / "o3")],
+                                   "model.safetensors: not a readable weights file"),
+    "export is a pickle (eval)": ("eval", lambda f: ["--model", f["pickled"]], "model.safetensors: not a readable"),
+    "export folder without weights": ("eval", lambda f: ["--model", str(f["dir"] / "not_empty")], "not_empty"),
+    "checkpoint code-running pickle (convert)": ("convert", lambda f: ["--checkpoint", f["evil_ckpt"], "--output",
+                                                                       str(f["dir"] / "o4")],
+                                                 "holds pickled objects that a weights-only load refuses"),
+    "checkpoint truncated (convert)": ("convert", lambda f: ["--checkpoint", f["trunc_ckpt"], "--output",
+                                                             str(f["dir"] / "o5")],
+                                       "mp_rank_00_model_states.pt: not a readable weights file"),
+}
+
+
+def _tree(root):
+    return {os.path.join(folder, name) for folder, dirs, names in os.walk(root) for name in dirs + names}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line(case, files, capsys, monkeypatch):
+    name, argv, message = CASES[case]
+    argv = argv(files)
+    before = _tree(files["dir"])
+    monkeypatch.setattr(sys, "argv", [SCRIPTS[name], *argv])
+    monkeypatch.setenv("MEGAMEM_NO_PROGRESS", "1")
+    from megamem.cli import run_cli
+
+    module = script(name)
+    try:
+        code = run_cli(lambda: module.main(argv) if name != "preprocess" else module.main())
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "[WARNING]" not in line
+             and not line.startswith(("tokenizing", "Generating", "perplexity"))]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in err and "weights_only=False" not in err
+    assert _tree(files["dir"]) == before, "files were left behind"
+    assert not os.path.exists(files["marker"]), "a pickle was executed"
+
+
+def test_the_catalogue_is_large():
+    assert len(CASES) >= 40
