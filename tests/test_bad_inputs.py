@@ -169,6 +169,13 @@ CASES = {
     "negative warmup": ("train", lambda f: [*DRY, "--training.warmup_steps", "-1"], "training.warmup_steps must be >= 0"),
     "retired distributed_strategy": ("train", lambda f: [*DRY, "--training.distributed_strategy", "fsdp"],
                                      "'fsdp' is not supported"),
+    "two data sources": ("train", lambda f: [*DRY, "--training.dataset_name", "data/corpus/kjv/train.jsonl"],
+                         "data.datasets and training.dataset_name each name training data; keep one"),
+    "split ignored by data.datasets": ("train", lambda f: [*DRY, "--training.eval_split", "test"],
+                                       "training.eval_split = 'test' would be ignored"),
+    "ddp with a sharding JSON": ("train", lambda f: [*DRY, "--training.distributed_strategy", "ddp", "--deepspeed",
+                                                     os.path.join(ROOT, "ds_configs", "zero3.json")],
+                                 "distributed_strategy: ddp means whole replicas per rank (ZeRO-0)"),
     # ---- CLI flags
     "train without --config": ("train", lambda f: ["--dry-run"], "the following arguments are required: --config"),
     "eval without --model": ("eval", lambda f: [], "the following arguments are required: --model"),

@@ -50,6 +50,10 @@ def _refusals(out):
         result["resumed_at"] = trainer.step
     finally:
         sys.stderr = err
+    try:
+        _trainer(os.path.join(os.path.dirname(out), "other"), ZERO[0], "training.max_steps=2", "training.num_gpus=8")
+    except ConfigError as e:
+        result["num_gpus"] = str(e)
     file_out = os.path.join(os.path.dirname(out), "a-file")
     open(file_out, "w").close()
     try:
@@ -77,6 +81,8 @@ def test_output_dir_and_resume_refusals(tmp_path):
     assert r["resumed_at"] == 2
     assert "resuming at step 2 with changed keys (each takes effect from there): training.max_steps: 2 → 4; " \
            "training.warmup_steps: 2 → 3" in r["warning"]
+    assert r["num_gpus"].startswith("training.num_gpus = 8 but the launcher started 1 rank; launch 8")
+    assert not (tmp_path / "other").exists()
     assert r["file"] == f"training.output_dir {tmp_path / 'a-file'} is a file; give a folder (it is created if missing)"
 
 

@@ -119,8 +119,9 @@ class TrainingConfig:
     text_field: Union[str, List[str]] = "text"
     max_length: int = 1024
     # distribution (DeepSpeed; see ds_configs/)
+    # deepspeed: the --deepspeed JSON decides (ZeRO 0-3, pipeline); ddp: whole replicas only (a sharding JSON is refused)
     distributed_strategy: Literal["deepspeed", "ddp"] = "deepspeed"
-    num_gpus: Optional[int] = None  # informational; the launcher decides the world size
+    num_gpus: Optional[int] = None  # ranks the run expects: a launch with another world size is refused
     # loop
     batch_size: int = 8
     gradient_accumulation_steps: int = 1

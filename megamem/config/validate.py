@@ -206,6 +206,7 @@ def _validate_data(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append(f"data.data_mix '{d.data_mix}' needs data.data_mixes_file (the YAML file that defines the mixes)")
     if d.data_mix is not None and d.datasets:
         problems.append("data.data_mix and data.datasets both name sources; keep one")
+    _one_data_source(cfg, problems)
     if not 0.0 <= d.eval_fraction < 1.0:
         problems.append(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
     if d.num_workers not in (0, 1):
@@ -222,6 +223,27 @@ def _validate_data(cfg: MegamemConfig, problems: List[str]) -> None:
             problems.append(f"{label}: weight must be > 0, got {spec.weight}")
         if isinstance(spec.text_field, list) and not spec.text_field:
             problems.append(f"{label}: text_field is an empty list")
+
+
+def _one_data_source(cfg: MegamemConfig, problems: List[str]) -> None:
+    """One source of training data, and no training.dataset_* key that the chosen source would ignore."""
+    d, t = cfg.data, cfg.training
+    given = [name for name, on in (("data.shards", d.shards is not None), ("data.data_mix", d.data_mix is not None),
+                                   ("data.datasets", bool(d.datasets)), ("training.dataset_name", t.dataset_name))
+             if on]
+    if len(given) > 1 and not (given == ["data.data_mix", "data.datasets"]):  # that pair has its own message
+        problems.append(f"{' and '.join(given)} each name training data; keep one (data.shards: pre-tokenized "
+                        "shards; data.datasets / data.data_mix: several sources; training.dataset_name: one)")
+    if d.datasets or d.data_mix is not None:
+        ignored = [f"training.{k} = {getattr(t, k)!r}" for k, default in
+                   (("dataset_subset", None), ("dataset_split", "train"), ("eval_split", None))
+                   if getattr(t, k) != default]
+        if ignored:
+            problems.append(f"{', '.join(ignored)} would be ignored: with data.datasets or data.data_mix each entry "
+                            "has its own subset / split / eval_split; set them there")
+    elif d.shards is not None and t.dataset_subset is not None:
+        problems.append("training.dataset_subset would be ignored with data.shards (shards are already tokenized); "
+                        "remove it")
 
 
 def memory_problems(cfg: MegamemConfig) -> List[str]:

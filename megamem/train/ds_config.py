@@ -138,6 +138,10 @@ def resolve_ds_config(path: Optional[str], cfg: MegamemConfig, world_size: int,
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage = {stage!r}; valid: 0, 1, 2, 3 (ds_configs/zero*.json)")
+    if cfg.training.distributed_strategy == "ddp" and stage > 0:
+        raise ConfigError(f"training.distributed_strategy: ddp means whole replicas per rank (ZeRO-0), but {where} "
+                          f"has zero_optimization.stage {stage}; set distributed_strategy: deepspeed, or use "
+                          "ds_configs/zero0.json")
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(f"{where}: remove the '{section}' section: megamem builds the {section} from the YAML "

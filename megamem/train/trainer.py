@@ -37,6 +37,10 @@ class Trainer:
         self.rank, self.local_rank, self.world = init_distributed()
         self.ds = resolve_ds_config(ds_config_path, cfg, self.world)
         self.output_dir = self.t.output_dir
+        if self.t.num_gpus is not None and self.t.num_gpus != self.world:
+            raise ConfigError(f"training.num_gpus = {self.t.num_gpus} but the launcher started {self.world} "
+                              f"rank{'s' if self.world > 1 else ''}; launch {self.t.num_gpus} (deepspeed --num_gpus, "
+                              "torchrun --nproc_per_node, sbatch) or remove the key: the launcher decides")
         check_output_dir(cfg)  # before anything is written: never land on another run
         self.layout = layout_of(self.ds, cfg, self.world)
         self.pipeline = pipeline_stages(self.ds) > 1
