@@ -48,8 +48,11 @@ def load_adapter(path: str, base_model_name: Optional[str] = None, dtype: Option
 
     from .build import build_adapter_model
 
+    from ..folders import check_stamp
+
     if not is_adapter_export(path):
         raise ConfigError(f"{path}: no {META} (expected the final/ folder of an adapter run)")
+    check_stamp(path)
     with open(os.path.join(path, META), encoding="utf-8") as f:
         meta = json.load(f)
     cfg = load_config(os.path.join(path, "config.yaml"))

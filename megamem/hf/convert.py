@@ -7,7 +7,6 @@ whose partitions are merged by DeepSpeed's zero_to_fp32 and read as data only.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -72,15 +71,11 @@ def read_pipeline_checkpoint(ckpt_dir: str, tag: str) -> Dict[str, torch.Tensor]
 
 
 def write_atomically(output: str, force: bool, write) -> str:
-    """write(tmp) fills `output.tmp`, which then replaces output: a crash never leaves half a folder."""
-    if os.path.isdir(output) and os.listdir(output) and not force:
-        raise ConfigError(f"--output {output} exists and is not empty; pass --force to replace it")
-    tmp = f"{output.rstrip(os.sep)}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    shutil.rmtree(output, ignore_errors=True)
-    os.replace(tmp, output)
+    """write(tmp) fills a fresh folder, which then replaces output (megamem.folders.write_folder): a crash never
+    leaves half a folder, and a folder megamem did not write is never deleted, --force or not."""
+    from ..folders import write_folder
+
+    write_folder(output, "hf", write, replace=force)
     return output
 
 

@@ -86,8 +86,11 @@ def load_megamem_folder(path: str, dtype: Optional[torch.dtype] = None):
     """(MemoryTransformer, megamem config, tokenizer or None) from an exported HF folder, to train on."""
     from .modeling import MegamemForCausalLM
 
+    from ..folders import check_stamp
+
     if not is_megamem_folder(path):
         raise ConfigError(f"{path}: not a megamem Hugging Face folder (config.json with model_type 'megamem')")
+    check_stamp(path)
     hf = MegamemForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     tokenizer = None
     if os.path.isfile(os.path.join(path, "tokenizer_config.json")):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Dict, Optional
 
 import torch
@@ -25,20 +24,20 @@ def export_model(state: Dict[str, torch.Tensor], cfg, tokenizer, path: str, step
     """
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    meta = metadata if metadata is not None else {"format": "megamem", "step": step}
-    save_file(state, os.path.join(tmp, weights_name), metadata={k: str(v) for k, v in meta.items()})
-    for name, obj in (extra_json or {}).items():
-        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-    with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(dump_config(cfg))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    from ..folders import write_folder
+
+    def fill(tmp: str) -> None:
+        meta = metadata if metadata is not None else {"format": "megamem", "step": step}
+        save_file(state, os.path.join(tmp, weights_name), metadata={k: str(v) for k, v in meta.items()})
+        for name, obj in (extra_json or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=1)
+        with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(dump_config(cfg))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+
+    write_folder(path, "adapter-export" if weights_name != "model.safetensors" else "export", fill, what="export")
 
 
 def model_with_state(cfg, state: Dict[str, torch.Tensor], where: str, dtype: Optional[torch.dtype] = None):
@@ -66,6 +65,9 @@ def load_exported(path: str, dtype: Optional[torch.dtype] = None):
         return load_adapter(path, base_model_name=path if here else None, dtype=dtype)
     if is_megamem_folder(path):
         return load_megamem_folder(path, dtype)
+    from ..folders import check_stamp
+
+    check_stamp(path)
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
         raise ConfigError(f"{path}: no model.safetensors (expected a folder written at the end of training, "

@@ -1,0 +1,109 @@
+"""Writing whole folders (exports, HF folders): atomic, stamped, readable, and never over foreign data.
+
+- A folder is written beside its destination (`<path>.tmp-<pid>`), then swapped in: the old folder
+  is renamed aside, the new one renamed into place, and only then is the old one deleted. A crash
+  leaves either the old folder, or the new one (and at worst `<path>.old-<pid>` next to it), never
+  half of one and never none.
+- Every folder megamem writes carries `megamem_format.json` (kind, format version, megamem version).
+  An existing destination is replaced only when it is empty or carries that stamp: megamem never
+  deletes a folder it did not create (`--output . --force` is refused).
+- Files are created readable by the group and others as the umask allows (safetensors writes 0600),
+  so other users of a shared cluster can read exported weights.
+- Readers check the stamp: a folder written by a newer format is refused with the version to install.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable, Optional
+
+from .config import ConfigError
+
+STAMP = "megamem_format.json"
+FORMAT_VERSION = 1
+
+
+def megamem_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("megamem")
+    except Exception:  # noqa: BLE001 - a source checkout that is not installed
+        return "unknown"
+
+
+def read_stamp(path: str) -> Optional[dict]:
+    stamp = os.path.join(path, STAMP)
+    if not os.path.isfile(stamp):
+        return None
+    try:
+        with open(stamp, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{stamp}: not readable JSON ({e}); the folder is damaged: write it again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{stamp}: expected a JSON object; the folder is damaged: write it again")
+    return data
+
+
+def made_by_megamem(path: str) -> bool:
+    """Stamped, or (written before stamps) an export / HF folder of megamem's own layout."""
+    if read_stamp(path) is not None:
+        return True
+    names = set(os.listdir(path))
+    if names & {"configuration_megamem.py", "adapter.json"}:
+        return True
+    return "config.yaml" in names and bool(names & {"model.safetensors", "adapter.safetensors",
+                                                    "model.safetensors.index.json"})
+
+
+def check_stamp(path: str) -> Optional[dict]:
+    """The folder's stamp (None for folders written before stamps existed); a newer format is refused."""
+    data = read_stamp(path)
+    if data is not None and int(data.get("format_version", 0)) > FORMAT_VERSION:
+        raise ConfigError(f"{path} was written by megamem {data.get('megamem_version')} in folder format "
+                          f"{data.get('format_version')}; this megamem ({megamem_version()}) reads format "
+                          f"{FORMAT_VERSION}: upgrade megamem")
+    return data
+
+
+def _readable(root: str) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, names in os.walk(root):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in names:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
+def write_folder(path: str, kind: str, write: Callable[[str], None], replace: bool = True,
+                 what: str = "--output") -> str:
+    """write(tmp) fills a fresh folder, which then replaces `path` (see the module docstring)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"{what} {path} is a file; give a folder")
+        if os.listdir(path):
+            if not made_by_megamem(path):
+                raise ConfigError(f"{what} {path} holds files megamem did not write (no {STAMP}); megamem never "
+                                  "deletes such a folder: choose another path, or empty it yourself")
+            if not replace:
+                raise ConfigError(f"{what} {path} exists and is not empty; pass --force to replace it")
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+        with open(os.path.join(tmp, STAMP), "w", encoding="utf-8") as f:
+            json.dump({"kind": kind, "format_version": FORMAT_VERSION, "megamem_version": megamem_version()}, f,
+                      indent=1)
+        _readable(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
