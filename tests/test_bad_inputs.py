@@ -188,7 +188,7 @@ CASES = {
     "convert missing input": ("convert", lambda f: ["--checkpoint", str(f["dir"] / "none"), "--output",
                                                     str(f["dir"] / "o2")], "does not exist"),
     "convert onto a non-empty folder": ("convert", lambda f: ["--checkpoint", f["final"], "--output",
-                                                              str(f["dir"] / "not_empty")], "--force"),
+                                                              str(f["dir"] / "not_empty")], "megamem did not write"),
     # ---- DeepSpeed JSON
     "deepspeed file missing": ("train", lambda f: [*DRY, "--deepspeed", "nope.json"], "DeepSpeed config not found"),
     "deepspeed not JSON": ("train", lambda f: [*DRY, "--deepspeed", DS(f, "notjson")], "not valid JSON"),
