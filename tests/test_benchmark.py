@@ -119,3 +119,34 @@ def test_loss_and_last_logits_unchanged():
     assert last.shape == (2, 1, 61) and torch.allclose(last, out.logits[:, -1:], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="last_logits_only"):
         model(ids, labels=ids, last_logits_only=True)
+
+
+def test_flops_per_token_counts_the_chapters_a_token_reads():
+    """Chapters: memory attention over (top_k + shared) chapters, not the whole bank (MFU of chapter models)."""
+    from megamem.train.metrics import flops_per_token
+
+    d, L, S, B, rows = 32, 4, 16, 3, (2 + 1) * 4  # 24-row bank, 6 chapters of 4, top-2 + 1 shared → 12 rows read
+    model = build_model(tiny_config("memory.use_chapters=true", "memory.num_memory_tokens=24", "memory.num_chapters=6",
+                                    "memory.top_k_chapters=2", "memory.num_shared_chapters=1",
+                                    "memory.memory_layer_placement=last_k", "memory.memory_layer_k=2"))
+    embed_and_banks = {"tok_embeddings.weight", "banks.0.memory"}
+    weights = 6 * sum(p.numel() for n, p in model.named_parameters() if n not in embed_and_banks)
+    expected = weights + 6 * L * S * d + 2 * 12 * rows * d  # 2 memory layers, QKᵀ and PV ×3 over 12 rows
+    assert flops_per_token(model, S, B) == pytest.approx(expected, rel=1e-12)
+
+
+def test_flops_per_token_counts_frozen_weights_without_their_gradient(tmp_path):
+    """An adapter's frozen base: forward + input gradient (4 per weight), no weight gradient."""
+    from adapter_utils import adapter_config, saved_base
+
+    from megamem.adapter import build_adapter_model
+    from megamem.train.metrics import flops_per_token
+
+    path, _ = saved_base(tmp_path, "llama")
+    model = build_adapter_model(adapter_config(path, "memory.memory_layer_placement=last_k", "memory.memory_layer_k=1"))
+    d, L, S, N = 32, 3, 16, 8
+    frozen = sum(p.numel() for n, p in model.base.named_parameters() if "embed_tokens" not in n)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if n.startswith("branches."))
+    assert all(not p.requires_grad for p in model.base.parameters())
+    expected = 4 * frozen + 6 * trainable + 6 * L * S * d + 12 * N * d
+    assert flops_per_token(model, S) == pytest.approx(expected, rel=1e-12)

@@ -32,6 +32,9 @@ def _fit(out, ds, batch, extra):
         result["bank_total"] = bank.ds_numel if hasattr(bank, "ds_numel") else bank.numel()
     result["groups"] = {g["name"]: (g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups}
     result["group_names"] = {g["name"]: sorted(g["param_names"]) for g in trainer.groups}
+    from megamem.train.metrics import flops_per_token
+
+    result["flops_per_token"] = flops_per_token(trainer.model, 16, 4)  # one batch size for every layout
     return result
 
 
@@ -46,6 +49,7 @@ def test_zero3_two_ranks_match_one_rank(tmp_path):
     # weight decay decided by each parameter's full shape, not its (flat, partitioned) ZeRO-3 shard
     assert two[0]["group_names"] == two[1]["group_names"] == one["group_names"]
     assert two[0]["groups"] == one["groups"] and two[0]["groups"]["base"][1] > 0
+    assert two[0]["flops_per_token"] == one["flops_per_token"]  # MFU counts whole parameters, not ZeRO-3 shards
     assert "blocks.0.attn.qkv_proj.weight" in two[0]["group_names"]["base"]
     assert "norm.weight" in two[0]["group_names"]["base_no_decay"]
 

@@ -238,14 +238,17 @@ class AdapterModel(nn.Module):
         }
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token, matmuls only (same accounting as megamem.train.metrics)."""
+        """Training FLOPs per token, matmuls only (megamem.train.metrics.flops_per_token's definition):
+        frozen base weights count 4 per element (no weight gradient), trainable ones 6."""
+        from ..model.flops import memory_rows_read, weight_flops
+
         d, mem = self.dims, self.memory_config
-        embed = sum(_numel(p) for p in self.base.get_input_embeddings().parameters())
-        banks = sum(_numel(p) for b in self.banks for p in b.parameters())
-        dense = 6 * (self.parameter_counts()["total"] - embed - banks)
+        embed = list(self.base.get_input_embeddings().parameters())
+        banks = [p for b in self.banks for p in b.parameters()]
+        dense = weight_flops(self.parameters(), skip=embed + banks)
         if getattr(self.base.config, "tie_word_embeddings", False):
-            dense += 6 * embed
+            dense += weight_flops(embed)
         attn = 6 * 2 * d.num_layers * (seq_len / 2) * d.hidden_size
         heads = mem.memory_num_heads or d.num_heads
-        memory = 6 * 2 * len(self.memory_layers) * mem.num_memory_tokens * heads * (d.hidden_size // heads)
+        memory = 6 * 2 * len(self.memory_layers) * memory_rows_read(mem) * heads * (d.hidden_size // heads)
         return dense + attn + memory

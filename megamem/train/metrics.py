@@ -16,46 +16,60 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..config import ConfigError, MegamemConfig, config_to_dict
+from ..model.flops import full_numel, memory_rows_read, weight_flops  # noqa: F401 (full_numel re-exported)
 
 
 def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
-    """Training FLOPs per token (forward + backward ≈ 3 × forward), matmuls only.
+    """Model FLOPs per trained token — the one definition behind MFU (FLOPs computed / measured peak).
 
-    Weights: 6 per non-embedding parameter (the LM head counts). Self-attention: QKᵀ and PV over
-    an average causal context of seq_len/2. Memory attention: QKᵀ and PV over all N_m rows.
-    With `batch` (sequences per forward), the memory K/V projections count as what they are — one
-    projection of the N_m bank rows per memory layer per forward, shared by batch·seq_len tokens —
-    instead of as a per-token weight.
+    Weights: 6 per trainable and 4 per frozen weight element (no weight gradient), embeddings and
+    banks excluded (lookups, not matmuls); the LM head counts (tied: the embedding matrix again).
+    Self-attention: QKᵀ and PV over an average causal context of seq_len/2, ×3 for training.
+    Memory attention: QKᵀ and PV over the bank rows a token reads (`memory_rows_read`: with chapters,
+    its chapters only). With `batch`, a dense bank's K/V projections count as what they are — one
+    projection of the bank rows per memory layer per forward, shared by batch·seq_len tokens.
+    Whole-parameter sizes (ZeRO-3 shards counted whole), so every stage and layout gives one number.
     """
     if hasattr(model, "flops_per_token"):  # adapter models count their own base
         return model.flops_per_token(seq_len)
     m, mem = model.model_config, model.memory_config
-    embed = model.tok_embeddings.weight.numel() + (model.pos_embeddings.weight.numel() if model.pos_embeddings else 0)
-    bank_params = sum(p.numel() for b in model.banks for p in b.parameters())
-    dense = 6 * (model.parameter_counts()["total"] - embed - bank_params)
+    embeds = [model.tok_embeddings.weight] + ([model.pos_embeddings.weight] if model.pos_embeddings else [])
+    banks = [p for b in model.banks for p in b.parameters()]
+    dense = weight_flops(model.parameters(), skip=embeds + banks)
     if m.tie_embeddings:
-        dense += 6 * model.tok_embeddings.weight.numel()
+        dense += (6 if model.tok_embeddings.weight.requires_grad else 4) * full_numel(model.tok_embeddings.weight)
     attn = 6 * 2 * m.num_layers * (seq_len / 2) * m.hidden_dim
     heads = mem.memory_num_heads or m.num_heads
-    memory = 6 * 2 * len(model.memory_layers) * mem.num_memory_tokens * heads * (m.hidden_dim // heads)
+    memory = 6 * 2 * len(model.memory_layers) * memory_rows_read(mem) * heads * (m.hidden_dim // heads)
     if batch is not None and not mem.use_chapters:
-        kv = sum(p.numel() for i in model.memory_layers for proj in (model.blocks[i].memory.attn.k_proj,
-                                                                      model.blocks[i].memory.attn.v_proj)
-                 for p in proj.parameters())
-        dense += 6 * kv * (mem.num_memory_tokens / (batch * seq_len) - 1)
+        kv = [p for i in model.memory_layers for proj in (model.blocks[i].memory.attn.k_proj,
+                                                           model.blocks[i].memory.attn.v_proj)
+              for p in proj.parameters()]
+        dense += weight_flops(kv) * (mem.num_memory_tokens / (batch * seq_len) - 1)
     return dense + attn + memory
 
 
-def measure_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5) -> float:
-    """Achievable matmul FLOP/s of this process's device and threads (the MFU denominator)."""
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float, ranks: int) -> float:
+    """Model FLOPs utilisation: model FLOPs computed per second over the measured peak of all ranks."""
+    return tokens_per_s * flops_per_token / (peak_flops * ranks)
+
+
+def measure_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5,
+                       megamem_kernels: bool = True) -> float:
+    """Achievable matmul FLOP/s of this process's device and threads (the MFU denominator), through the
+    GEMM path the model's matmuls take: megamem's (`megamem.ops.linear`: bf16 widened to fp32 on CPUs
+    without bf16 GEMMs) for megamem models, torch's own for Hugging Face bases (adapters)."""
+    from ..ops import linear
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    (a @ b).sum().item()
+    matmul = (lambda: linear(a, b)) if megamem_kernels else (lambda: a @ b.T)
+    matmul().sum().item()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        (a @ b).sum().item()
+        matmul().sum().item()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 

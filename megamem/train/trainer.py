@@ -17,7 +17,7 @@ from .chapter_banks import ChapterBanks, banks_outside_engine
 from .checkpoint import CheckpointManager, resolve_resume
 from .export import SAVE_DTYPES, export_model
 from .ds_config import pipeline_stages, resolve_ds_config, zero_stage
-from .metrics import MetricsLogger, flops_per_token, measure_peak_flops
+from .metrics import MetricsLogger, flops_per_token, measure_peak_flops, mfu
 from .optim import build_optimizer, build_scheduler, parameter_groups
 from .run_dir import check_output_dir, check_resume, layout_of, report_changes, truncate_metrics
 
@@ -84,7 +84,8 @@ class Trainer:
         t = self.t
         self.tokens_per_step = t.batch_size * t.max_length * t.gradient_accumulation_steps * self.data_world
         self.flops_per_token = flops_per_token(model, self.t.max_length, self.t.batch_size)
-        self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision == "bf16" else torch.float32)
+        self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision == "bf16" else torch.float32,
+                                             megamem_kernels=cfg.model.base_model_name is None)
 
     def _request_stop(self, *_) -> None:
         self.stop_requested = True
@@ -256,7 +257,7 @@ class Trainer:
         grad_norm = self.grad_norm if self.own_grad_norm else self.engine.get_global_grad_norm()
         return {"kind": "train", "step": self.step, **record, "lr": self.optimizer.param_groups[0]["lr"], **lrs,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": tps,
-                "mfu": tps * self.flops_per_token / (self.peak_flops * self.world), "step_time_s": elapsed,
+                "mfu": mfu(tps, self.flops_per_token, self.peak_flops, self.world), "step_time_s": elapsed,
                 "skipped_nonfinite": self.skipped}
 
     def _after_eval(self, result: Optional[Dict[str, float]], log: MetricsLogger) -> tuple:
