@@ -230,6 +230,10 @@ CASES = {
     "tokenizer folder missing (train)": ("train", lambda f: ["--config", TINY, "--model.tokenizer_name",
                                                              str(f["dir"] / "notok"), "--training.output_dir",
                                                              str(f["dir"] / "run")], "tokenizer folder not found"),
+    "tokenizer relative path missing (train)": ("train", lambda f: ["--config", TINY, "--model.tokenizer_name",
+                                                                    "data/tokenizers/not-made-yet", "--training.output_dir",
+                                                                    str(f["dir"] / "run")],
+                                                "tokenizer folder not found: data/tokenizers/not-made-yet (relative to"),
     # ---- checkpoints and exports
     "export truncated (eval)": ("eval", lambda f: ["--model", f["trunc"]], "model.safetensors: not a readable weights"),
     "export truncated (inference)": ("inference", lambda f: ["--model", f["trunc"], "--prompt", "hi"],

@@ -93,3 +93,19 @@ def test_truncate_metrics_keeps_records_up_to_the_step(tmp_path):
     assert truncate_metrics(str(tmp_path), 2) == 3  # steps 3, 4 and the line cut short by a crash
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
     assert truncate_metrics(str(tmp_path / "none"), 2) == 0
+
+
+def test_a_job_log_gets_a_line_per_logged_step(tmp_path, capsys):
+    """Without a terminal (SLURM's job log) every logged step is a plain line next to metrics.jsonl."""
+    from megamem.train.metrics import MetricsLogger
+
+    log = MetricsLogger(tiny_config(f"training.output_dir={tmp_path}"), str(tmp_path), 0, total_steps=250)
+    log.log({"kind": "train", "step": 10, "loss": 4.25, "lm_loss": 4.25, "lr": 1e-3, "grad_norm": 0.5,
+             "tokens_per_s": 1234.5})
+    log.log({"kind": "train", "step": 20, "loss": 4.0, "lm_loss": 4.0, "lr": 1e-3, "grad_norm": None,
+             "tokens_per_s": 1000.0})
+    log.close()
+    out = capsys.readouterr().out.splitlines()
+    assert "step 10/250: loss 4.2500, lr 0.001, grad_norm 0.5, 1,234 tokens/s" in out
+    assert "step 20/250: loss 4.0000, lr 0.001, grad_norm n/a, 1,000 tokens/s" in out
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [10, 20]

@@ -32,8 +32,11 @@ def load_tokenizer(cfg: MegamemConfig):
         raise ConfigError("model.tokenizer_name is not set: give a tokenizer folder "
                           "(e.g. one made by tools/train_tokenizer.py) or a hub name")
     local = os.path.isdir(name)
-    if not local and (name.startswith((".", "/", "~")) or os.path.exists(name)):
-        raise ConfigError(f"model.tokenizer_name: tokenizer folder not found: {name}")
+    # a hub id is 'name' or 'namespace/name': anything with more slashes, or path-like, is a local folder
+    if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)):
+        where = "" if os.path.isabs(name) else f" (relative to {os.getcwd()})"
+        raise ConfigError(f"model.tokenizer_name: tokenizer folder not found: {name}{where}; make one with "
+                          "tools/train_tokenizer.py (bash tools/demo.sh prepares data/tokenizers/kjv-4096)")
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=local or bool(os.environ.get("HF_HUB_OFFLINE")))
     except Exception as e:  # noqa: BLE001 - any loader failure is a user error here

@@ -74,9 +74,22 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, rep
     return 2 * size**3 / best
 
 
+def _interactive() -> bool:
+    """A terminal shows the progress bar; a job log (SLURM, nohup, a pipe) gets a line per logged step."""
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def train_line(record: Dict[str, Any], total_steps: int) -> str:
+    grad = record.get("grad_norm")
+    return (f"step {record['step']}/{total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.3g}, "
+            f"grad_norm {'n/a' if grad is None else f'{grad:.3g}'}, {record['tokens_per_s']:,.0f} tokens/s")
+
+
 class MetricsLogger:
     def __init__(self, cfg: MegamemConfig, output_dir: str, rank: int, total_steps: int, start_step: int = 0):
-        self.rank, self.t = rank, cfg.training
+        self.rank, self.t, self.total_steps = rank, cfg.training, total_steps
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.bar = None
         self.wandb = None
@@ -108,6 +121,9 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in clean.items() if k not in ("kind", "step")}, step=clean["step"])
         if clean.get("kind") == "eval" and self.bar is not None:
             self.bar.write(f"step {clean['step']}: eval loss {clean['eval_loss']:.4f}, ppl {clean['eval_ppl']:.2f}")
+        elif clean.get("kind") == "train" and self.bar is not None and not _interactive():
+            self.bar.write(train_line(clean, self.total_steps))
+
 
     def step(self, loss: Optional[float]) -> None:
         if self.bar is not None:
