@@ -155,3 +155,26 @@ def test_eval_fraction_holds_out_disjoint_documents(tmp_path):
     train = build_loader(cfg, tok)
     seen = set(tuple(train.mixture.sources[0].next_doc().ids) for _ in range(60 - len(held)))
     assert 5 <= len(held) <= 25 and not held & seen and len(held | seen) == 60
+
+
+def test_shards_of_another_tokenizer_or_damaged_ids_are_refused(tmp_path):
+    from megamem.data.tokenizer import tokenizer_fingerprint
+
+    tok = tokenizer()
+    texts = make_docs(6)
+    for name, sha in (("other", "0" * 64), ("mine", tokenizer_fingerprint(tok))):
+        for split in ("train", "validation"):
+            w = ShardWriter(str(tmp_path / name / split), len(tok), tok.eos_token_id, tokenizer_sha256=sha)
+            w.add(ids + [tok.eos_token_id] for ids in tok(texts, add_special_tokens=False)["input_ids"])
+            w.finish()
+    with pytest.raises(ConfigError, match="was tokenized with another tokenizer"):
+        build_loader(data_config(tmp_path, f"data.shards={tmp_path / 'other'}"), tok)
+    cfg = data_config(tmp_path, f"data.shards={tmp_path / 'mine'}")
+    assert next(build_loader(cfg, tok))["input_ids"].max() < cfg.model.vocab_size  # the same tokenizer: fine
+    tokens = np.memmap(tmp_path / "mine" / "train" / "shard_00000.bin", dtype=np.uint16, mode="r+")
+    tokens[3] = cfg.model.vocab_size + 5  # a damaged byte range: never reaches the embedding
+    tokens.flush()
+    with pytest.raises(ConfigError, match=r"holds token id \d+ >= model.vocab_size .* the shard is damaged"):
+        loader = build_loader(cfg, tok)
+        for _ in range(20):
+            next(loader)

@@ -56,7 +56,10 @@ def main() -> int:
     if not os.path.isdir(args.tokenizer):
         raise ConfigError(f"--tokenizer: folder not found: {args.tokenizer}")
     _init(args.tokenizer)
-    writer = ShardWriter(args.out, len(_TOK), _TOK.eos_token_id, os.path.abspath(args.tokenizer), args.shard_tokens)
+    from megamem.data.tokenizer import tokenizer_fingerprint
+
+    writer = ShardWriter(args.out, len(_TOK), _TOK.eos_token_id, os.path.abspath(args.tokenizer), args.shard_tokens,
+                         tokenizer_fingerprint(_TOK))
     start, docs, tokens = time.perf_counter(), 0, 0
     try:
         with Pool(args.workers, initializer=_init, initargs=(args.tokenizer,)) as pool, \

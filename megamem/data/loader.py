@@ -120,8 +120,11 @@ class DataLoader:
                 else os.path.join(d.shards, sub)
             if t.training_mode != "pretraining":
                 raise ConfigError("data.shards holds pretraining tokens; instruction_finetuning reads chat records")
+            from .tokenizer import tokenizer_fingerprint
+
             sources: List[Source] = [ShardSource(path, train, t.seed, d.shuffle, rank, world_size,
-                                                 cfg.model.vocab_size, tokenizer.eos_token_id)]
+                                                 cfg.model.vocab_size, tokenizer.eos_token_id,
+                                                 tokenizer_fingerprint(tokenizer))]
             weights = [1.0]
         else:
             specs = dataset_specs(cfg)

@@ -2,7 +2,10 @@
 
 Layout of a split folder (written by tools/preprocess_data.py):
   index.json              {"format": "megamem-shards-1", "dtype", "eos_token_id", "vocab_size", "tokenizer",
+                           "tokenizer_sha256" (its vocabulary, checked against the run's tokenizer),
+                           "max_token_id" (checked against model.vocab_size),
                            "shards": [{"name", "num_tokens", "num_docs"}]}
+Every document read is range-checked too: a damaged shard never feeds an id past the vocabulary.
   <name>.bin              token ids (uint16 when the vocabulary fits, else uint32), documents end with eos
   <name>.idx.npy          int64 offsets of document starts, num_docs + 1 entries
 """
@@ -34,7 +37,7 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str, vocab_size: int, eos_token_id: int, tokenizer: str = "",
-                 shard_tokens: int = 100_000_000):
+                 shard_tokens: int = 100_000_000, tokenizer_sha256: Optional[str] = None):
         if os.path.exists(out_dir):
             raise ConfigError(f"--out {out_dir} already exists; shards are written to a new folder: remove it or "
                               "choose another")
@@ -45,7 +48,8 @@ class ShardWriter:
         os.makedirs(out_dir)
         self.dir, self.dtype, self.shard_tokens = out_dir, token_dtype(vocab_size), shard_tokens
         self.meta = {"format": FORMAT, "dtype": np.dtype(self.dtype).name, "eos_token_id": eos_token_id,
-                     "vocab_size": vocab_size, "tokenizer": tokenizer, "shards": []}
+                     "vocab_size": vocab_size, "tokenizer": tokenizer, "tokenizer_sha256": tokenizer_sha256,
+                     "max_token_id": -1, "shards": []}
         self._f = None
         self._offsets: List[int] = []
 
@@ -67,6 +71,8 @@ class ShardWriter:
             if self._f is None:
                 self._open()
             arr = np.asarray(ids, dtype=self.dtype)
+            if len(arr):
+                self.meta["max_token_id"] = max(self.meta["max_token_id"], int(arr.max()))
             self._f.write(arr.tobytes())
             self._offsets.append(self._offsets[-1] + len(arr))
             if self._offsets[-1] >= self.shard_tokens:
@@ -108,9 +114,19 @@ class ShardSource(Source):
     """Documents from memmapped shards, in a seeded permutation per epoch; rank r takes every r-th."""
 
     def __init__(self, path: str, train: bool, seed: int, shuffle: bool, rank: int, world: int,
-                 vocab_size: Optional[int] = None, eos_token_id: Optional[int] = None):
+                 vocab_size: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 tokenizer_sha256: Optional[str] = None):
         super().__init__(f"shards {path}", train)
         meta = read_index(path)
+        theirs = meta.get("tokenizer_sha256")
+        if tokenizer_sha256 is not None and theirs is not None and theirs != tokenizer_sha256:
+            raise ConfigError(f"data.shards: {path} was tokenized with another tokenizer ({meta.get('tokenizer')}, "
+                              "a different vocabulary) than model.tokenizer_name; re-run tools/preprocess_data.py "
+                              "with this run's tokenizer, or point model.tokenizer_name at that one")
+        if vocab_size is not None and meta.get("max_token_id", -1) >= vocab_size:
+            raise ConfigError(f"data.shards: {path} holds token id {meta['max_token_id']} but model.vocab_size is "
+                              f"{vocab_size}: re-run tools/preprocess_data.py with this run's tokenizer")
+        self.vocab_size = vocab_size
         if vocab_size is not None and meta["vocab_size"] > vocab_size:
             raise ConfigError(f"data.shards: {path} was tokenized with a {meta['vocab_size']}-token vocabulary "
                               f"but model.vocab_size is {vocab_size}")
@@ -139,7 +155,12 @@ class ShardSource(Source):
         s = int(np.searchsorted(self.doc_start, g, side="right")) - 1
         off = self.offsets[s]
         i = g - int(self.doc_start[s])
-        return self.tokens[s][int(off[i]):int(off[i + 1])]
+        ids = self.tokens[s][int(off[i]):int(off[i + 1])]
+        if self.vocab_size is not None and len(ids) and int(ids.max()) >= self.vocab_size:  # a damaged shard
+            raise ConfigError(f"data.shards: document {i} of {self.meta['shards'][s]['name']}.bin holds token id "
+                              f"{int(ids.max())} >= model.vocab_size {self.vocab_size}: the shard is damaged; "
+                              "re-run tools/preprocess_data.py")
+        return ids
 
     def _items(self, epoch, pos):
         order = self._order(epoch)

@@ -61,6 +61,15 @@ def check_tokenizer(tok, cfg: MegamemConfig) -> None:
         raise ConfigError(f"tokenizer '{m.tokenizer_name}' has no eos token; documents are separated by eos")
 
 
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of the tokenizer's vocabulary (token → id): equal for the same tokenizer wherever it lives."""
+    import hashlib
+    import json
+
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int = 4096, model_type: str = "bpe",
                         pad_id: int = 0, bos_id: int = 1, eos_id: int = 2, unk_id: int = 3,
                         num_threads: Optional[int] = None, max_sentences: int = 2_000_000):
