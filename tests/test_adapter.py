@@ -136,6 +136,9 @@ def test_save_load_roundtrip_and_mismatched_base_refused(tmp_path):
     other, _ = saved_base(tmp_path, "llama", seed=1, layers=4)
     with pytest.raises(ConfigError, match="was trained on base .* has a different config.json"):
         load_adapter(str(tmp_path / "ad"), base_model_name=other)
+    twin, _ = saved_base(tmp_path, "llama", seed=2)  # same architecture and config.json, other weights
+    with pytest.raises(ConfigError, match=r"the weights of .* differ \(same config.json, other weights"):
+        load_adapter(str(tmp_path / "ad"), base_model_name=twin)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -40,10 +40,30 @@ def config_hash(name: str) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def base_identity(cfg: MegamemConfig) -> Dict[str, str]:
+def weights_fingerprint(name: str, samples: int = 8, chunk: int = 1 << 16) -> Optional[str]:
+    """sha256 over each safetensors weight file's name, size and `samples` evenly spaced chunks of its bytes:
+    tells a base from its instruct twin (same config.json, other weights) without reading every weight.
+    None when the base has no safetensors files."""
+    try:
+        files = weight_files(name)
+    except (ConfigError, OSError):
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        size = os.path.getsize(path)
+        digest.update(f"{os.path.basename(path)}:{size}".encode())
+        with open(path, "rb") as f:
+            for k in range(samples):
+                f.seek(max(0, (size - chunk) * k // max(samples - 1, 1)))
+                digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
+def base_identity(cfg: MegamemConfig) -> Dict[str, Optional[str]]:
     """What an adapter export records about its base, and what loading checks."""
     name = cfg.model.base_model_name
-    return {"base_model_name": name, "base_config_sha256": config_hash(name)}
+    return {"base_model_name": name, "base_config_sha256": config_hash(name),
+            "base_weights_sha256": weights_fingerprint(name)}
 
 
 def quantization_config(cfg: MegamemConfig):

@@ -1,11 +1,12 @@
 """Adapter exports: only what the run trained, plus the identity of the base it was trained on.
 
     final/adapter.safetensors   banks, memory branches, LoRA (and base weights only if the base trained)
-    final/adapter.json          {"format": "megamem-adapter", "base_model_name", "base_config_sha256", "step", ...}
+    final/adapter.json          {"format": "megamem-adapter", "base_model_name", "base_config_sha256",
+                                 "base_weights_sha256" (sampled bytes of its weight files), "step", ...}
     final/config.yaml           the run's config
     final/tokenizer/            when the run had one
 
-`load_adapter` rebuilds the model on the base and refuses a base whose config.json differs.
+`load_adapter` rebuilds the model on the base and refuses a base whose config.json or weights differ.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ConfigError, load_config
-from .base import base_identity, config_hash
+from .base import base_identity, config_hash, weights_fingerprint
 
 WEIGHTS, META = "adapter.safetensors", "adapter.json"
 
@@ -64,6 +65,13 @@ def load_adapter(path: str, base_model_name: Optional[str] = None, dtype: Option
         raise ConfigError(f"{path} was trained on base '{meta['base_model_name']}' (config.json sha256 "
                           f"{meta['base_config_sha256'][:12]}), but '{base}' has a different config.json (sha256 "
                           f"{actual[:12]}); load it onto the base it was trained on")
+    recorded = meta.get("base_weights_sha256")
+    if recorded is not None:
+        found = weights_fingerprint(base)
+        if found is not None and found != recorded:
+            raise ConfigError(f"{path} was trained on base '{meta['base_model_name']}', but the weights of '{base}' "
+                              f"differ (same config.json, other weights: a base and its instruct version?); load it "
+                              "onto the base it was trained on")
     model = build_adapter_model(cfg)
     state = load_file(os.path.join(path, WEIGHTS))
     expected = set(model.export_names())
