@@ -52,10 +52,30 @@ def test_memory_adapter_exports_base_plus_adapter(tmp_path):
     with pytest.raises(ConfigError, match="has memory adapters, which cannot be merged"):
         convert_to_hf(str(tmp_path / "final"), str(tmp_path / "hf"), merge_lora=True)
     folder = convert_to_hf(str(tmp_path / "final"), str(tmp_path / "hf"))
-    assert {"config.json", "model.safetensors", "adapter.safetensors", "adapter.json"} <= set(os.listdir(folder))
+    assert {"adapter.safetensors", "adapter.json"} <= set(os.listdir(folder)) and "config.json" not in os.listdir(folder)
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(os.path.join(folder, "base")))
     shutil.rmtree(tmp_path / "llama-0")  # the base it was trained on is gone: the folder is enough
-    plain = AutoModelForCausalLM.from_pretrained(folder).eval()  # transformers alone: the base
+    with pytest.raises(Exception, match="config.json"):  # transformers alone would drop the memory: it refuses
+        AutoModelForCausalLM.from_pretrained(folder)
     loaded, _, _ = load_exported(folder)  # megamem: base + memory + LoRA, from this folder alone
     with torch.no_grad():
-        assert torch.equal(plain(IDS).logits, base(IDS).logits)
         assert (loaded(IDS).logits - model(IDS).logits).abs().max() <= 1e-6
+        assert (loaded(IDS).logits - base(IDS).logits).abs().max() > 1e-3  # memory and LoRA are in it
+
+
+def test_a_finetuned_base_converts_to_its_trained_weights(tmp_path):
+    """vanilla_mode with the base trained: the folder holds the trained base, loadable by transformers alone."""
+    from transformers import AutoModelForCausalLM
+
+    path, base = saved_base(tmp_path)
+    cfg = adapter_config(path, "memory.vanilla_mode=true", "model.freeze_base_model=false")
+    model = build_adapter_model(cfg, seed=0).eval()
+    with torch.no_grad():
+        for p in model.base.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # "training"
+    save_adapter(model, cfg, str(tmp_path / "final"))
+    folder = convert_to_hf(str(tmp_path / "final"), str(tmp_path / "hf"))
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert (hf(IDS).logits - model(IDS).logits).abs().max() <= 1e-5
+        assert (hf(IDS).logits - base(IDS).logits).abs().max() > 1e-2  # not the untrained original

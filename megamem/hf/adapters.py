@@ -30,6 +30,9 @@ def base_folder(name: str) -> str:
                           f"({type(e).__name__}); download it first") from None
 
 
+BASE = "base"  # the base model's own files inside a converted base + adapter folder
+
+
 def merged_lora_base(model):
     """The adapter model's base with every LoRA layer merged into its base weights (peft's merge)."""
     from peft.tuners.lora import LoraLayer
@@ -44,16 +47,19 @@ def merged_lora_base(model):
 
 
 def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool) -> None:
+    """A run without memory adapters → a plain folder of the base's architecture holding the trained weights
+    (LoRA merged, a trained base as trained); with memory → base + adapter (see copy_base_and_adapter)."""
     from ..adapter.saving import load_adapter
     from .convert import DTYPES
 
-    if merge_lora:
-        model, cfg, tokenizer = load_adapter(source, dtype=torch.float32)
-        if model.memory_layers:
-            raise ConfigError(f"--merge-lora: {source} has memory adapters, which cannot be merged into the base; "
-                              "convert without --merge-lora (base + adapter)")
-        if not (cfg.memory.use_lora or cfg.memory.use_both_memory_and_lora):
-            raise ConfigError(f"--merge-lora: {source} has no LoRA weights")
+    model, cfg, tokenizer = load_adapter(source, dtype=torch.float32)
+    lora = cfg.memory.use_lora or cfg.memory.use_both_memory_and_lora
+    if merge_lora and model.memory_layers:
+        raise ConfigError(f"--merge-lora: {source} has memory adapters, which cannot be merged into the base; "
+                          "convert without --merge-lora (base + adapter)")
+    if merge_lora and not lora:
+        raise ConfigError(f"--merge-lora: {source} has no LoRA weights")
+    if not model.memory_layers and (merge_lora or not lora):  # LoRA merged, or a finetuned base: plain folder
         merged_lora_base(model).to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
@@ -62,7 +68,10 @@ def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool)
 
 
 def copy_base_and_adapter(folder: str, source: str, dtype: torch.dtype) -> None:
-    """The base's files as they are, then the adapter export (its weights in dtype) beside them."""
+    """The base's files in `base/`, the adapter export (its weights in dtype) at the top.
+
+    No config.json at the top: transformers' auto classes refuse the folder instead of silently
+    loading the base without its memory; megamem.train.export.load_exported loads all of it."""
     from safetensors.torch import save_file
 
     from ..adapter.saving import META, WEIGHTS
@@ -70,9 +79,10 @@ def copy_base_and_adapter(folder: str, source: str, dtype: torch.dtype) -> None:
     from ..config import load_config
 
     home = base_folder(load_config(os.path.join(source, "config.yaml")).model.base_model_name)
+    os.makedirs(os.path.join(folder, BASE))
     for name in os.listdir(home):
         if os.path.isfile(os.path.join(home, name)) and not name.startswith("."):
-            shutil.copyfile(os.path.join(home, name), os.path.join(folder, name))
+            shutil.copyfile(os.path.join(home, name), os.path.join(folder, BASE, name))
     for name in (META, "config.yaml"):
         shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
     if os.path.isdir(os.path.join(source, "tokenizer")):

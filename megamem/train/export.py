@@ -61,8 +61,9 @@ def load_exported(path: str, dtype: Optional[torch.dtype] = None):
     if os.path.isfile(os.path.join(path, "adapter.json")):  # an adapter run: its base + the adapter weights
         from ..adapter import load_adapter
 
-        here = os.path.isfile(os.path.join(path, "config.json"))  # converted: the base's files are in the folder
-        return load_adapter(path, base_model_name=path if here else None, dtype=dtype)
+        inside = next((p for p in (os.path.join(path, "base"), path)  # converted: the base's files travel along
+                       if os.path.isfile(os.path.join(p, "config.json"))), None)
+        return load_adapter(path, base_model_name=inside, dtype=dtype)
     if is_megamem_folder(path):
         return load_megamem_folder(path, dtype)
     from ..folders import check_stamp
