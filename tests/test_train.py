@@ -341,3 +341,13 @@ def test_default_bf16_trains_like_fp32_on_two_ranks(tmp_path):
     assert (a[:3] - b[:3]).abs().max() <= 4e-3
     assert abs(fp32["eval"]["eval_loss"] - bf16["eval"]["eval_loss"]) <= 0.02
     assert a[0] - bf16["eval"]["eval_loss"] > 0.3  # both learn, by far more than the tolerance
+
+
+def test_zero3_offload_json_trains_like_zero3(tmp_path):
+    """ds_configs/zero3_offload.json (parameters and optimizer state offloaded to CPU, megamem's fused torch
+    AdamW kept: zero_force_ds_cpu_optimizer false, no op compiled) trains to ZeRO-3's losses on 2 ranks."""
+    offload = os.path.join(ROOT, "ds_configs", "zero3_offload.json")
+    a = run_ranks(_fit, str(tmp_path / "off"), offload, 2, ("training.max_steps=3",), tmp_path=tmp_path / "r1")[0]
+    b = run_ranks(_fit, str(tmp_path / "z3"), ZERO[3], 2, ("training.max_steps=3",), tmp_path=tmp_path / "r2")[0]
+    assert _close(a["train_losses"], b["train_losses"], 1e-6) and a["eval"]["eval_loss"] == pytest.approx(
+        b["eval"]["eval_loss"], abs=1e-6)
