@@ -37,6 +37,9 @@ def parse_args(argv):
                                      epilog="Any --section.key VALUE overrides that key of the config.")
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="print resolved config and parameter counts, then exit")
+    parser.add_argument("--check", action="store_true",
+                        help="check everything the run needs (layout at this world size, tokenizer, data, output_dir) "
+                             "without training, then exit (slurm/common.sh runs it before srun)")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (see ds_configs/)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
     return parser.parse_known_args(argv)
@@ -101,9 +104,32 @@ def train(cfg, ds_path) -> int:
     return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
+def check(cfg, ds_path) -> int:
+    """What a run would refuse at start-up, found before an allocation is spent: one error line, exit 2."""
+    from megamem.data import build_loader, load_tokenizer
+    from megamem.train.ds_config import describe_layout, resolve_ds_config
+    from megamem.train.run_dir import check_output_dir, describe_run
+
+    world = world_size_from_env()
+    ds = resolve_ds_config(ds_path, cfg, world)
+    print(f"layout: {describe_layout(ds, world).splitlines()[0]}")
+    if cfg.model.base_model_name is None:
+        tokenizer = load_tokenizer(cfg)
+        print(f"tokenizer: {cfg.model.tokenizer_name} ({len(tokenizer)} tokens)")
+        build_loader(cfg, tokenizer, "train", 0, world).close()
+        print("training data: readable")
+    check_output_dir(cfg)
+    held = describe_run(cfg.training.output_dir) if os.path.isdir(cfg.training.output_dir) else None
+    print(f"output_dir: {cfg.training.output_dir} ({'resumes: ' + held if held else 'new run'})")
+    print("checks passed")
+    return 0
+
+
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    if args.check:
+        return check(cfg, args.deepspeed)
     if args.dry_run:
         return dry_run(cfg, args.deepspeed)
     return train(cfg, args.deepspeed)

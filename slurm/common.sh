@@ -80,7 +80,16 @@ megamem_run() {
   if [ -f "$out/checkpoints/latest" ]; then
     say "resuming from $out/checkpoints/$(cat "$out/checkpoints/latest")"
     args+=(--training.resume_from_checkpoint latest)
+  elif [ "$restart" != 0 ] && [ -f "$out/metrics.jsonl" ] && [ ! -d "$out/final" ]; then
+    # a requeued attempt that died before its first checkpoint: start again, keep its log aside
+    # (megamem refuses an output_dir holding another run's metrics.jsonl)
+    mv "$out/metrics.jsonl" "$out/metrics.jsonl.attempt-$((restart - 1))"
+    say "restart $restart without a checkpoint: starting again (the last attempt's log is metrics.jsonl.attempt-$((restart - 1)))"
   fi
+
+  # everything the ranks would refuse at start-up (layout at this world size, tokenizer, data, output_dir),
+  # checked once here, before srun starts every rank on it
+  "$py" "$MEGAMEM_ROOT/scripts/train.py" "${args[@]}" --check || exit 2
 
   # 5. rendezvous: the first allocated host and a port derived from the job id
   eval "$("$py" -m megamem.parallel.slurm rendezvous)"

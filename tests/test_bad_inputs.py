@@ -80,6 +80,9 @@ def files(tmp_path_factory):
     (tstep / "mp_rank_00_model_states.pt").write_bytes(data[:len(data) // 3])
     os.remove(tstep / "whole.pt")
     f["trunc_ckpt"] = str(d / "tckpt")
+    os.makedirs(d / "old_run")
+    (d / "old_run" / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    f["old_run"] = str(d / "old_run")
     os.makedirs(d / "not_empty")
     (d / "not_empty" / "keep.txt").write_text("x")
     f["yaml"] = {
@@ -234,6 +237,13 @@ CASES = {
                                                                     "data/tokenizers/not-made-yet", "--training.output_dir",
                                                                     str(f["dir"] / "run")],
                                                 "tokenizer folder not found: data/tokenizers/not-made-yet (relative to"),
+    "check: tokenizer missing": ("train", lambda f: ["--config", TINY, "--check", "--model.tokenizer_name",
+                                                     str(f["dir"] / "notok"), "--training.output_dir",
+                                                     str(f["dir"] / "run")], "tokenizer folder not found"),
+    "check: output_dir holds a run": ("train", lambda f: ["--config", TINY, "--check", "--model.tokenizer_name",
+                                                          f["tok"], "--data.datasets",
+                                                          f"[{{path: {D(f, 'nonstr')}}}]", "--training.output_dir",
+                                                          f["old_run"]], "already holds a run"),
     # ---- checkpoints and exports
     "export truncated (eval)": ("eval", lambda f: ["--model", f["trunc"]], "model.safetensors: not a readable weights"),
     "export truncated (inference)": ("inference", lambda f: ["--model", f["trunc"], "--prompt", "hi"],
