@@ -51,6 +51,17 @@ def test_record_without_text_field_names_file_and_record(tmp_path):
     assert loader.skipped == {"missing_field": 1}  # counted, and logged once
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_corrupt_json_line_names_file_and_line(tmp_path, capfd, streaming):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "light"}\n{"text": "water"}\n{"text": earth\n{"text": "fire"}\n')
+    cfg = data_config(tmp_path, f"data.datasets=[{{path: {path}, eval_path: {path}, streaming: {str(streaming).lower()}}}]")
+    with pytest.raises(ConfigError, match=r"d.jsonl line 3: not valid JSON \(Expecting value at column 10\); fix or "
+                                          r"remove that record"):
+        next(build_loader(cfg, tokenizer()))
+    assert "Failed to load JSON" not in capfd.readouterr().err  # datasets' own error log is silenced: one line
+
+
 def test_undecodable_bytes_name_the_file(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"good line\nbad \xff\xfe line\n")

@@ -90,7 +90,7 @@ def _source(spec: DatasetSpec, cfg: MegamemConfig, tokenizer, train: bool, rank:
     files = resolve_files(paths, label) if local else None
     if streaming:
         ds = open_stream(spec, files, hub_split, label)
-        return StreamSource(ds, encoder, label, train, t.seed, d.shuffle, d.shuffle_buffer, rank, world)
+        return StreamSource(ds, encoder, label, train, t.seed, d.shuffle, d.shuffle_buffer, rank, world, files)
     if local:
         ds, files, starts = load_local(files, spec, label, d.cache_dir)
     else:

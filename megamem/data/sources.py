@@ -218,8 +218,9 @@ class StreamSource(Source):
     """`datasets` IterableDataset (hub or local): split by node, seeded shuffle buffer, set_epoch per epoch."""
 
     def __init__(self, ds, encoder: Encoder, label: str, train: bool, seed: int, shuffle: bool, buffer: int,
-                 rank: int, world: int):
+                 rank: int, world: int, files: Optional[List[str]] = None):
         super().__init__(label, train)
+        self.files = files or []  # local files: a read error is traced to its file and line
         from datasets.distributed import split_dataset_by_node
 
         self.base = split_dataset_by_node(ds, rank=rank, world_size=world)
@@ -237,10 +238,15 @@ class StreamSource(Source):
         k = pos
         while True:
             try:
-                records = list(islice(it, TOKENIZE_BATCH))
+                with quiet_datasets():  # a bad file is reported as one line below, not also by datasets' logger
+                    records = list(islice(it, TOKENIZE_BATCH))
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - a file that fails mid-stream
+                for path in self.files:
+                    bad = first_bad_json_line(path) if path.endswith((".jsonl", ".json")) else None
+                    if bad is not None:
+                        raise ConfigError(f"{self.label}: {path} {bad}; fix or remove that record") from None
                 raise read_error(e, f"{self.label}: record {k + 1} of rank {self.rank}'s stream") from None
             if not records:
                 return
