@@ -12,7 +12,6 @@ import ast
 import os
 import sys
 
-import pytest
 import torch
 
 from conftest import ROOT

@@ -5,7 +5,6 @@ import json
 import os
 import sys
 
-import pytest
 
 from megamem.config import ConfigError
 from megamem.train.run_dir import truncate_metrics
