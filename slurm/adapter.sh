@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Adapter (finetuning) runs of megamem on a SLURM cluster: the same scripts/train.py, the same
-# preemption and requeue handling as slurm/pretrain.sh, smaller defaults (one node, 4 ranks, 8 h).
+# preemption and requeue handling as slurm/pretrain.sh, defaults 1 task × 2 CPUs, 8 h (add --ntasks-per-node,
+# --gpus-per-node for more ranks).
 #
 #   sbatch slurm/adapter.sh CONFIG [--deepspeed ds_configs/zero2.json] [--section.key VALUE ...]
 #
 # The config (base model, adapter settings) is passed through unchanged. README, "SLURM".
 #SBATCH --job-name=megamem-adapter
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=4
-#SBATCH --cpus-per-task=8
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=2
 #SBATCH --time=08:00:00
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Pretrain a megamem model on a SLURM cluster. Submit from the megamem checkout:
 #
-#   sbatch slurm/pretrain.sh configs/base_small.yaml --deepspeed ds_configs/zero3.json [--section.key VALUE ...]
-#   sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 slurm/pretrain.sh CONFIG ...   # 32 GPUs
+#   sbatch slurm/pretrain.sh configs/tiny_cpu.yaml [--deepspeed ds_configs/zero3.json] [--section.key VALUE ...]
+#   sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 --cpus-per-task=8 slurm/pretrain.sh CONFIG ...  # 32 GPUs
 #
-# sbatch options on the command line override the defaults below. One task = one rank (one GPU, or
-# one core on a CPU-only cluster). Environment hook, preemption and launchers: README, "SLURM".
+# sbatch options on the command line override the defaults below (1 task, 2 CPUs: a job that fits any
+# node). One task = one rank (one GPU, or one core on a CPU-only cluster). Environment hook, preemption and launchers: README, "SLURM".
 #SBATCH --job-name=megamem-pretrain
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=8
-#SBATCH --cpus-per-task=8
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=2
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
