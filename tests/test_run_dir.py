@@ -108,3 +108,60 @@ def test_a_job_log_gets_a_line_per_logged_step(tmp_path, capsys):
     assert "step 10/250: loss 4.2500, lr 0.001, grad_norm 0.5, 1,234 tokens/s" in out
     assert "step 20/250: loss 4.0000, lr 0.001, grad_norm n/a, 1,000 tokens/s" in out
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [10, 20]
+
+
+def _resume_other_stage(out):
+    """A checkpoint written before layouts were recorded, resumed under another ZeRO stage."""
+    import glob
+
+    from test_train import _fit
+
+    import torch.distributed as dist
+
+    _fit(out, ZERO[3], 2, ("training.max_steps=2", "training.save_steps=2"))
+    if dist.get_rank() == 0:
+        for path in glob.glob(os.path.join(out, "checkpoints", "*", "run_state_rank*.json")):
+            with open(path) as f:
+                state = json.load(f)
+            state.pop("layout")
+            with open(path, "w") as f:
+                json.dump(state, f)
+    dist.barrier()
+    try:
+        _fit(out, ZERO[1], 2, ("training.max_steps=4", "training.resume_from_checkpoint=latest"))
+    except ConfigError as e:
+        return str(e)
+
+
+def test_an_unrecorded_layout_mismatch_is_one_clear_error(tmp_path):
+    messages = run_ranks(_resume_other_stage, str(tmp_path / "run"), world_size=2, tmp_path=tmp_path / "r")
+    for message in messages:  # DeepSpeed's bare AssertionError, named and explained on every rank
+        assert message.startswith(f"checkpoint {tmp_path / 'run' / 'checkpoints' / 'step00000002'} does not fit this "
+                                  "run's parallel layout (AssertionError); resume with the ZeRO stage")
+
+
+def _bad_data_run(out):
+    from megamem.train.trainer import Trainer
+
+    class BadRecord:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            raise ConfigError("data.jsonl record 2 has no field 'text'")
+
+        def state_dict(self):
+            return {}
+
+    trainer = Trainer(tiny_config(*SYN, f"training.output_dir={out}", "training.max_steps=2"), ZERO[0],
+                      lambda split, rank, world: BadRecord())
+    try:
+        trainer.fit()
+    except ConfigError as e:
+        return str(e)
+
+
+def test_a_run_failing_on_its_first_batch_leaves_no_output_dir(tmp_path):
+    out = tmp_path / "run"
+    assert run_ranks(_bad_data_run, str(out), world_size=1, tmp_path=tmp_path / "r")[0].endswith("no field 'text'")
+    assert not out.exists()

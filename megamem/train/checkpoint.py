@@ -154,9 +154,16 @@ class CheckpointManager:
         if state["world_size"] != self.world_size:
             raise ConfigError(f"checkpoint {os.path.join(ckpt_dir, tag)} was written by {state['world_size']} ranks; "
                               f"this run has {self.world_size}. Resume with the same number of ranks")
-        with safe_torch_load():
-            load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+        where = os.path.join(ckpt_dir, tag)
+        try:
+            with safe_torch_load():
+                load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        except (AssertionError, KeyError) as e:  # DeepSpeed's own checks: another ZeRO stage, partitioning, ...
+            raise ConfigError(f"checkpoint {where} does not fit this run's parallel layout ({type(e).__name__}"
+                              f"{': ' + str(e).splitlines()[0] if str(e) else ''}); resume with the ZeRO stage, "
+                              "world size and pipeline stages it was written with, or start a new run from its "
+                              f"weights with --training.init_from {where}") from None
         if load_path is None:
             raise ConfigError(f"DeepSpeed found no engine state in {os.path.join(ckpt_dir, tag)}")
         set_rng_state(state["rng"])
