@@ -165,3 +165,29 @@ def test_a_run_failing_on_its_first_batch_leaves_no_output_dir(tmp_path):
     out = tmp_path / "run"
     assert run_ranks(_bad_data_run, str(out), world_size=1, tmp_path=tmp_path / "r")[0].endswith("no field 'text'")
     assert not out.exists()
+
+
+def _resume_damaged(out):
+    _trainer(out, ZERO[0], "training.max_steps=2", "training.save_steps=2").fit()
+    states = os.path.join(out, "checkpoints", "step00000002", "mp_rank_00_model_states.pt")
+    data = open(states, "rb").read()
+    results = {}
+    for name, blob in (("truncated", data[:len(data) // 2]), ("pickle", b"\x80\x04cos\nsystem\n(S'touch "
+                                                                        + os.path.join(out, "RAN").encode()
+                                                                        + b"'\ntR.")):
+        with open(states, "wb") as f:
+            f.write(blob)
+        try:
+            _trainer(out, ZERO[0], "training.max_steps=4", "training.resume_from_checkpoint=latest")
+        except ConfigError as e:
+            results[name] = str(e)
+    results["ran"] = os.path.exists(os.path.join(out, "RAN"))
+    return results
+
+
+def test_resuming_a_damaged_or_pickled_checkpoint_names_the_file(tmp_path):
+    r = run_ranks(_resume_damaged, str(tmp_path / "run"), world_size=1, tmp_path=tmp_path / "r")[0]
+    states = tmp_path / "run" / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt"
+    assert r["truncated"].startswith(f"{states}: not a readable weights file")
+    assert r["pickle"].startswith(f"{states}: holds pickled objects that a weights-only load refuses")
+    assert "weights_only=False" not in r["pickle"] and not r["ran"]
