@@ -86,18 +86,18 @@ class RowSparseAdamW(torch.optim.Optimizer):
         self.max_grad_norm, self.shard_group = max_grad_norm, shard_group
 
     def _reduce(self, grad: torch.Tensor) -> torch.Tensor:
-        from .. import comm
+        from ..comm import all_gather, all_gather_counts, all_reduce
 
         if not grad.is_sparse:
-            return comm.all_reduce(grad, group=self.process_group)
+            return all_reduce(grad, group=self.process_group)
         idx, val = grad.indices(), grad.values()
-        counts = comm.all_gather_counts(idx.shape[1], group=self.process_group)
+        counts = all_gather_counts(idx.shape[1], group=self.process_group)
         top = max(counts)
         pad_i = idx.new_zeros(1, top)
         pad_i[:, :idx.shape[1]] = idx
         pad_v = val.new_zeros((top,) + val.shape[1:])
         pad_v[:idx.shape[1]] = val
-        all_i, all_v = comm.all_gather(pad_i, group=self.process_group), comm.all_gather(pad_v, group=self.process_group)
+        all_i, all_v = all_gather(pad_i, group=self.process_group), all_gather(pad_v, group=self.process_group)
         idx = torch.cat([i[:, :c] for i, c in zip(all_i, counts)], 1)
         val = torch.cat([v[:c] for v, c in zip(all_v, counts)])
         return torch.sparse_coo_tensor(idx, val, grad.shape, check_invariants=False).coalesce()
@@ -127,9 +127,9 @@ class RowSparseAdamW(torch.optim.Optimizer):
         if self.max_grad_norm > 0 and items:
             sq = sum((g.values() if g.is_sparse else g).float().pow(2).sum() for _, _, g in items)
             if self.shard_group is not None:  # shards of one bank live on the ranks of this group
-                from .. import comm
+                from ..comm import all_reduce
 
-                comm.all_reduce(sq, group=self.shard_group)
+                all_reduce(sq, group=self.shard_group)
             factor = self.max_grad_norm / (sq.sqrt() + 1e-6)
             if factor < 1:
                 items = [(p, group, g * factor.to(g.dtype)) for p, group, g in items]

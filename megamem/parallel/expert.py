@@ -23,7 +23,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
-from .. import comm
+from ..comm import all_to_all_single
 from ..config import MegamemConfig
 from ..memory.bank import MemoryBank
 from ..memory.chapters import ChapterMemoryAttention, absorbed_pairs, tokens_per_chapter
@@ -47,11 +47,11 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, send: List[int], recv: List[int], group):
         ctx.send, ctx.recv, ctx.group = send, recv, group
-        return comm.all_to_all_single(x, sum(recv), recv, send, group=group)
+        return all_to_all_single(x, sum(recv), recv, send, group=group)
 
     @staticmethod
     def backward(ctx, grad):
-        return comm.all_to_all_single(grad, sum(ctx.send), ctx.send, ctx.recv, group=ctx.group), None, None, None
+        return all_to_all_single(grad, sum(ctx.send), ctx.send, ctx.recv, group=ctx.group), None, None, None
 
 
 class ChapterDispatch:
@@ -64,7 +64,7 @@ class ChapterDispatch:
         owner = chap // self.local
         order = torch.argsort(owner, stable=True)
         send = torch.bincount(owner, minlength=self.ep_size)
-        recv = comm.all_to_all_single(send, len(send), group=self.group)
+        recv = all_to_all_single(send, len(send), group=self.group)
         send_l, recv_l = send.tolist(), recv.tolist()
         go = lambda t: _AllToAll.apply(t, send_l, recv_l, self.group)  # noqa: E731
         back = lambda t: _AllToAll.apply(t, recv_l, send_l, self.group)  # noqa: E731

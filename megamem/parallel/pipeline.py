@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
-from .. import comm
+from ..comm import all_gather_object, all_reduce, broadcast
 from ..config import MegamemConfig
 from ..memory.placement import memory_layers
 from ..model.attention import document_mask as make_document_mask
@@ -217,14 +217,14 @@ class MemoryPipelineModule(PipelineModule):
     def allreduce_tied_weight_gradients(self):
         for weight, group in self.get_tied_weights_and_groups():
             if weight.grad is not None:
-                comm.all_reduce(weight.grad, group=group)
+                all_reduce(weight.grad, group=group)
 
     @torch.no_grad()  # DeepSpeed broadcasts into the parameters themselves: keep that out of autograd
     def _synchronize_tied_weights(self):
         super()._synchronize_tied_weights()
         for tie in getattr(self, "shared_ties", {}).values():
             for t in list(tie["module"].parameters()) + list(tie["module"].buffers()):
-                comm.broadcast(t.data, src=tie["ranks"][0], group=tie["group"])
+                broadcast(t.data, src=tie["ranks"][0], group=tie["group"])
 
     # ------------------------------------------------------------- accounting
     def get_additional_losses(self):
@@ -305,7 +305,7 @@ def gathered_plain_state_dict(module: MemoryPipelineModule, dtype: torch.dtype, 
     """The whole model under plain names on rank 0 (empty elsewhere): every stage sends its layers."""
     local = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu() for k, v in
              module.plain_state_dict().items()}  # on the CPU: pickled GPU tensors would unpickle onto GPUs
-    parts: List[Optional[Dict[str, torch.Tensor]]] = comm.all_gather_object(local)
+    parts: List[Optional[Dict[str, torch.Tensor]]] = all_gather_object(local)
     if rank != 0:
         return {}
     found: Dict[str, torch.Tensor] = {}

@@ -54,7 +54,7 @@ def banks_outside_engine(cfg: MegamemConfig) -> bool:
     return cfg.memory.use_chapters and (cfg.parallel.ep_size > 1 or cfg.memory.sparse_bank_grad)
 
 
-def layout_problem(cfg: MegamemConfig, ds: Dict, stage: int, world_size: int) -> Optional[str]:
+def layout_problem(cfg: MegamemConfig, stage: int, world_size: int, pipelined: bool) -> Optional[str]:
     """Why this run cannot train its chapter banks outside the engine, with the fix; None if it can."""
     if not banks_outside_engine(cfg):
         return None
@@ -73,9 +73,7 @@ def layout_problem(cfg: MegamemConfig, ds: Dict, stage: int, world_size: int) ->
                 f"set training.mixed_precision: no, or {off}")
     if cfg.training.optimizer == "sgd":
         return f"{what} updates the banks with AdamW: set training.optimizer to adamw or adam, or {off}"
-    from .ds_config import pipeline_stages
-
-    if pipeline_stages(ds) > 1:
+    if pipelined:
         return f"{what} is not supported with pipeline parallelism: set {off}"
     return None
 
@@ -151,11 +149,11 @@ class ChapterBanks:
         """
         if self.ep == 1:
             return
-        from .. import comm
+        from ..comm import all_gather
         from ..parallel.expert import expert_parallel_group
 
         group = expert_parallel_group(self.ep)
         for name, p in self.model.banks.named_parameters():
-            parts = comm.all_gather(p.detach(), group=group)
+            parts = all_gather(p.detach(), group=group)
             if self.rank == 0:
                 state[f"banks.{name}"] = torch.cat(parts).to(dtype).contiguous()

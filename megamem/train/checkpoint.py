@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .. import comm
+from ..comm import barrier
 from ..config import ConfigError
 from ..safe_load import weights_error
 
@@ -96,7 +96,7 @@ class CheckpointManager:
             os.makedirs(self.dir, exist_ok=True)
             if os.path.isdir(path):  # a leftover of an interrupted save, or a re-save of the same step
                 shutil.rmtree(path)
-        comm.barrier()
+        barrier()
         engine.save_checkpoint(self.dir, tag=tag, save_latest=False)
         if write_extra is not None:
             write_extra(path)
@@ -106,14 +106,14 @@ class CheckpointManager:
             _atomic_write(os.path.join(path, "config.yaml"), config_yaml)
             if tokenizer is not None:
                 tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-        comm.barrier()
+        barrier()
         if self.rank == 0:
             _atomic_write(os.path.join(path, COMPLETE), f"{step}\n")
             _atomic_write(os.path.join(self.dir, "latest"), tag)
             if best:
                 _atomic_write(os.path.join(self.dir, "best"), tag)
             self._rotate()
-        comm.barrier()
+        barrier()
         return tag
 
     def mark_best(self, tag: str) -> None:

@@ -90,7 +90,7 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
 
         message = check_layout(cfg, stage)
     # one message per layout: check_layout's (ZeRO-3 + EP), else the chapter banks' own
-    message = message or layout_problem(cfg, ds, stage, world_size)
+    message = message or layout_problem(cfg, stage, world_size, pipeline_stages(ds) > 1)
     if message:
         problems.append(message)
     if cfg.model.base_model_name is not None and cfg.memory.use_chapters and stage == 3:
