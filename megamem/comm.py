@@ -81,6 +81,3 @@ def all_gather_object(obj: Any, group=None) -> List[Any]:
 def barrier(group=None) -> None:
     dist.barrier(group=group)
 
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()

@@ -131,6 +131,17 @@ def D(f, k):
 
 
 DRY = ("--config", TINY, "--dry-run")
+
+
+def PRE(f, data, out, tok=None):
+    """tools/preprocess_data.py arguments: one input, the test tokenizer (or `tok`), a fresh --out."""
+    return ["--input", data, "--tokenizer", tok or f["tok"], "--out", str(f["dir"] / out), "--workers", "1"]
+
+
+def TOK(f, tokenizer, *extra):
+    """scripts/train.py arguments of a real run (not a dry run) with the given tokenizer."""
+    return ["--config", TINY, *extra, "--model.tokenizer_name", tokenizer, "--training.output_dir",
+            str(f["dir"] / "run")]
 CASES = {
     # ---- configs
     "config file missing": ("train", lambda f: ["--config", "nope.yaml", "--dry-run"], "config file not found: nope.yaml"),
@@ -208,38 +219,25 @@ CASES = {
     "deepspeed batch conflicts with YAML": ("train", lambda f: [*DRY, "--deepspeed", DS(f, "batch")],
                                             "train_micro_batch_size_per_gpu = 3 conflicts with training.batch_size"),
     # ---- data files (tools/preprocess_data.py)
-    "data corrupt record": ("preprocess", lambda f: ["--input", D(f, "corrupt"), "--tokenizer", f["tok"], "--out",
-                                                     str(f["dir"] / "s1"), "--workers", "1"],
-                            "corrupt.jsonl line 3: not valid JSON"),
-    "data missing field": ("preprocess", lambda f: ["--input", D(f, "nofield"), "--tokenizer", f["tok"], "--out",
-                                                    str(f["dir"] / "s2"), "--workers", "1"],
+    "data corrupt record": ("preprocess", lambda f: PRE(f, D(f, "corrupt"), "s1"), "corrupt.jsonl line 3: not valid JSON"),
+    "data missing field": ("preprocess", lambda f: PRE(f, D(f, "nofield"), "s2"),
                            "nofield.jsonl record 2 has no field 'text'"),
-    "data non-string field": ("preprocess", lambda f: ["--input", D(f, "nonstr"), "--tokenizer", f["tok"], "--out",
-                                                       str(f["dir"] / "s3"), "--workers", "1"],
+    "data non-string field": ("preprocess", lambda f: PRE(f, D(f, "nonstr"), "s3"),
                               "nonstr.jsonl record 2: field 'text' is int"),
-    "data record not an object": ("preprocess", lambda f: ["--input", D(f, "array"), "--tokenizer", f["tok"],
-                                                           "--out", str(f["dir"] / "s4"), "--workers", "1"],
+    "data record not an object": ("preprocess", lambda f: PRE(f, D(f, "array"), "s4"),
                                   "array.jsonl line 2: a JSON list, expected an object"),
-    "data not UTF-8": ("preprocess", lambda f: ["--input", D(f, "utf8"), "--tokenizer", f["tok"], "--out",
-                                                str(f["dir"] / "s5"), "--workers", "1"], "not valid UTF-8"),
-    "data file missing": ("preprocess", lambda f: ["--input", str(f["dir"] / "none.jsonl"), "--tokenizer", f["tok"],
-                                                   "--out", str(f["dir"] / "s6"), "--workers", "1"], "none.jsonl"),
-    "data output exists": ("preprocess", lambda f: ["--input", D(f, "nonstr"), "--tokenizer", f["tok"], "--out",
-                                                    str(f["dir"] / "not_empty"), "--workers", "1"], "already exists"),
+    "data not UTF-8": ("preprocess", lambda f: PRE(f, D(f, "utf8"), "s5"), "not valid UTF-8"),
+    "data file missing": ("preprocess", lambda f: PRE(f, str(f["dir"] / "none.jsonl"), "s6"), "none.jsonl"),
+    "data output exists": ("preprocess", lambda f: PRE(f, D(f, "nonstr"), "not_empty"), "already exists"),
     # ---- tokenizers
-    "tokenizer folder missing (preprocess)": ("preprocess", lambda f: ["--input", D(f, "nonstr"), "--tokenizer",
-                                                                       str(f["dir"] / "notok"), "--out",
-                                                                       str(f["dir"] / "s7")], "folder not found"),
-    "tokenizer folder missing (train)": ("train", lambda f: ["--config", TINY, "--model.tokenizer_name",
-                                                             str(f["dir"] / "notok"), "--training.output_dir",
-                                                             str(f["dir"] / "run")], "tokenizer folder not found"),
-    "tokenizer relative path missing (train)": ("train", lambda f: ["--config", TINY, "--model.tokenizer_name",
-                                                                    "data/tokenizers/not-made-yet", "--training.output_dir",
-                                                                    str(f["dir"] / "run")],
+    "tokenizer folder missing (preprocess)": ("preprocess", lambda f: PRE(f, D(f, "nonstr"), "s7",
+                                                                          tok=str(f["dir"] / "notok")),
+                                              "folder not found"),
+    "tokenizer folder missing (train)": ("train", lambda f: TOK(f, str(f["dir"] / "notok")), "tokenizer folder not found"),
+    "tokenizer relative path missing (train)": ("train", lambda f: TOK(f, "data/tokenizers/not-made-yet"),
                                                 "tokenizer folder not found: data/tokenizers/not-made-yet (relative to"),
-    "check: tokenizer missing": ("train", lambda f: ["--config", TINY, "--check", "--model.tokenizer_name",
-                                                     str(f["dir"] / "notok"), "--training.output_dir",
-                                                     str(f["dir"] / "run")], "tokenizer folder not found"),
+    "check: tokenizer missing": ("train", lambda f: TOK(f, str(f["dir"] / "notok"), "--check"),
+                                 "tokenizer folder not found"),
     "check: output_dir holds a run": ("train", lambda f: ["--config", TINY, "--check", "--model.tokenizer_name",
                                                           f["tok"], "--data.datasets",
                                                           f"[{{path: {D(f, 'nonstr')}}}]", "--training.output_dir",

@@ -12,14 +12,13 @@ from megamem.train.run_dir import truncate_metrics
 from conftest import tiny_config
 from dist_utils import run_ranks
 from synthetic_data import factory
-from test_train import SYN, ZERO
+from test_train import ZERO, make_cfg
 
 
 def _trainer(out, ds, *extra):
     from megamem.train.trainer import Trainer
 
-    cfg = tiny_config(*SYN, f"training.output_dir={out}", "training.batch_size=2", *extra)
-    return Trainer(cfg, ds, factory(61, 2, 16))
+    return Trainer(make_cfg(out, "training.batch_size=2", *extra), ds, factory(61, 2, 16))
 
 
 def _refusals(out):
@@ -153,7 +152,7 @@ def _bad_data_run(out):
         def state_dict(self):
             return {}
 
-    trainer = Trainer(tiny_config(*SYN, f"training.output_dir={out}", "training.max_steps=2"), ZERO[0],
+    trainer = Trainer(make_cfg(out, "training.max_steps=2"), ZERO[0],
                       lambda split, rank, world: BadRecord())
     try:
         trainer.fit()

@@ -7,10 +7,9 @@ import os
 
 import torch
 
-from conftest import tiny_config
 from dist_utils import run_ranks
 from synthetic_data import SyntheticLoader
-from test_train import SYN, ZERO
+from test_train import ZERO, make_cfg
 
 
 def _run(out, extra, epochs_of=None):
@@ -22,8 +21,7 @@ def _run(out, extra, epochs_of=None):
             loader.num_batches = epochs_of  # a source of known length (what num_epochs needs)
         return loader
 
-    trainer = Trainer(tiny_config(*SYN, f"training.output_dir={out}", "training.batch_size=2", *extra), ZERO[0],
-                      loaders)
+    trainer = Trainer(make_cfg(out, "training.batch_size=2", *extra), ZERO[0], loaders)
     result = trainer.fit()
     result["total_steps"] = trainer.total_steps
     return result

@@ -23,6 +23,7 @@ from ..memory.chapters import routing_stats
 from ..memory.placement import bank_assignment, memory_layers, num_banks
 from ..memory.router import ChapterRouter
 from ..model.block import MemoryBranch
+from ..model.flops import full_numel
 from ..model.transformer import CausalLMOutput
 from .decoding import DecodingState, DecodingStateError, find_hf_cache, refuse_stateless_decoding
 from .families import Dims, family_of
@@ -35,10 +36,6 @@ def branch_model_config(dims: Dims) -> ModelConfig:
                        num_layers=dims.num_layers, intermediate_dim=dims.intermediate_size, norm_eps=dims.norm_eps,
                        use_rms_norm=True, hidden_activation="silu", initializer_range=dims.initializer_range,
                        dropout=0.0)
-
-
-def _numel(p: torch.Tensor) -> int:
-    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitioned parameters hold 1/world locally
 
 
 class AdapterModel(nn.Module):
@@ -74,13 +71,12 @@ class AdapterModel(nn.Module):
     def _before_base(self, module, args, kwargs):
         """Materialise banks once per forward; inside decoding(), once per generation (memory K/V too)."""
         hf_cache = find_hf_cache(args, kwargs.values())
-        past = hf_cache.get_seq_length() if hf_cache is not None else 0
         state = self._decoding
+        if state is None and hf_cache is not None and hf_cache.get_seq_length() > 0:
+            refuse_stateless_decoding(hf_cache.get_seq_length())
         if state is not None and hf_cache is None:
             raise DecodingStateError("memory adapter: decoding() needs generation with the HF KV cache; "
                                      "use_cache=False is not supported inside it")
-        if state is None and past > 0:
-            refuse_stateless_decoding(past)
         if self.memory_config.use_chapters:
             self._routing_stats()  # drop stats of forwards nobody collected (e.g. a generate() without cache)
         if state is not None:
@@ -226,13 +222,13 @@ class AdapterModel(nn.Module):
         memory_ids = {id(p) for p in self.memory_parameters()}
         lora_ids = {id(p) for p in self.lora_parameters()}
         return {
-            "total": sum(_numel(p) for p in unique),
-            "memory": sum(_numel(p) for p in unique if id(p) in memory_ids),
-            "lora": sum(_numel(p) for p in unique if id(p) in lora_ids),
-            "trainable": sum(_numel(p) for p in unique if p.requires_grad),
+            "total": sum(full_numel(p) for p in unique),
+            "memory": sum(full_numel(p) for p in unique if id(p) in memory_ids),
+            "lora": sum(full_numel(p) for p in unique if id(p) in lora_ids),
+            "trainable": sum(full_numel(p) for p in unique if p.requires_grad),
             "banks": [{"kind": b.kind, "tokens": b.num_tokens, "dim": b.dim,
-                       "parameters": sum(_numel(p) for p in b.parameters()),
-                       "bytes": sum(_numel(t) * t.element_size() for t in list(b.parameters()) + list(b.buffers())),
+                       "parameters": sum(full_numel(p) for p in b.parameters()),
+                       "bytes": sum(full_numel(t) * t.element_size() for t in list(b.parameters()) + list(b.buffers())),
                        "layers": [layer for layer, idx in self.bank_of_layer.items() if idx == i]}
                       for i, b in enumerate(self.banks)],
         }

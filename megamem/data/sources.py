@@ -132,11 +132,16 @@ def first_bad_json_line(path: str) -> Optional[str]:
     return None
 
 
-def read_error(e: BaseException, what: str, path: Optional[str] = None) -> ConfigError:
-    if path is not None and path.endswith((".jsonl", ".json")):
-        bad = first_bad_json_line(path)
+def bad_json_record(label: str, paths: List[str]) -> Optional[ConfigError]:
+    """The error naming the first malformed record (file and line) among JSON-lines files, if any."""
+    for path in paths:
+        bad = first_bad_json_line(path) if path.endswith((".jsonl", ".json")) else None
         if bad is not None:
-            return ConfigError(f"{what} {bad}; fix or remove that record")
+            return ConfigError(f"{label}: {path} {bad}; fix or remove that record")
+    return None
+
+
+def read_error(e: BaseException, what: str) -> ConfigError:
     root = _root_cause(e)
     if isinstance(root, UnicodeDecodeError):
         return ConfigError(f"{what}: not valid UTF-8 ({root.reason} at byte {root.start}: {root.object[root.start:root.end]!r})")
@@ -174,7 +179,7 @@ def load_local(files: List[str], spec: DatasetSpec, label: str, cache_dir: Optio
                 parts.append(datasets.load_dataset(builder, data_files=[f], split="train", cache_dir=cache_dir,
                                                    **_builder_kwargs(builder, spec)))
         except Exception as e:  # noqa: BLE001
-            raise read_error(e, f"{label}: {f}", f) from None
+            raise bad_json_record(label, [f]) or read_error(e, f"{label}: {f}") from None
         if len(parts[-1]) == 0:
             raise ConfigError(f"{label}: no records in {f}")
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -243,11 +248,8 @@ class StreamSource(Source):
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - a file that fails mid-stream
-                for path in self.files:
-                    bad = first_bad_json_line(path) if path.endswith((".jsonl", ".json")) else None
-                    if bad is not None:
-                        raise ConfigError(f"{self.label}: {path} {bad}; fix or remove that record") from None
-                raise read_error(e, f"{self.label}: record {k + 1} of rank {self.rank}'s stream") from None
+                raise bad_json_record(self.label, self.files) or \
+                    read_error(e, f"{self.label}: record {k + 1} of rank {self.rank}'s stream") from None
             if not records:
                 return
             wheres = [f"{self.label} record {k + j + 1} (rank {self.rank}'s stream, epoch {epoch})"

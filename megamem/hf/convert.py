@@ -12,6 +12,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..config import ConfigError, MegamemConfig, load_config
+from ..folders import write_folder
 from .llama import llama_config, llama_incompatibilities, to_llama_state_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,15 +71,6 @@ def read_pipeline_checkpoint(ckpt_dir: str, tag: str) -> Dict[str, torch.Tensor]
     return plain_state_dict_from_checkpoint(ckpt_dir, tag)
 
 
-def write_atomically(output: str, force: bool, write) -> str:
-    """write(tmp) fills a fresh folder, which then replaces output (megamem.folders.write_folder): a crash never
-    leaves half a folder, and a folder megamem did not write is never deleted, --force or not."""
-    from ..folders import write_folder
-
-    write_folder(output, "hf", write, replace=force)
-    return output
-
-
 def save_tokenizer_and_generation(folder: str, cfg: MegamemConfig, tok_home: Optional[str]) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -127,7 +119,8 @@ def convert_to_hf(source: str, output: str, dtype: str = "fp32", force: bool = F
     if is_adapter_export(source):
         from .adapters import write_adapter_folder
 
-        return write_atomically(output, force, lambda tmp: write_adapter_folder(tmp, source, dtype, merge_lora))
+        write_folder(output, "hf", lambda tmp: write_adapter_folder(tmp, source, dtype, merge_lora), replace=force)
+        return output
     if merge_lora:
         raise ConfigError(f"--merge-lora: {source} is not an adapter run (no adapter.json)")
     state, cfg, tok_home = read_source(source)
@@ -141,4 +134,5 @@ def convert_to_hf(source: str, output: str, dtype: str = "fp32", force: bool = F
             write_megamem_folder(tmp, state, cfg, dtype, routing_strategy, max_shard_size)
         save_tokenizer_and_generation(tmp, cfg, tok_home)
 
-    return write_atomically(output, force, write)
+    write_folder(output, "hf", write, replace=force)  # atomic; never replaces a folder megamem did not write
+    return output

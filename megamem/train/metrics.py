@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..config import ConfigError, MegamemConfig, config_to_dict
-from ..model.flops import full_numel, memory_rows_read, weight_flops  # noqa: F401 (full_numel re-exported)
+from ..model.flops import full_numel, memory_rows_read, weight_flops
 
 
 def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from ..config import ConfigError, MegamemConfig, config_to_dict
-from .checkpoint import COMPLETE, _atomic_write, complete_tags
+from .checkpoint import _atomic_write, complete_tags
 
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl")
 LAYOUT_KEYS = ("zero_stage", "pipeline_stages", "ep_size", "world_size")
@@ -139,5 +139,4 @@ def truncate_metrics(output_dir: str, step: int) -> int:
     return len(lines) - len(keep)
 
 
-__all__ = ["check_output_dir", "check_resume", "describe_run", "layout_of", "report_changes", "truncate_metrics",
-           "COMPLETE"]
+__all__ = ["check_output_dir", "check_resume", "describe_run", "layout_of", "report_changes", "truncate_metrics"]

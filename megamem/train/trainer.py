@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 
-from .. import comm
+from ..comm import all_reduce, barrier
 from ..config import ConfigError, MegamemConfig, dump_config
 from ..parallel.distributed import init_distributed
 from ..parallel.zero import build_model_for_zero, gathered_state_dict
@@ -124,7 +124,7 @@ class Trainer:
 
     # --------------------------------------------------------------- helpers
     def _all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        return comm.all_reduce(values, op) if self.world > 1 else values
+        return all_reduce(values, op) if self.world > 1 else values
 
     def _forward(self, batch: Dict[str, torch.Tensor]):
         if self.pipeline:  # evaluation only: the LM loss, from the last stage, on every rank
@@ -138,8 +138,8 @@ class Trainer:
     def _engine_grad_norm(self) -> float:
         """Global L2 norm of the engine's (already all-reduced, unclipped) gradients: DeepSpeed reports none
         for ZeRO-0 in fp32, where every rank holds whole gradients."""
-        grads = [p.grad.detach().float() for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).item()
 
     def _lr_factor(self) -> float:
         return self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
@@ -293,7 +293,7 @@ class Trainer:
             export_adapter(state, self.cfg, self.tokenizer, path, self.step)
         elif self.rank == 0:
             export_model(state, self.cfg, self.tokenizer, path, self.step)
-        comm.barrier()
+        barrier()
 
 
 __all__ = ["Trainer", "NonFiniteLossError"]
