@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from megamem.parallel.distributed import free_port
+
 from conftest import ROOT
 from data_utils import make_docs, tokenizer_dir, write_jsonl
 
@@ -29,7 +31,8 @@ def _train(launcher, out, inputs):
             "--training.output_dir", str(out), "--training.max_steps", "3", "--training.batch_size", "2",
             "--training.max_length", "32", "--training.eval_steps", "3", "--training.eval_max_batches", "1",
             "--training.logging_steps", "1", "--training.mixed_precision", "no", "--training.save_steps", "3"]
-    cmd = {"deepspeed": [os.path.join(BIN, "deepspeed"), "--num_gpus", "2"],
+    # a free port each time: a fixed default (29500) collides with any other job on the machine
+    cmd = {"deepspeed": [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())],
            "torchrun": [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2"],
            "python": [sys.executable]}[launcher] + args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGAMEM_NO_PROGRESS": "1", "MASTER_ADDR": "127.0.0.1"}
