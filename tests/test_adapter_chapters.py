@@ -199,7 +199,7 @@ def test_rolling_routing_reroutes_at_the_interval_on_the_recent_window(tmp_path)
         model.base.generate(IDS[:, :5], attention_mask=torch.ones_like(IDS[:, :5]), max_new_tokens=11,
                             do_sample=False, pad_token_id=0)  # forwards: the prompt, then one token at lengths 5..14
     for i in model.memory_layers:
-        state = decoding.routing[i]  # the routing state of that generation
+        state = decoding.layer(i).state["routing"]  # the routing state of that generation
         assert state["routes"] == [0, 8, 11, 14]  # the prompt, then every 3 generated tokens
         seen = torch.cat(hidden[i], 1)
         assert seen.shape[1] == 15

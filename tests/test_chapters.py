@@ -7,6 +7,7 @@ import torch
 from megamem.memory.chapters import ChapterMemoryAttention
 from megamem.memory.cross_attention import MemoryCrossAttention
 from megamem.model import build_model
+from megamem.parallel.checkpointing import set_activation_checkpointing
 
 from conftest import tiny_config
 
@@ -200,7 +201,7 @@ def test_gradient_checkpointing_with_chapters(strategy):
                                         "memory.num_memory_tokens=16", "memory.top_k_chapters=2",
                                         "memory.wo_init_zero=false", f"memory.routing_strategy_train={strategy}",
                                         f"memory.memory_gradient_checkpointing={str(mode == 'memory').lower()}"))
-        model.gradient_checkpointing = mode == "blocks"
+        set_activation_checkpointing(model, mode == "blocks")
         ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
         out = model(ids, labels=ids)
         (out.loss + sum(out.aux_losses.values())).backward()

@@ -45,7 +45,7 @@ def test_sequence_routing_routes_on_the_prompt():
         second = model(ids[:, :1], cache=cache).logits
         assert (first - model(ids).logits).abs().max() <= 1e-5  # prompt forward = full sequence routing
     for layer in model.memory_layers:
-        state = cache.routing[layer]
+        state = cache.layer(layer).state["routing"]
         assert state["routes"] == [0]  # routed once, on the prompt; K/V reused
         assert state["kv"][0].shape[2] == 3 * 4  # shared + 2 routed chapters of 4 rows
     assert torch.isfinite(second).all()
@@ -64,7 +64,7 @@ def test_rolling_reroutes_at_the_interval_on_the_recent_window():
         for t in range(5, 16):
             model(ids[:, t:t + 1], cache=cache)
     for i in model.memory_layers:
-        state = cache.routing[i]
+        state = cache.layer(i).state["routing"]
         assert state["routes"] == [0, 8, 11, 14]  # prompt, then every 3 generated tokens
         seen = torch.cat(hidden[i], 1)  # [2, 16, D]
         expected = model.blocks[i].memory.attn.router(seen[:, 14 - 3:15].mean(1)).chapters  # last 4 tokens

@@ -180,6 +180,6 @@ def test_kv_cache_grows_to_its_limit():
         a = torch.cat([model(ids[:, i:i + 3], cache=small).logits for i in range(0, 20, 3)], 1)
         b = model(ids, cache=big).logits
         assert (a - b).abs().max() <= 1e-5
-        assert small.keys[0].shape[2] == 30  # 4 → 8 → 16 → 30 (doubled, capped at max_len), not allocated up front
+        assert small.layer(0).keys.shape[2] == 30  # 4 → 8 → 16 → 30 (doubled, capped at max_len), not allocated up front
         with pytest.raises(ValueError, match="KV cache holds 30 tokens"):
             model(torch.ones(2, 11, dtype=torch.long), cache=small)

@@ -119,9 +119,9 @@ def test_bf16_sharded_export_loads(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert hf.dtype == torch.bfloat16
     ids = torch.randint(3, 61, (2, 9))
-    inv_freq = model.rotary.inv_freq.clone()
+    inv_freq = model.pos_embeddings.inv_freq.clone()
     ref = model.to(torch.bfloat16)
-    ref.rotary.inv_freq = inv_freq  # transformers keeps RoPE frequencies in fp32, as for Llama
+    ref.pos_embeddings.inv_freq = inv_freq  # transformers keeps RoPE frequencies in fp32, as for Llama
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, ref(ids).logits)
 

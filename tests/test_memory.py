@@ -6,7 +6,9 @@ import torch
 from megamem.memory.bank import FactorizedMemoryBank, QuantizedMemoryBank, dequantize_rows, quantize_rows
 from megamem.memory.cross_attention import MemoryCrossAttention
 from megamem.model import build_model
-from megamem.model.attention import CausalSelfAttention
+from megamem.config import ModelConfig
+from megamem.model.attention import build_attention
+from megamem.model.context import ForwardContext
 
 from conftest import tiny_config
 
@@ -39,14 +41,14 @@ def test_memory_cross_attention_matches_dense_reference(heads, kv_heads):
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_self_attention_matches_naive_reference(kv_heads):
     torch.manual_seed(0)
-    attn = CausalSelfAttention(32, 4, kv_heads, use_flash_attention=False)
+    attn = build_attention(ModelConfig(hidden_dim=32, num_heads=4, num_kv_heads=kv_heads, use_flash_attention=False), 0)
     x = torch.randn(2, 9, 32)
     q, k, v = (x @ attn.qkv_proj.weight.t()).split([32, 8 * kv_heads, 8 * kv_heads], -1)
     q = q.view(2, 9, 4, 8).transpose(1, 2)
     k = k.view(2, 9, kv_heads, 8).transpose(1, 2).repeat_interleave(4 // kv_heads, 1)
     v = v.view(2, 9, kv_heads, 8).transpose(1, 2).repeat_interleave(4 // kv_heads, 1)
     ref = naive_attention(q, k, v, causal=True).transpose(1, 2).reshape(2, 9, 32) @ attn.o_proj.weight.t()
-    assert torch.allclose(attn(x, None, None), ref, atol=1e-5)
+    assert torch.allclose(attn(x, ForwardContext()), ref, atol=1e-5)
 
 
 def test_factorized_bank_is_a_times_b_and_init_std():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megamem.model import build_model
+from megamem.parallel.checkpointing import activation_checkpointing, set_activation_checkpointing
 
 from conftest import tiny_config
 
@@ -181,7 +182,8 @@ def test_gradient_checkpointing_gives_same_gradients():
     grads = []
     for ckpt in (False, True):
         model = make("memory.wo_init_zero=false", f"memory.memory_gradient_checkpointing={str(ckpt).lower()}")
-        model.gradient_checkpointing = ckpt
+        set_activation_checkpointing(model, ckpt)
+        assert activation_checkpointing(model) == ckpt
         model.train()
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -226,7 +228,7 @@ def test_flash_attention_branch_matches_sdpa_with_and_without_cache(monkeypatch)
     import sys
     import types
 
-    from megamem.model import attention
+    from megamem.model.attention import mha as attention
 
     assert not attention.flash_attention_usable(torch.zeros(2, dtype=torch.bfloat16))
     fake = types.ModuleType("flash_attn")

@@ -64,7 +64,7 @@ def machine() -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "cpu_native_bf16_gemm": cpu_has_native_bf16()}
     if torch.cuda.is_available():
-        from megamem.model.attention import _HAS_FLASH_ATTN
+        from megamem.model.attention.mha import _HAS_FLASH_ATTN
 
         info.update(gpu=torch.cuda.get_device_name(0), flash_attn=_HAS_FLASH_ATTN)
     try:

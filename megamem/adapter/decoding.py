@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Iterable, Optional
 
-from ..model.kv_cache import MemoryState
+from ..model.decoding_cache import DecodingCache
 
 
 class DecodingStateError(RuntimeError):
@@ -30,8 +30,9 @@ def find_hf_cache(*containers: Iterable[Any]) -> Optional[Any]:
     return None
 
 
-class DecodingState(MemoryState):
-    """MemoryState of one generation, bound to the HF cache object of that generation."""
+class DecodingState(DecodingCache):
+    """The memory state of one generation (per-layer memory K/V and routing; HF keeps the self-attention
+    K/V), bound to the HF cache object of that generation."""
 
     def __init__(self):
         super().__init__()
@@ -46,7 +47,7 @@ class DecodingState(MemoryState):
                 raise DecodingStateError(
                     f"memory adapter: an HF cache already holding {past} tokens was not started inside this "
                     "decoding() context; start the generation (its prompt) inside `with model.decoding():`")
-            MemoryState.__init__(self)  # a new generation: banks, memory K/V and routing start afresh
+            DecodingCache.__init__(self)  # a new generation: banks, memory K/V and routing start afresh
             self._owner = weakref.ref(hf_cache)
         self.length = past
 

@@ -15,14 +15,15 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import MegamemConfig, ModelConfig
-from ..memory.bank import bank_dim, build_bank
+from ..memory.bank import build_bank
 from ..memory.chapters import routing_stats
 from ..memory.placement import bank_assignment, memory_layers, num_banks
 from ..memory.router import ChapterRouter
-from ..model.block import MemoryBranch
+from ..model.branches import MemoryBranch
+from ..model.context import ForwardContext
+from ..model.loss import causal_lm_loss
 from ..model.flops import full_numel
 from ..model.transformer import CausalLMOutput
 from .decoding import DecodingState, DecodingStateError, find_hf_cache, refuse_stateless_decoding
@@ -47,10 +48,9 @@ class AdapterModel(nn.Module):
         self.model_config = branch_model_config(self.dims)
         self.memory_layers: List[int] = memory_layers(cfg.memory, self.dims.num_layers)
         self.bank_of_layer: Dict[int, int] = bank_assignment(cfg.memory, self.memory_layers)
-        width = bank_dim(cfg.memory, self.dims.hidden_size)
         self.banks = nn.ModuleList(build_bank(cfg.memory, self.dims.hidden_size)
                                    for _ in range(num_banks(self.bank_of_layer)))
-        self.branches = nn.ModuleDict({str(i): MemoryBranch(self.model_config, cfg.memory, width)
+        self.branches = nn.ModuleDict({str(i): MemoryBranch(self.model_config, cfg.memory, i)
                                        for i in self.memory_layers})
         if cfg.memory.use_chapters and cfg.memory.shared_router and self.memory_layers:
             router = self.branches[str(self.memory_layers[0])].attn.router
@@ -59,7 +59,7 @@ class AdapterModel(nn.Module):
         dtype = base.get_input_embeddings().weight.dtype
         self.banks.to(dtype)
         self.branches.to(dtype)
-        self._bank_tensors: List[Optional[torch.Tensor]] = []
+        self._ctx = ForwardContext()  # the base forward's context for the memory hooks (banks, decoding state)
         self._decoding: Optional[DecodingState] = None  # open while generating (decoding())
         if self.memory_layers:
             layers = family_of(base.config).layers(base)
@@ -81,17 +81,17 @@ class AdapterModel(nn.Module):
             self._routing_stats()  # drop stats of forwards nobody collected (e.g. a generate() without cache)
         if state is not None:
             state.step(hf_cache)
-            self._bank_tensors = state.bank_tensors(self.banks)
+            banks = state.bank_tensors(self.banks)
         else:
-            self._bank_tensors = [bank() for bank in self.banks]
+            banks = [bank() for bank in self.banks]
+        self._ctx = ForwardContext(cache=state, banks=dict(enumerate(banks)))
 
     def _layer_hook(self, layer: int):
         def hook(module, args, output):
-            branch = self.branches[str(layer)]
-            memory = self._bank_tensors[self.bank_of_layer[layer]]
+            branch, ctx = self.branches[str(layer)], self._ctx.at(layer)
             if isinstance(output, tuple):
-                return (branch(output[0], memory, self._decoding, layer),) + tuple(output[1:])
-            return branch(output, memory, self._decoding, layer)
+                return (branch.residual(output[0], ctx),) + tuple(output[1:])
+            return branch.residual(output, ctx)
         return hook
 
     # ---------------------------------------------------------------- forward
@@ -106,7 +106,7 @@ class AdapterModel(nn.Module):
         out = self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         logits, loss = out.logits, None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = causal_lm_loss(logits, labels)
         aux, usage = self._routing_stats() if self.memory_config.use_chapters else ({}, {})
         result = CausalLMOutput(logits=logits, loss=loss, aux_losses=aux, chapter_usage=usage)
         hf_cache = find_hf_cache(out.values())
@@ -159,7 +159,7 @@ class AdapterModel(nn.Module):
             yield self._decoding
         finally:
             self._decoding = None
-            self._bank_tensors = []
+            self._ctx = ForwardContext()
 
     @property
     def gradient_checkpointing(self) -> bool:

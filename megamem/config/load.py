@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
+from .aliases import clear_partner, resolve_aliases
 from .schema import RETIRED_KEYS, RETIRED_VALUES, SECTIONS, MegamemConfig
 from .validate import validate
 
@@ -168,7 +169,8 @@ def _set_field(obj, section: str, key: str, value: Any, where: str) -> None:
     setattr(obj, key, out)
 
 
-def config_from_dict(data: Any, where: str = "<dict>") -> MegamemConfig:
+def config_from_dict(data: Any, where: str = "<dict>", resolve: bool = True) -> MegamemConfig:
+    """A config from parsed YAML; resolve=False leaves old alias keys in place (overrides come next)."""
     cfg = MegamemConfig()
     if data is None:
         data = {}
@@ -184,6 +186,8 @@ def config_from_dict(data: Any, where: str = "<dict>") -> MegamemConfig:
             raise ConfigError(f"{where}: section '{section}' must be a mapping of keys, got {type(values).__name__}")
         for key, value in values.items():
             _set_field(getattr(cfg, section), section, str(key), value, where)
+    if resolve:
+        resolve_aliases(cfg, where, ConfigError)
     return cfg
 
 
@@ -217,7 +221,16 @@ def apply_overrides(cfg: MegamemConfig, overrides: List[Tuple[str, str]]) -> Non
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        _set_field(getattr(cfg, section), section, key, value, f"override --{dotted}")
+        obj, label = getattr(cfg, section), section
+        *parents, key = key.split(".")
+        for part in parents:  # nested sections, e.g. --model.pos_encoding.type rope
+            child = getattr(obj, part, None)
+            if not dataclasses.is_dataclass(child):
+                raise ConfigError(f"override --{dotted}: {label}.{part} is not a section of keys")
+            obj, label = child, f"{label}.{part}"
+        _set_field(obj, label, key, value, f"override --{dotted}")
+        if section == "model":
+            clear_partner(cfg.model, ".".join(parents + [key]))
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> MegamemConfig:
@@ -231,8 +244,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         if data is None:
             raise ConfigError(f"{path}: the file is empty; a config has sections such as model:, memory:, training: "
                               "(configs/base_small.yaml documents every key)")
-    cfg = config_from_dict(data, where)
+    cfg = config_from_dict(data, where, resolve=False)
     apply_overrides(cfg, parse_overrides(overrides or []))
+    resolve_aliases(cfg, where, ConfigError)
     problems = validate(cfg)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))

@@ -9,6 +9,13 @@ from typing import List, Literal, Optional, Union
 
 
 @dataclass
+class PositionEncodingConfig:
+    """`model.pos_encoding`: which positional encoding (megamem.model.positions registry)."""
+
+    type: Optional[str] = None  # rope | learned | none; null = model.use_rope's choice (rope by default)
+
+
+@dataclass
 class ModelConfig:
     # architecture (from-scratch)
     hidden_dim: int = 768
@@ -18,8 +25,12 @@ class ModelConfig:
     intermediate_dim: int = 2048
     vocab_size: int = 32000
     max_seq_len: int = 2048
+    # parts, by registry name (megamem.model.attention / mlp / positions)
+    attention_type: str = "mha"  # mha (multi-head or grouped-query by num_kv_heads); standard / gqa name it too
+    mlp_type: Optional[str] = None  # swiglu | gelu | gelu_tanh; null = hidden_activation's choice (swiglu by default)
+    pos_encoding: PositionEncodingConfig = field(default_factory=PositionEncodingConfig)
     # positions
-    use_rope: bool = True  # false = learned absolute position embeddings
+    use_rope: Optional[bool] = None  # alias of pos_encoding.type: true = rope, false = learned absolute embeddings
     rope_theta: float = 10000.0
     # regularisation
     dropout: float = 0.0
@@ -27,7 +38,7 @@ class ModelConfig:
     # normalisation / activation / init
     norm_eps: float = 1e-6
     use_rms_norm: bool = True
-    hidden_activation: Literal["silu", "gelu", "gelu_tanh"] = "silu"  # silu = SwiGLU; gelu = 2-layer GELU MLP
+    hidden_activation: Optional[Literal["silu", "gelu", "gelu_tanh"]] = None  # alias of mlp_type: silu = swiglu, gelu(_tanh) = 2-layer GELU MLP
     initializer_range: float = 0.02
     tie_embeddings: bool = False
     # tokenizer

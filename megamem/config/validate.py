@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import List
 
+from .aliases import alias_conflicts, position_type
 from .schema import MegamemConfig
 
 
@@ -28,8 +29,10 @@ def _validate_model(cfg: MegamemConfig, problems: List[str]) -> None:
     _fraction(problems, "model", m, "dropout", "attention_dropout")
     if m.hidden_dim > 0 and m.num_heads > 0 and m.hidden_dim % m.num_heads:
         problems.append(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.num_heads ({m.num_heads})")
-    elif m.use_rope and m.num_heads > 0 and (m.hidden_dim // m.num_heads) % 2:
-        problems.append(f"model.use_rope needs an even head dim; hidden_dim/num_heads = {m.hidden_dim // m.num_heads}")
+    elif position_type(m) == "rope" and m.num_heads > 0 and (m.hidden_dim // m.num_heads) % 2:
+        problems.append(f"model.pos_encoding.type rope needs an even head dim; hidden_dim/num_heads = "
+                        f"{m.hidden_dim // m.num_heads}")
+    problems += alias_conflicts(m)
     kv = m.num_kv_heads
     if kv is not None and kv > 0 and m.num_heads > 0 and m.num_heads % kv:
         problems.append(f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({kv})")

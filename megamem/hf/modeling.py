@@ -86,25 +86,35 @@ class MegamemForCausalLM(PreTrainedModel, GenerationMixin):
         self.model.memory_config.routing_strategy_inference = strategy
 
     def _init_weights(self, module):
-        """Only what a checkpoint does not hold: the RoPE frequencies (a non-persistent buffer).
+        """Only what a checkpoint does not hold: the position encoding's non-persistent buffers (e.g.
+        RoPE's frequencies), recomputed by the encoding itself.
 
         Weights keep megamem's own initialisation (MemoryTransformer's constructor: zero W_o, bank
         init) or come from the checkpoint; transformers' generic init would overwrite both.
         """
-        from transformers import initialization as init
+        from ..model.positions import PositionEncoding
 
-        from ..model.layers import RotaryEmbedding
+        if isinstance(module, PositionEncoding):
+            module.reset_buffers()
 
-        if isinstance(module, RotaryEmbedding):
-            head_dim, theta = 2 * module.inv_freq.shape[0], self.model.model_config.rope_theta
-            inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-            init.copy_(module.inv_freq, inv)
+    @property
+    def gradient_checkpointing(self) -> bool:
+        from ..parallel.checkpointing import activation_checkpointing
+
+        return activation_checkpointing(self.model)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        """transformers' gradient_checkpointing_enable() sets this: megamem checkpoints every block."""
+        from ..parallel.checkpointing import set_activation_checkpointing
+
+        set_activation_checkpointing(self.model, enabled)
 
     # --------------------------------------------------------------- forward
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.LongTensor] = None, megamem_cache=None, **kwargs) -> MegamemCausalLMOutput:
         """labels: as in transformers (same shape as input_ids, shifted inside, -100 ignored).
-        megamem_cache: megamem's KVCache, passed by generate(); other keywords (HF's own) are ignored."""
+        megamem_cache: megamem's DecodingCache, passed by generate(); other keywords (HF's own) are ignored."""
         check_attention_mask(attention_mask, megamem_cache is not None)
         out = self.model(input_ids, labels=labels, cache=megamem_cache)
         return MegamemCausalLMOutput(loss=out.loss, logits=out.logits, aux_losses=out.aux_losses,
@@ -134,7 +144,7 @@ class MegamemForCausalLM(PreTrainedModel, GenerationMixin):
     def _decoding(self):
         if getattr(self, "_megamem_decoding", None) is not None:
             raise RuntimeError("megamem models run one generate() at a time")
-        self._megamem_decoding = {}  # the KVCache, created by the prompt's forward
+        self._megamem_decoding = {}  # the DecodingCache, created by the prompt's forward
         try:
             yield
         finally:

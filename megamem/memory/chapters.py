@@ -26,8 +26,8 @@ from .routed_attention import merge_partials, pair_attention, routed_attention
 from .router import ChapterRouter, Routing, chapter_usage, router_losses
 from .sparse_rows import gather_chapters, keep_chapter_rows
 
-if TYPE_CHECKING:
-    from ..model.kv_cache import KVCache
+if TYPE_CHECKING:  # the cache lives with the model; only its type is needed here
+    from ..model.decoding_cache import LayerCache
 
 
 def tokens_per_chapter(cfg: MemoryConfig) -> int:
@@ -85,8 +85,8 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         self.stats = None  # (routing, losses, usage) of the last forward, collected by the model
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, cache: Optional["KVCache"] = None,
-                layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, cache: Optional["LayerCache"] = None) -> torch.Tensor:
+        """cache: this layer's decoding state while generating (routing kept under state["routing"])."""
         B, S, _ = x.shape
         strategy = self.cfg.routing_strategy_train if cache is None else self.cfg.routing_strategy_inference
         if strategy == "token":
@@ -97,7 +97,7 @@ class ChapterMemoryAttention(MemoryCrossAttention):
             routing = self.router(x.mean(1))
             y = self.sequence_attention(x, memory, routing) * routing.gate.to(x.dtype)[:, None, None]
         else:
-            routing, y = self._cached_sequence(x, memory, cache, layer, strategy == "rolling")
+            routing, y = self._cached_sequence(x, memory, cache, strategy == "rolling")
         if cache is None:
             self.stats = (routing, router_losses(routing, self.cfg), chapter_usage(routing, self.num_chapters))
         return self.dropout(self.o_proj(y))
@@ -132,9 +132,9 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         y = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(hd), enable_gqa=self.num_kv_heads != H)
         return y.transpose(1, 2).reshape(B, S, H * hd)
 
-    def _cached_sequence(self, x, memory, cache, layer, rolling: bool):
+    def _cached_sequence(self, x, memory, cache: "LayerCache", rolling: bool):
         """generate(): K/V of the chosen chapters are cached per layer and recomputed on re-routing."""
-        st = cache.routing.setdefault(layer, {"window": x[:, :0], "since": 0, "routes": []})
+        st = cache.state.setdefault("routing", {"window": x[:, :0], "since": 0, "routes": []})
         window = torch.cat([st["window"], x], 1)[:, -self.cfg.rolling_window:] if rolling else None
         first = "routing" not in st
         if first or (rolling and st["since"] >= self.cfg.rolling_interval):

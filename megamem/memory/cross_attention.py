@@ -9,7 +9,7 @@ import torch.nn as nn
 from ..ops import Linear, sdpa
 
 if TYPE_CHECKING:  # the cache lives with the model; only its type is needed here
-    from ..model.kv_cache import KVCache
+    from ..model.decoding_cache import LayerCache
 
 
 class LowRankLinear(nn.Module):
@@ -56,15 +56,15 @@ class MemoryCrossAttention(nn.Module):
         v = self.v_proj(memory).view(1, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor], cache: Optional["KVCache"] = None,
-                layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor], cache: Optional["LayerCache"] = None) -> torch.Tensor:
+        """cache: this layer's decoding state while generating; the bank's K/V are projected once per generation."""
         B, S, _ = x.shape
         H, hd = self.num_heads, self.head_dim
-        kv = cache.memory(layer) if cache is not None else None
+        kv = cache.state.get("memory_kv") if cache is not None else None
         if kv is None:
             kv = self.memory_kv(memory.to(x.dtype))
             if cache is not None:
-                cache.memory_kv[layer] = kv
+                cache.state["memory_kv"] = kv
         k, v = kv
         q = self.q_proj(x).view(1, B * S, H, hd).transpose(1, 2)
         y = sdpa(q, k, v, enable_gqa=self.num_kv_heads != H)

@@ -4,24 +4,15 @@ from __future__ import annotations
 from typing import Dict, List
 
 from ..config import MemoryConfig
+from ..config.layer_selection import select_layers
 
 
 def memory_layers(cfg: MemoryConfig, num_layers: int) -> List[int]:
     """Layer indices (0-based) that get memory cross-attention."""
     if cfg.vanilla_mode or not cfg.use_memory_adapter:
         return []
-    p = cfg.memory_layer_placement
-    if p == "all":
-        return list(range(num_layers))
-    if p == "first_k":
-        return list(range(min(cfg.memory_layer_k, num_layers)))
-    if p == "last_k":
-        return list(range(max(num_layers - cfg.memory_layer_k, 0), num_layers))
-    if p == "every_n":  # layers n-1, 2n-1, ...: every n-th layer, counting from 1
-        return list(range(cfg.memory_layer_n - 1, num_layers, cfg.memory_layer_n))
-    if p == "custom":
-        return sorted(cfg.memory_layer_indices or [])
-    return []  # "none"
+    return select_layers(cfg.memory_layer_placement, num_layers, cfg.memory_layer_k, cfg.memory_layer_n,
+                         cfg.memory_layer_indices)
 
 
 def bank_assignment(cfg: MemoryConfig, layers: List[int]) -> Dict[int, int]:

@@ -8,18 +8,18 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..config import MemoryConfig, ModelConfig
-from ..memory.bank import bank_dim, build_bank
+from ..memory.bank import build_bank
 from ..memory.chapters import routing_stats
 from ..memory.placement import bank_assignment, memory_layers, num_banks
 from ..ops import Linear
-from .attention import document_mask as make_document_mask
 from .block import Block
-from .kv_cache import KVCache
-from .layers import RotaryEmbedding, make_norm
+from .context import forward_context
+from .decoding_cache import DecodingCache
+from .layers import make_norm
+from .loss import causal_lm_loss
+from .positions import build_positions
 from .sampling import select_next_token
 
 
@@ -53,19 +53,15 @@ class MemoryTransformer(nn.Module):
         self.model_config, self.memory_config = model, memory
         self.memory_layers: List[int] = memory_layers(memory, model.num_layers)
         self.bank_of_layer: Dict[int, int] = bank_assignment(memory, self.memory_layers)
-        width = bank_dim(memory, model.hidden_dim)
 
         self.tok_embeddings = nn.Embedding(model.vocab_size, model.hidden_dim)
-        self.pos_embeddings = None if model.use_rope else nn.Embedding(model.max_seq_len, model.hidden_dim)
-        self.rotary = RotaryEmbedding(model.hidden_dim // model.num_heads, model.max_seq_len, model.rope_theta) \
-            if model.use_rope else None
+        # the positional encoding (model.pos_encoding.type); named as learned positions' checkpoint key
+        self.pos_embeddings = build_positions(model)
         self.dropout = nn.Dropout(model.dropout)
         self.banks = nn.ModuleList(build_bank(memory, model.hidden_dim) for _ in range(num_banks(self.bank_of_layer)))
-        self.blocks = nn.ModuleList(
-            Block(model, memory, width if i in self.bank_of_layer else None) for i in range(model.num_layers))
+        self.blocks = nn.ModuleList(Block(model, memory, i) for i in range(model.num_layers))
         self.norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
         self.lm_head = Linear(model.hidden_dim, model.vocab_size, bias=False)
-        self.gradient_checkpointing = False
         if memory.use_chapters and memory.shared_router and self.memory_layers:
             router = self.blocks[self.memory_layers[0]].memory.attn.router
             for i in self.memory_layers[1:]:
@@ -97,14 +93,14 @@ class MemoryTransformer(nn.Module):
             module.reset_parameters()
 
     def zero_init_ids(self) -> set:
-        """Output projections of memory branches when wo_init_zero: the memory path starts as identity."""
+        """Output layers of every residual branch when wo_init_zero: each branch starts as identity."""
         if not self.memory_config.wo_init_zero:
             return set()
-        return {id(m) for block in self.blocks if block.memory is not None for m in block.memory.output_layers()}
+        return {id(m) for block in self.blocks for _, branch in block.branches() for m in branch.output_layers()}
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, document_ids: Optional[torch.Tensor] = None,
+                cache: Optional[DecodingCache] = None, document_ids: Optional[torch.Tensor] = None,
                 last_logits_only: bool = False) -> CausalLMOutput:
         """document_ids [B, S]: packed documents attend only within themselves (positions stay global).
         last_logits_only: logits of the last position only ([B, 1, V]; what decoding needs)."""
@@ -114,33 +110,19 @@ class MemoryTransformer(nn.Module):
             raise ValueError("last_logits_only has no logits for the loss over every position; pass one or the other")
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids (packed training rows) cannot be combined with a KV cache")
-        doc_mask = make_document_mask(document_ids) if document_ids is not None else None
         if past + S > self.model_config.max_seq_len:
             raise ValueError(f"sequence of {past + S} tokens exceeds model.max_seq_len = {self.model_config.max_seq_len}")
-        positions = torch.arange(past, past + S, device=input_ids.device)
-        x = self.tok_embeddings(input_ids)
-        if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(positions)
-        x = self.dropout(x)
-        cos = sin = None
-        if self.rotary is not None:
-            cos, sin = self.rotary(positions, x.dtype)
         # each bank is materialised once per forward (not per layer), and once per generation when decoding
-        bank_tensors = cache.bank_tensors(self.banks) if cache is not None else [bank() for bank in self.banks]
+        banks = cache.bank_tensors(self.banks) if cache is not None else [bank() for bank in self.banks]
+        ctx = forward_context(self.pos_embeddings, S, input_ids.device, self.tok_embeddings.weight.dtype, cache,
+                              document_ids, dict(enumerate(banks)))
+        x = self.dropout(self.pos_embeddings.embed(self.tok_embeddings(input_ids), ctx.positions))
         for i, block in enumerate(self.blocks):
-            memory = bank_tensors[self.bank_of_layer[i]] if i in self.bank_of_layer else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, memory, cache, i, doc_mask, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, memory, cache, i, doc_mask)
+            x = block(x, ctx.at(i))
         if cache is not None:
             cache.advance(S)
         logits = self.lm_head(self.norm(x[:, -1:] if last_logits_only else x))
-        loss = None
-        if labels is not None:
-            # shift the labels, not the logits: no copy of the [B, S, V] logits (nor of their gradient)
-            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
         aux, usage = self._routing_stats() if self.memory_config.use_chapters and cache is None else ({}, {})
         return CausalLMOutput(logits=logits, loss=loss, aux_losses=aux, chapter_usage=usage)
 
@@ -149,13 +131,10 @@ class MemoryTransformer(nn.Module):
         return routing_stats({i: self.blocks[i].memory.attn for i in self.memory_layers})
 
     # --------------------------------------------------------------- generation
-    def new_cache(self, batch: int, max_len: int, capacity: Optional[int] = None) -> KVCache:
-        """A decoding cache for up to max_len tokens, storage for `capacity` of them allocated now."""
-        m = self.model_config
-        kv_heads = m.num_kv_heads or m.num_heads
-        p = self.tok_embeddings.weight
-        return KVCache(m.num_layers, batch, kv_heads, m.hidden_dim // m.num_heads, max_len, p.device, p.dtype,
-                       capacity)
+    def new_cache(self, batch: int, max_len: int, capacity: Optional[int] = None) -> DecodingCache:
+        """A decoding cache for up to max_len tokens; each layer's K/V storage starts with `capacity` of them.
+        (batch: kept for callers; storage takes its shape from the first forward.)"""
+        return DecodingCache(max_len, capacity)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -191,11 +170,12 @@ class MemoryTransformer(nn.Module):
 
     # ------------------------------------------------------------- accounting
     def memory_parameters(self) -> List[nn.Parameter]:
-        """Banks and every memory branch (cross-attention, its norm, layout B's extra MLP)."""
+        """Banks and every branch in the memory parameter group (cross-attention, its norm, layout B's MLP)."""
         params = list(self.banks.parameters())
         for block in self.blocks:
-            if block.memory is not None:
-                params += list(block.memory.parameters())
+            for _, branch in block.branches():
+                if branch.param_group == "memory":
+                    params += list(branch.parameters())
         return params
 
     def parameter_counts(self) -> Dict[str, object]:

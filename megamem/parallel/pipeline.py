@@ -35,7 +35,8 @@ from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from ..comm import all_gather_object, all_reduce, broadcast
 from ..config import MegamemConfig
 from ..memory.placement import memory_layers
-from ..model.attention import document_mask as make_document_mask
+from ..model.context import forward_context
+from ..model.loss import causal_lm_loss
 from .pipeline_state import (canonical_state, layer_plan, plain_aliases, plain_name,  # noqa: F401 (re-exported)
                              plain_state_dict_from_checkpoint, to_plain_names)
 
@@ -55,17 +56,15 @@ def aux_loss_names(cfg: MegamemConfig) -> List[str]:
 class EmbeddingPipe(nn.Module):
     """input_ids [, document_ids] → (hidden, aux = zeros, [document_ids])."""
 
-    def __init__(self, tok_embeddings: nn.Embedding, pos_embeddings: Optional[nn.Embedding], dropout: nn.Module,
-                 num_aux: int):
+    def __init__(self, tok_embeddings: nn.Embedding, pos_embeddings: nn.Module, dropout: nn.Module, num_aux: int):
         super().__init__()
         self.tok_embeddings, self.pos_embeddings, self.dropout = tok_embeddings, pos_embeddings, dropout
         self.num_aux = max(num_aux, 1)  # DeepSpeed sends no empty tensors; an unused slot stays 0
 
     def forward(self, inputs):
         input_ids, *rest = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
-        x = self.tok_embeddings(input_ids)
-        if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(torch.arange(input_ids.shape[1], device=input_ids.device))
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.pos_embeddings.embed(self.tok_embeddings(input_ids), positions)
         # a leaf that requires grad: DeepSpeed back-propagates into every float tensor it sends
         aux = torch.zeros(self.num_aux, device=x.device, requires_grad=torch.is_grad_enabled())
         return (self.dropout(x), aux, *rest)
@@ -78,22 +77,24 @@ def tied_head(embedding: EmbeddingPipe, inputs):
 
 
 class BlockPipe(nn.Module):
-    """One decoder block; a memory block also holds the bank it reads (shared with other blocks)."""
+    """One decoder block run through Block.forward with the same ForwardContext a plain forward builds;
+    a memory block also holds the bank it reads (shared with other blocks)."""
 
-    def __init__(self, block: nn.Module, layer: int, rotary: Optional[nn.Module], bank: Optional[nn.Module],
-                 aux_names: List[str], num_memory_layers: int):
+    def __init__(self, block: nn.Module, layer: int, encoding: nn.Module, bank: Optional[nn.Module],
+                 bank_index: Optional[int], aux_names: List[str], num_memory_layers: int):
         super().__init__()
-        self.block, self.layer, self.rotary, self.bank = block, layer, rotary, bank
+        self.block, self.layer, self.bank, self.bank_index = block, layer, bank, bank_index
+        if next(encoding.parameters(), None) is None:
+            self.encoding = encoding  # buffers only (RoPE's inv_freq): moves with the stage
+        else:  # learned positions: their weights live on the embedding stage; blocks use no hook of theirs
+            self.__dict__["encoding"] = encoding
         self.aux_names, self.num_memory_layers = aux_names, max(num_memory_layers, 1)
 
     def forward(self, inputs):
         x, aux, *rest = inputs
-        cos = sin = None
-        if self.rotary is not None:
-            cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device), x.dtype)
-        doc_mask = make_document_mask(rest[0]) if rest else None
-        memory = self.bank() if self.bank is not None else None
-        x = self.block(x, cos, sin, memory, None, self.layer, doc_mask)
+        banks = {self.bank_index: self.bank()} if self.bank is not None else {}
+        ctx = forward_context(self.encoding, x.shape[1], x.device, x.dtype, None, rest[0] if rest else None, banks)
+        x = self.block(x, ctx.at(self.layer))
         attn = self.block.memory.attn if self.block.memory is not None else None
         if getattr(attn, "stats", None) is not None:  # chapters: this layer's router losses join the carried sum
             losses = attn.stats[1]
@@ -136,7 +137,7 @@ class PipelineLoss:
 
     def __call__(self, outputs, labels):
         logits, aux = outputs
-        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        lm = causal_lm_loss(logits, labels)
         self.last = OrderedDict([("lm_loss", lm.detach()),
                                  *((n, aux[i].detach()) for i, n in enumerate(self.aux_names))])
         return lm + aux.sum() if torch.is_grad_enabled() else lm
@@ -158,8 +159,10 @@ class MemoryPipelineModule(PipelineModule):
                              if cfg.model.tie_embeddings else EmbeddingPipe(*args))
             elif kind == "block":
                 i = entry["layer"]
-                bank = plain.banks[plain.bank_of_layer[i]] if i in plain.bank_of_layer else None
-                specs.append(BlockPipe(plain.blocks[i], i, plain.rotary, bank, aux, len(plain.memory_layers)))
+                index = plain.bank_of_layer.get(i)
+                bank = plain.banks[index] if index is not None else None
+                specs.append(BlockPipe(plain.blocks[i], i, plain.pos_embeddings, bank, index, aux,
+                                       len(plain.memory_layers)))
             elif kind == "norm":
                 specs.append(NormPipe(plain.norm))
             elif kind == "tied_head":
@@ -243,8 +246,8 @@ class MemoryPipelineModule(PipelineModule):
     def memory_parameters(self) -> List[nn.Parameter]:
         params = [p for bank in self.banks for p in bank.parameters()]
         for f in self.forward_funcs:
-            if isinstance(f, BlockPipe) and f.block.memory is not None:
-                params += list(f.block.memory.parameters())
+            if isinstance(f, BlockPipe):
+                params += [p for _, b in f.block.branches() if b.param_group == "memory" for p in b.parameters()]
         return params
 
     def flops_per_token(self, seq_len: int) -> float:

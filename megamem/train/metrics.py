@@ -33,7 +33,7 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
     if hasattr(model, "flops_per_token"):  # adapter models count their own base
         return model.flops_per_token(seq_len)
     m, mem = model.model_config, model.memory_config
-    embeds = [model.tok_embeddings.weight] + ([model.pos_embeddings.weight] if model.pos_embeddings else [])
+    embeds = [model.tok_embeddings.weight] + list(model.pos_embeddings.parameters())  # lookups, not matmuls
     banks = [p for b in model.banks for p in b.parameters()]
     dense = weight_flops(model.parameters(), skip=embeds + banks)
     if m.tie_embeddings:

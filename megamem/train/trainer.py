@@ -11,6 +11,7 @@ import torch
 
 from ..comm import all_reduce, barrier
 from ..config import ConfigError, MegamemConfig, dump_config
+from ..parallel.checkpointing import set_activation_checkpointing
 from ..parallel.distributed import init_distributed
 from ..parallel.zero import build_model_for_zero, gathered_state_dict
 from .chapter_banks import ChapterBanks, banks_outside_engine
@@ -54,7 +55,7 @@ class Trainer:
             self.data_rank, self.data_world = grid.get_data_parallel_rank(), grid.get_data_parallel_world_size()
         else:
             model = build_model_for_zero(cfg, self.ds, zero_stage(self.ds), self.t.seed)  # same weights on every rank
-            model.gradient_checkpointing = self.t.gradient_checkpointing
+            set_activation_checkpointing(model, self.t.gradient_checkpointing)
         if self.t.init_from:  # weights only, e.g. a pipeline run continued on another layout
             from .init_from import init_from
 

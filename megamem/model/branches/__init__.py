@@ -1,0 +1,14 @@
+"""Residual-branch slots of Block, by name (one file each; registered where defined).
+
+A registered factory `(model_config, memory_config, layer_idx) → ResidualBranch or None` decides
+whether layer layer_idx gets the branch; Block holds it under the registered name.
+"""
+from ..registry import Registry
+
+BRANCHES = Registry("block branch")
+
+from . import memory  # noqa: E402,F401  (registers memory)
+from .base import ResidualBranch  # noqa: E402
+from .memory import MemoryBranch  # noqa: E402
+
+__all__ = ["BRANCHES", "MemoryBranch", "ResidualBranch"]

@@ -1,0 +1,83 @@
+"""Decoding state of one generation, per layer.
+
+`DecodingCache` holds what every layer shares (tokens decoded so far, the materialised banks) and
+one `LayerCache` per layer. A layer's attention keeps its keys/values there (`append_kv`; an
+attention type with another cache form, e.g. latents, keeps its own tensors in `state`), and each
+residual branch keeps its state under its own name in `state` (memory K/V, chapter routing, ...).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+
+class LayerCache:
+    """One layer's decoding state: self-attention K/V and each part's own state by name."""
+
+    def __init__(self, owner: "DecodingCache"):
+        self.owner = owner
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self.state: Dict[str, Any] = {}
+
+    @property
+    def length(self) -> int:
+        """Tokens decoded before the current forward (the same for every layer)."""
+        return self.owner.length
+
+    def append_kv(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, kv_heads, S, hd] after the current length; return all keys/values so far.
+
+        Storage for `capacity` tokens is allocated by the first call and doubled, up to max_len, when
+        a step needs more (generate() callers that do not know the final length).
+        """
+        start, end = self.length, self.length + k.shape[2]
+        max_len = self.owner.max_len
+        if max_len is not None and end > max_len:
+            raise ValueError(f"KV cache holds {max_len} tokens; cannot append up to {end}")
+        if self.keys is None:
+            capacity = max(end, min(self.owner.capacity or max_len or end, max_len or end))
+            self.keys = k.new_empty(k.shape[:2] + (capacity,) + k.shape[3:])
+            self.values = v.new_empty(v.shape[:2] + (capacity,) + v.shape[3:])
+        elif end > self.keys.shape[2]:
+            self._grow(min(max(end, 2 * self.keys.shape[2]), max_len or end))
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def _grow(self, capacity: int) -> None:
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[:2] + (capacity,) + old.shape[3:])
+            new[:, :, :self.length] = old[:, :, :self.length]
+            setattr(self, name, new)
+
+
+class DecodingCache:
+    """Shared decoding state plus one LayerCache per layer (created on first use).
+
+    The banks do not change while decoding, so they are materialised by the prompt's forward and
+    reused (`bank_tensors`). max_len (None = unbounded) caps the tokens; capacity is how many the
+    K/V storage holds before it first grows (default max_len).
+    """
+
+    def __init__(self, max_len: Optional[int] = None, capacity: Optional[int] = None):
+        self.length = 0
+        self.max_len, self.capacity = max_len, capacity
+        self.banks: Optional[List[Optional[torch.Tensor]]] = None
+        self.layers: Dict[int, LayerCache] = {}
+
+    def layer(self, index: int) -> LayerCache:
+        if index not in self.layers:
+            self.layers[index] = LayerCache(self)
+        return self.layers[index]
+
+    def bank_tensors(self, banks) -> List[Optional[torch.Tensor]]:
+        """Each bank materialised once per generation (the first forward), then reused."""
+        if self.banks is None:
+            self.banks = [bank() for bank in banks]
+        return self.banks
+
+    def advance(self, n: int) -> None:
+        self.length += n

@@ -1,0 +1,15 @@
+"""MLP types, by `model.mlp_type` (one file each; registered where defined)."""
+from ...config import mlp_type
+from ..registry import Registry
+
+MLP = Registry("model.mlp_type")
+
+from . import gelu, swiglu  # noqa: E402,F401  (register swiglu, gelu, gelu_tanh)
+
+
+def build_mlp(model_config, layer_idx: int):
+    """The MLP of layer layer_idx (options may differ per layer)."""
+    return MLP.build(mlp_type(model_config), model_config, layer_idx)
+
+
+__all__ = ["MLP", "build_mlp"]

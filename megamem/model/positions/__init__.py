@@ -1,0 +1,19 @@
+"""Positional encodings, by `model.pos_encoding.type` (one file each; registered where defined).
+
+An encoding is a PositionEncoding (base.py) with up to three hooks: an additive embedding, a
+rotation of q/k, an additive attention bias. Each is a no-op unless the encoding overrides it.
+"""
+from ...config import position_type
+from ..registry import Registry
+
+POSITIONS = Registry("model.pos_encoding.type")
+
+from . import learned, none, rope  # noqa: E402,F401  (register learned, none, rope)
+from .base import PositionEncoding  # noqa: E402
+
+
+def build_positions(model_config) -> PositionEncoding:
+    return POSITIONS.build(position_type(model_config), model_config)
+
+
+__all__ = ["POSITIONS", "PositionEncoding", "build_positions"]
