@@ -168,11 +168,13 @@ def named_configs():
     return sorted({m.group(1) for p in DOCS for m in CONFIG_PATH.finditer(read(p))})
 
 
-@pytest.fixture(scope="module")
-def train_script():
-    """scripts/train.py imported in-process (its main(argv) is the CLI); its SIGUSR1 handler is not kept."""
+def import_script(name):
+    """scripts/<name>.py imported in-process (main(argv) and parse_args(argv) are its CLI).
+
+    scripts/train.py installs a SIGUSR1 handler at import; the test process keeps its own.
+    """
     old = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
-    spec = importlib.util.spec_from_file_location("megamem_train_script", os.path.join(ROOT, "scripts", "train.py"))
+    spec = importlib.util.spec_from_file_location(f"megamem_script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -180,6 +182,11 @@ def train_script():
         if old is not None:
             signal.signal(signal.SIGUSR1, old)
     return module
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    return import_script("train")
 
 
 def dry_run(train_script, argv, capsys, monkeypatch):
@@ -238,6 +245,29 @@ def test_documented_dry_run_commands_run_as_written(args, train_script, capsys, 
     assert rc == 0
     config = args[args.index("--config") + 1]
     assert_counts(out, load_config(os.path.join(ROOT, config)), " ".join(args))
+
+
+def documented_config_commands():
+    """Shown commands that name a config: scripts/train.py, scripts/eval.py --config, slurm/*.sh CONFIG."""
+    runs = []
+    for path in DOCS:
+        for script, args, tokens in script_calls(path):
+            if "..." in args:
+                continue
+            if script in PARSER_OF and args and args[0].endswith(".yaml"):
+                script, args = PARSER_OF[script], ["--config", *args]
+            if script == "scripts/train.py" or (script == "scripts/eval.py" and "--config" in args):
+                runs.append(pytest.param(script, args, id=f"{os.path.relpath(path, ROOT)}: {script} {' '.join(args)}"))
+    return runs
+
+
+@pytest.mark.parametrize("script,args", documented_config_commands())
+def test_documented_configs_and_overrides_load(script, args, train_script, monkeypatch):
+    """The config and overrides of every shown command pass validation (cross-field rules included)."""
+    monkeypatch.chdir(ROOT)
+    module = train_script if script == "scripts/train.py" else import_script("eval")
+    parsed, overrides = module.parse_args(list(args))
+    load_config(parsed.config, overrides)
 
 
 # ---------------------------------------------------------------------------------------------- commands
