@@ -5,7 +5,8 @@
 - every `configs/*.yaml` named anywhere in them exists and `scripts/train.py --config <it> --dry-run`
   exits 0 and prints the parameter counts (an adapter config whose base model is neither a local
   folder nor in the Hugging Face cache prints the documented "not counted" note instead); every
-  shown `scripts/train.py ... --dry-run` command runs as written;
+  shown training command (scripts/train.py under any launcher, slurm/*.sh CONFIG ...) dry-runs at
+  the world size its launcher starts, and every shown scripts/eval.py config loads with its overrides;
 - every `scripts/...`, `tools/...`, `slurm/...`, `configs/...`, `ds_configs/...` path in a code
   block exists, and every `--flag` shown after a script in a command (code blocks and inline
   command spans) is accepted by that script's parser; a dotted override `--section.key` names a
@@ -247,6 +248,23 @@ def test_documented_dry_run_commands_run_as_written(args, train_script, capsys, 
     assert_counts(out, load_config(os.path.join(ROOT, config)), " ".join(args))
 
 
+def launch_world(tokens):
+    """The number of ranks a shown launch starts (deepspeed --num_gpus, torchrun --nproc_per_node,
+    sbatch --nodes x --ntasks-per-node, mpirun -np; 1 otherwise)."""
+    def value(*names, default=1):
+        for i, tok in enumerate(tokens):
+            for name in names:
+                if tok == name and i + 1 < len(tokens):
+                    return int(tokens[i + 1])
+                if tok.startswith(name + "="):
+                    return int(tok.split("=", 1)[1])
+        return default
+
+    if tokens[0] == "sbatch":
+        return value("--nodes", "-N") * value("--ntasks-per-node")
+    return value("--num_gpus", "--nproc_per_node", "-np")
+
+
 def documented_config_commands():
     """Shown commands that name a config: scripts/train.py, scripts/eval.py --config, slurm/*.sh CONFIG."""
     runs = []
@@ -257,17 +275,25 @@ def documented_config_commands():
             if script in PARSER_OF and args and args[0].endswith(".yaml"):
                 script, args = PARSER_OF[script], ["--config", *args]
             if script == "scripts/train.py" or (script == "scripts/eval.py" and "--config" in args):
-                runs.append(pytest.param(script, args, id=f"{os.path.relpath(path, ROOT)}: {script} {' '.join(args)}"))
+                runs.append(pytest.param(script, args, launch_world(tokens),
+                                         id=f"{os.path.relpath(path, ROOT)}: {' '.join(tokens)}"))
     return runs
 
 
-@pytest.mark.parametrize("script,args", documented_config_commands())
-def test_documented_configs_and_overrides_load(script, args, train_script, monkeypatch):
-    """The config and overrides of every shown command pass validation (cross-field rules included)."""
+@pytest.mark.parametrize("script,args,world", documented_config_commands())
+def test_documented_commands_pass_their_checks(script, args, world, train_script, capsys, monkeypatch):
+    """Every shown training command dry-runs at the world size its launcher starts (config, overrides,
+    DeepSpeed JSON and layout all pass); every shown evaluation config loads with its overrides."""
     monkeypatch.chdir(ROOT)
-    module = train_script if script == "scripts/train.py" else import_script("eval")
-    parsed, overrides = module.parse_args(list(args))
-    load_config(parsed.config, overrides)
+    if script == "scripts/train.py":
+        argv = list(args) if "--dry-run" in args else [*args, "--dry-run"]
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        capsys.readouterr()
+        assert train_script.main(argv) == 0
+        assert f"world size {world}," in capsys.readouterr().out
+    else:
+        parsed, overrides = import_script("eval").parse_args(list(args))
+        load_config(parsed.config, overrides)
 
 
 # ---------------------------------------------------------------------------------------------- commands
