@@ -2,7 +2,7 @@
 """Evaluate a trained megamem model: perplexity, chapter usage, lm-eval benchmarks.
 
     python scripts/eval.py --model outputs/run/final                       # perplexity on the run's eval split
-    python scripts/eval.py --model hf/run --config configs/x.yaml --data.eval_split test --max-batches 50
+    python scripts/eval.py --model hf/run --config configs/x.yaml --training.eval_split test --max-batches 50
     python scripts/eval.py --model hf/run --lm-eval-tasks arc_easy,hellaswag --lm-eval-limit 200
 
 --model: output_dir/final, a checkpoint, or a Hugging Face folder. The data comes from the model's

@@ -5,7 +5,7 @@
 #
 #   sbatch slurm/adapter.sh CONFIG [--deepspeed ds_configs/zero2.json] [--section.key VALUE ...]
 #
-# The config (base model, adapter settings) is passed through unchanged. README, "SLURM".
+# The config (base model, adapter settings) is passed through unchanged. See docs/slurm.md.
 #SBATCH --job-name=megamem-adapter
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

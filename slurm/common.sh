@@ -1,4 +1,4 @@
-# Shared body of slurm/pretrain.sh and slurm/adapter.sh (sourced, not run). See the README, "SLURM".
+# Shared body of slurm/pretrain.sh and slurm/adapter.sh (sourced, not run). See docs/slurm.md.
 #
 # megamem_run CONFIG [--deepspeed DS_JSON] [--section.key VALUE ...]
 #   1. sources the environment hook (MEGAMEM_ENV_SETUP, default slurm/env.sh if present)

@@ -5,7 +5,7 @@
 #   sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 --cpus-per-task=8 slurm/pretrain.sh CONFIG ...  # 32 GPUs
 #
 # sbatch options on the command line override the defaults below (1 task, 2 CPUs: a job that fits any
-# node). One task = one rank (one GPU, or one core on a CPU-only cluster). Environment hook, preemption and launchers: README, "SLURM".
+# node). One task = one rank (one GPU, or one core on a CPU-only cluster). Environment hook, preemption and launchers: docs/slurm.md.
 #SBATCH --job-name=megamem-pretrain
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

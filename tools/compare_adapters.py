@@ -26,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODES = {  # name -> overrides that select it (README "Adapters": modes)
+MODES = {  # name -> overrides that select it (docs/adapters.md: modes)
     "memory": ["--memory.use_memory_adapter", "true", "--memory.use_lora", "false"],
     "lora": ["--memory.use_memory_adapter", "false", "--memory.use_lora", "true"],
     "both": ["--memory.use_both_memory_and_lora", "true"],

@@ -1,7 +1,7 @@
 """Multiple-choice benchmarks through lm-evaluation-harness, on an exported Hugging Face folder.
 
 Offline: lm-eval reads task data with `datasets`; pre-download once (or copy the HF cache), then set
-HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 — see README "Evaluation".
+HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 — see docs/export-inference-eval.md, "Evaluation".
 """
 from __future__ import annotations
 
