@@ -114,6 +114,13 @@ def check(cfg, ds_path) -> int:
     ds = resolve_ds_config(ds_path, cfg, world)
     print(f"layout: {describe_layout(ds, world).splitlines()[0]}")
     if cfg.model.base_model_name is None:
+        import torch
+
+        from megamem.model import build_model
+
+        with torch.device("meta"):  # every part the config names exists (registries), no memory used
+            build_model(cfg)
+        print("model: builds")
         tokenizer = load_tokenizer(cfg)
         print(f"tokenizer: {cfg.model.tokenizer_name} ({len(tokenizer)} tokens)")
         build_loader(cfg, tokenizer, "train", 0, world).close()

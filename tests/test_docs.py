@@ -133,8 +133,17 @@ def accepted_flags(script):
     return set(re.findall(r"(?<![\w-])(--[a-zA-Z][\w-]*)", proc.stdout))
 
 
-def config_keys():
-    return {(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+def config_keys(nested: bool = False):
+    """(section, key) of every config key; nested=True names a nested section's keys (pos_encoding.type)."""
+    keys = set()
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if nested and dataclasses.is_dataclass(sub):
+                keys |= {(section, f"{f.name}.{g.name}") for g in dataclasses.fields(sub)}
+            else:
+                keys.add((section, f.name))
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------- links
@@ -344,6 +353,6 @@ def test_configuration_reference_lists_every_key():
     sections = re.split(r"^### `(\w+):`\s*$", text, flags=re.M)
     tables = dict(zip(sections[1::2], sections[2::2]))
     assert set(tables) == set(SECTIONS), f"docs/configuration.md key reference sections: {sorted(tables)}"
-    missing = [f"{section}.{key}" for section, key in sorted(config_keys())
+    missing = [f"{section}.{key}" for section, key in sorted(config_keys(nested=True))
                if not re.search(rf"^\| `{key}` \| `[^`]*` \| \S", tables[section], re.M)]
     assert not missing, f"docs/configuration.md lists no default and meaning for {missing}"

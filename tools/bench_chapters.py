@@ -114,7 +114,7 @@ def plot(rows, path, title):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--full", action="store_true", help="the issue's sizes (slow on CPU)")
+    ap.add_argument("--full", action="store_true", help="the target sizes (slow on CPU)")
     ap.add_argument("--banks", type=int, nargs="*", default=BANKS)
     ap.add_argument("--modes", nargs="*", default=MODES, choices=MODES)
     ap.add_argument("--dense-max", type=int, default=131_072, help="skip dense memory above this bank size")

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-# model shapes: the issue's (vocab 8192, hidden 512, 8 heads, 4 kv heads, 6 layers); smaller batches by default
+# model shapes: the performance targets' (vocab 8192, hidden 512, 8 heads, 4 kv heads, 6 layers); smaller batches by default
 MODEL = dict(vocab=8192, dim=512, inter=1376, layers=6, heads=8, kv_heads=4, seq=256)
 SIZES = {
     "quick": dict(model=dict(vocab=256, dim=64, inter=96, layers=2, heads=4, kv_heads=2, seq=32, batch=2),

@@ -57,7 +57,8 @@ def alias_conflicts(m: ModelConfig) -> List[str]:
     for alias, (canonical, mapping, _) in MODEL_ALIASES.items():
         given, value = getattr(m, alias), _get(m, canonical)
         if given is not None and value is not None and mapping[given] != value:
-            problems.append(f"model.{alias} = {given} (an alias: model.{canonical} = {mapping[given]}) contradicts "
+            shown = str(given).lower() if isinstance(given, bool) else given
+            problems.append(f"model.{alias} = {shown} (an alias: model.{canonical} = {mapping[given]}) contradicts "
                             f"model.{canonical} = {value}; keep only model.{canonical}")
     return problems
 

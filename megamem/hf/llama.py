@@ -8,7 +8,7 @@ from typing import Dict, List
 
 import torch
 
-from ..config import ConfigError, MegamemConfig
+from ..config import ConfigError, MegamemConfig, mlp_type, position_type
 from ..memory.placement import memory_layers
 
 
@@ -19,10 +19,12 @@ def llama_incompatibilities(cfg: MegamemConfig) -> List[str]:
         problems.append("the model has memory layers (Llama has no memory cross-attention)")
     if not m.use_rms_norm:
         problems.append("model.use_rms_norm is false (Llama uses RMSNorm)")
-    if m.hidden_activation != "silu":
-        problems.append(f"model.hidden_activation is {m.hidden_activation} (Llama uses SwiGLU: silu)")
-    if not m.use_rope:
-        problems.append("model.use_rope is false (Llama uses rotary embeddings)")
+    if mlp_type(m) != "swiglu":
+        problems.append(f"model.mlp_type is {mlp_type(m)} (Llama uses swiglu)")
+    if position_type(m) != "rope":
+        problems.append(f"model.pos_encoding.type is {position_type(m)} (Llama uses rope)")
+    if m.attention_type not in ("mha", "standard", "gqa"):
+        problems.append(f"model.attention_type is {m.attention_type} (Llama uses mha)")
     return problems
 
 

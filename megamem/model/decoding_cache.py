@@ -37,11 +37,11 @@ class LayerCache:
         if max_len is not None and end > max_len:
             raise ValueError(f"KV cache holds {max_len} tokens; cannot append up to {end}")
         if self.keys is None:
-            capacity = max(end, min(self.owner.capacity or max_len or end, max_len or end))
+            capacity = min(self.owner.capacity or max_len or end, max_len or end)
             self.keys = k.new_empty(k.shape[:2] + (capacity,) + k.shape[3:])
             self.values = v.new_empty(v.shape[:2] + (capacity,) + v.shape[3:])
-        elif end > self.keys.shape[2]:
-            self._grow(min(max(end, 2 * self.keys.shape[2]), max_len or end))
+        if end > self.keys.shape[2]:
+            self._grow(min(max(end, 2 * self.keys.shape[2]), max_len or 2 * end))
         self.keys[:, :, start:end] = k
         self.values[:, :, start:end] = v
         return self.keys[:, :, :end], self.values[:, :, :end]
