@@ -59,6 +59,10 @@ class Trainer:
             from .init_from import init_from
 
             init_from(model, cfg, zero_stage(self.ds))
+        if not self.pipeline:  # LoRA and freezing (train/trainable.py); pipelines refuse them in layout_problems
+            from .trainable import apply_training_policy
+
+            apply_training_policy(model, cfg, self.t.seed)
         self.train_loader = loaders("train", self.data_rank, self.data_world)
         self.eval_loader = None
         self.total_steps = self._total_steps()
@@ -283,6 +287,12 @@ class Trainer:
             from ..parallel.pipeline import gathered_plain_state_dict
 
             state = gathered_plain_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank)
+        elif names is None:  # from scratch: LoRA merged in fp32, then stored at save_precision
+            from .trainable import plain_state
+
+            state = gathered_state_dict(self.model, torch.float32, self.rank)
+            state = {k: v.to(SAVE_DTYPES[self.t.save_precision]) if v.is_floating_point() else v
+                     for k, v in plain_state(state, self.model).items()}
         else:
             state = gathered_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank, names)
         if self.banks is not None:  # expert-parallel shards → whole banks
