@@ -57,7 +57,7 @@ class TrainablePolicy:
                 else "memory and LoRA parts follow use_memory_adapter / use_lora / use_both_memory_and_lora")
 
 
-def name_prefixes(names: List[str], limit: int = 8) -> List[str]:
+def name_prefixes(names: List[str], limit: int = 10) -> List[str]:
     """A few distinct patterns of real parameter names (`blocks.*.attn.*`, `banks.*.memory`), for messages."""
     seen: List[str] = []
     for n in names:
