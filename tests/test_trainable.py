@@ -40,6 +40,9 @@ def _train(out, stage, extra):
         with torch.no_grad():
             result["logits"] = trainer.model.eval()(IDS).logits, plain.eval()(IDS).logits
         result["export"] = load_file(f"{out}/final/model.safetensors")
+        from megamem.hf.convert import read_source
+
+        result["checkpoint"] = read_source(f"{out}/checkpoints")[0]  # the one reader of checkpoints merges too
     return result
 
 
@@ -84,6 +87,9 @@ def test_lora_on_a_from_scratch_model_trains_only_lora_and_exports_merged(tmp_pa
             a, b = after[n], after[f"{module}.lora_B.default.weight"]
             want = after[f"{module}.base_layer.weight"] + 2.0 * (b @ a)
             torch.testing.assert_close(export[f"{module}.weight"], want, rtol=1e-6, atol=1e-6)
+    assert export.keys() == r["checkpoint"].keys()
+    for k in export:
+        torch.testing.assert_close(r["checkpoint"][k], export[k], rtol=1e-6, atol=1e-6)
     trained, merged = r["logits"]
     torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-5)  # merged = unmerged forward
 

@@ -59,6 +59,12 @@ def lora_scalings(model: nn.Module) -> Dict[str, float]:
     return {n: m.scaling["default"] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def checkpoint_scalings(state: Dict[str, torch.Tensor], mem: MemoryConfig) -> Dict[str, float]:
+    """The LoRA layers of a saved state (from its key names), each at alpha/r: for readers without the model."""
+    suffix = ".lora_A.default.weight"
+    return {k[:-len(suffix)]: mem.lora_alpha / mem.lora_rank for k in state if k.endswith(suffix)}
+
+
 def merge_lora_state(state: Dict[str, torch.Tensor], scalings: Dict[str, float]) -> Dict[str, torch.Tensor]:
     """A state dict of an in-place LoRA model → the plain model's (W + scaling·B·A under the module's
     own name, computed in fp32, stored in W's dtype; LoRA keys dropped). Works on gathered ZeRO-3 states."""
