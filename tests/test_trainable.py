@@ -202,3 +202,26 @@ def test_dry_run_counts_after_the_policy(root, capsys):
         names = dict(build_model(load_config(config)).named_parameters())
     want = sum(p.numel() for n, p in names.items() if n.startswith("banks.") or ".memory." in n)
     assert f"trainable: {want:>14,}" in out and want < sum(p.numel() for p in names.values())
+
+
+def test_adapter_presets_are_narrowed_by_the_same_globs(tmp_path):
+    from adapter_utils import adapter_config, saved_base
+
+    from megamem.adapter import build_adapter_model
+    from megamem.config import ConfigError
+    from megamem.train.optim import parameter_groups
+    from megamem.train.trainable import apply_training_policy
+
+    path, _ = saved_base(tmp_path)
+    cfg = adapter_config(path, "memory.use_both_memory_and_lora=true", "training.frozen=[branches.0.*]")
+    model = build_adapter_model(cfg, seed=0)
+    apply_training_policy(model, cfg)
+    names = [n for n, _ in model.named_parameters()]
+    want = {n for n in names if "lora_" in n or n.startswith("banks.") or
+            (n.startswith("branches.") and not n.startswith("branches.0."))}  # the both-mode preset minus the glob
+    assert any(n.startswith("branches.0.") for n in names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == want
+    assert {n for g in parameter_groups(model, cfg.training) for n in g["param_names"]} == want
+    with pytest.raises(ConfigError, match=r"training.trainable: pattern 'base.model.layers.0.\*' matches only "
+                                          r"parameters the mode keys freeze .* model.freeze_base_model: false"):
+        build_adapter_model(adapter_config(path, "training.trainable=[base.model.layers.0.*]"), seed=0)
