@@ -78,7 +78,11 @@ def parameter_report(cfg: MegamemConfig, bank_shards: int = 1) -> str:
     else:
         with torch.device("meta"):
             model = build_model(cfg)
-    counts = model.parameter_counts()
+    from .train.trainable import apply_training_policy
+
+    with torch.device("meta"):  # LoRA and the trainable policy, as the trainer applies them
+        policy = apply_training_policy(model, cfg)
+    counts = {**model.parameter_counts(), "lora": policy["lora"], "trainable": policy["trainable"]}
     lines = ["# parameters", *header,
              f"total:     {counts['total']:>14,}  ({_fmt(counts['total'])})",
              f"memory:    {counts['memory']:>14,}  ({_fmt(counts['memory'])})",

@@ -116,3 +116,22 @@ def test_every_collective_of_a_training_run_goes_through_the_helper(tmp_path):
         names = {c["name"] for c in calls}
         # the run exercised every kind of collective megamem issues in training
         assert {"all_reduce", "all_gather", "all_to_all_single", "barrier"} <= names, names
+
+
+def test_memory_holds_no_distributed_code():
+    """memory/ is single-process math; reductions and optimisers of banks live in train/ and parallel/."""
+    offenders = []
+    folder = os.path.join(ROOT, "megamem", "memory")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(folder, name), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [("." * node.level) + (node.module or "")] if isinstance(node, ast.ImportFrom) else []
+            bad = [m for m in modules if m.startswith(("torch.distributed", "deepspeed", "..comm", "..parallel",
+                                                       "..train", "megamem.comm", "megamem.parallel", "megamem.train"))]
+            bad += [a.name for a in getattr(node, "names", []) if isinstance(node, ast.ImportFrom)
+                    and node.module in ("torch", "..") and a.name in ("distributed", "comm", "parallel", "train")]
+            offenders += [f"memory/{name}:{node.lineno} imports {m}" for m in bad]
+    assert not offenders, offenders

@@ -71,7 +71,8 @@ def _zero2_steps(sparse):
     import deepspeed
     import torch.distributed as dist
 
-    from megamem.parallel.expert import apply_expert_parallel, optimizer_param_groups, sparse_bank_optimizer
+    from megamem.parallel.expert import apply_expert_parallel, optimizer_param_groups
+    from megamem.train.sparse_adamw import sparse_bank_optimizer
 
     results = []
     for ep_size in (1, 2):

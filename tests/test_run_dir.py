@@ -30,6 +30,7 @@ def _refusals(out):
         "finished": ("training.max_steps=2", "training.resume_from_checkpoint=latest"),
         "other model": ("training.max_steps=4", "training.resume_from_checkpoint=latest", "model.num_layers=3"),
         "other layout": ("training.max_steps=4", "training.resume_from_checkpoint=latest", "ds=1"),
+        "other policy": ("training.max_steps=4", "training.resume_from_checkpoint=latest", "training.frozen=[norm.*]"),
     }
     result = {}
     for name, extra in cases.items():
@@ -75,6 +76,9 @@ def test_output_dir_and_resume_refusals(tmp_path):
                                 f"with --training.init_from {ckpt}")
     assert r["other layout"].startswith(f"checkpoint {ckpt} was written under another parallel layout "
                                         "(zero_stage: 0 → 1); resume with the same layout")
+    assert r["other policy"] == (f"checkpoint {ckpt} trained another set of parameters (training.frozen: None → "
+                                 "['norm.*']); its optimizer state holds those: restore the keys, or start a new run "
+                                 f"from its weights with --training.init_from {ckpt}")
     assert r["untouched"]  # refused before anything was written
     assert r["resumed_at"] == 2
     assert "resuming at step 2 with changed keys (each takes effect from there): training.max_steps: 2 → 4; " \

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from megamem.memory.sparse_rows import RowSparseAdamW
+from megamem.train.sparse_adamw import RowSparseAdamW
 from megamem.model import build_model
 
 from conftest import tiny_config

@@ -38,7 +38,7 @@ def build_case(mode: str, bank: int, p: dict):
     import torch
 
     from megamem.config import load_config
-    from megamem.memory.sparse_rows import RowSparseAdamW
+    from megamem.train.sparse_adamw import RowSparseAdamW
     from megamem.model import build_model
 
     torch.manual_seed(0)

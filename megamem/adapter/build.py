@@ -5,7 +5,8 @@ Modes (validated in megamem.config.validate):
   LoRA only     use_memory_adapter: false, use_lora: true            LoRA weights train
   both          use_both_memory_and_lora: true                       memory and LoRA train
   vanilla       vanilla_mode: true, freeze_base_model: false          the base itself trains
-freeze_base_model: false additionally trains the base weights (at training.base_model_lr) in any mode.
+freeze_base_model: false additionally trains the base weights (at training.base_model_lr) in any mode;
+training.trainable / training.frozen narrow the set (megamem.config.trainable).
 """
 from __future__ import annotations
 
@@ -16,14 +17,11 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MegamemConfig, memory_problems
+from ..config.trainable import lora_enabled, trainable_policy
 from .base import load_base
 from .families import family_of
 from .lora import apply_lora, is_lora_name
 from .model import AdapterModel
-
-
-def lora_enabled(cfg: MegamemConfig) -> bool:
-    return cfg.memory.use_lora or cfg.memory.use_both_memory_and_lora
 
 
 def check_against_base(cfg: MegamemConfig, hf_config) -> None:
@@ -40,12 +38,19 @@ def check_against_base(cfg: MegamemConfig, hf_config) -> None:
                           + "; ".join(problems))
 
 
-def set_trainable(model: AdapterModel, cfg: MegamemConfig) -> None:
-    base_trains = not cfg.model.freeze_base_model
-    for name, p in model.base.named_parameters():
-        p.requires_grad_(is_lora_name(name) or (base_trains and p.is_floating_point()))
-    for p in model.memory_parameters():
-        p.requires_grad_(True)
+def parameter_parts(model: nn.Module):
+    """(name, part) of every parameter: memory (the model's memory_parameters), lora, or base."""
+    memory = {id(p) for p in model.memory_parameters()}
+    return [(n, "memory" if id(p) in memory else "lora" if is_lora_name(n) else "base")
+            for n, p in model.named_parameters()]
+
+
+def set_trainable(model: nn.Module, cfg: MegamemConfig) -> None:
+    """requires_grad from the config's trainable policy (megamem.config.trainable); the mode keys are its presets.
+    Integer (quantised) base weights never train."""
+    chosen = trainable_policy(cfg).select(parameter_parts(model))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen and p.is_floating_point())
 
 
 def build_adapter_model(cfg: MegamemConfig, seed: Optional[int] = None, base: Optional[nn.Module] = None) -> AdapterModel:

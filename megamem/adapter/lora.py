@@ -1,35 +1,47 @@
-"""LoRA on the base model through peft, injected in place (no PeftModel wrapper).
+"""LoRA through peft, injected in place (no PeftModel wrapper), for adapter and from-scratch models.
 
-In place keeps the base's module names, so the memory hooks, ZeRO-3 weight loading and the
-adapter export all address the same parameters with or without LoRA. LoRA goes in before the
-memory branches exist, so `lora_targets` such as q_proj never match memory cross-attention.
+In place keeps the model's module names, so the memory hooks, ZeRO-3 weight loading and the
+adapter export all address the same parameters with or without LoRA. Memory modules never get
+LoRA: adapter runs inject before the memory branches exist; from-scratch models (whose memory
+cross-attention also has q_proj / o_proj) pass the memory modules in `skip`. These helpers sit at
+the adapter layer so both the adapter builder and megamem.train (from-scratch runs) use them.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, Iterable, List, Optional
 
+import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MemoryConfig
 
 
-def lora_config(mem: MemoryConfig):
+def lora_config(mem: MemoryConfig, targets: Optional[List[str]] = None):
     from peft import LoraConfig
 
     return LoraConfig(r=mem.lora_rank, lora_alpha=mem.lora_alpha, lora_dropout=mem.lora_dropout,
-                      target_modules=list(mem.lora_targets), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(targets if targets is not None else mem.lora_targets), bias="none",
+                      task_type="CAUSAL_LM")
 
 
-def apply_lora(base: nn.Module, mem: MemoryConfig) -> nn.Module:
+def apply_lora(model: nn.Module, mem: MemoryConfig, skip: Iterable[str] = (), what: str = "the base model") -> nn.Module:
+    """Inject LoRA into the Linear modules named by `memory.lora_targets` (last name component), except
+    the modules named in `skip` and their children."""
     from peft import inject_adapter_in_model
 
-    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-    missing = [t for t in mem.lora_targets if t not in names]
+    skip = tuple(skip)
+    skipped = lambda n: any(n == s or n.startswith(s + ".") for s in skip)  # noqa: E731
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n)}
+    found = {n.rsplit(".", 1)[-1] for n in linear}
+    missing = [t for t in mem.lora_targets if t not in found]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(f"memory.lora_targets {missing} name no module of the base model; "
-                          f"its linear layers are {linear}")
-    return inject_adapter_in_model(lora_config(mem), base)
+        raise ConfigError(f"memory.lora_targets {missing} name no module of {what}; its linear layers are "
+                          f"{sorted(found)}")
+    if not skip:
+        return inject_adapter_in_model(lora_config(mem), model)
+    # whole module names: peft matches a target by name suffix, which would reach memory modules too
+    targets = [n for n in linear if n.rsplit(".", 1)[-1] in mem.lora_targets]
+    return inject_adapter_in_model(lora_config(mem, targets), model)
 
 
 def is_lora_name(name: str) -> bool:
@@ -38,3 +50,29 @@ def is_lora_name(name: str) -> bool:
 
 def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for n, p in model.named_parameters() if is_lora_name(n)]
+
+
+def lora_scalings(model: nn.Module) -> Dict[str, float]:
+    """{module name: alpha/r} of every LoRA layer (what `merge_lora_state` multiplies B·A by)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m.scaling["default"] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def checkpoint_scalings(state: Dict[str, torch.Tensor], mem: MemoryConfig) -> Dict[str, float]:
+    """The LoRA layers of a saved state (from its key names), each at alpha/r: for readers without the model."""
+    suffix = ".lora_A.default.weight"
+    return {k[:-len(suffix)]: mem.lora_alpha / mem.lora_rank for k in state if k.endswith(suffix)}
+
+
+def merge_lora_state(state: Dict[str, torch.Tensor], scalings: Dict[str, float]) -> Dict[str, torch.Tensor]:
+    """A state dict of an in-place LoRA model → the plain model's (W + scaling·B·A under the module's
+    own name, computed in fp32, stored in W's dtype; LoRA keys dropped). Works on gathered ZeRO-3 states."""
+    out = dict(state)
+    for name, scale in scalings.items():
+        base = out.pop(f"{name}.base_layer.weight")
+        a, b = out.pop(f"{name}.lora_A.default.weight"), out.pop(f"{name}.lora_B.default.weight")
+        out[f"{name}.weight"] = (base.float() + scale * (b.float() @ a.float())).to(base.dtype)
+        if f"{name}.base_layer.bias" in out:
+            out[f"{name}.bias"] = out.pop(f"{name}.base_layer.bias")
+    return out

@@ -104,7 +104,7 @@ class MemoryConfig:
     wo_init_zero: bool = True
     memory_init_std: float = 0.02
     memory_gradient_checkpointing: bool = False
-    # LoRA and adapter mode flags (adapter runs)
+    # LoRA (adapter runs, and from-scratch runs: lora_targets such as qkv_proj, o_proj, gate_up_proj, down_proj)
     use_lora: bool = False
     lora_rank: int = 16
     lora_alpha: float = 32
@@ -121,6 +121,9 @@ class TrainingConfig:
     lora_lr: float = 1e-4
     base_model_lr: float = 1e-5
     learning_rate: Optional[float] = None  # from-scratch runs: the non-memory weights; null = memory_lr
+    # which parameters train (megamem.config.trainable): fnmatch globs over parameter names; null = the mode keys decide
+    trainable: Optional[List[str]] = None  # only matching parameters train, e.g. ["blocks.*.memory.*", "banks.*"]
+    frozen: Optional[List[str]] = None  # matching parameters are frozen, the rest trains (not with trainable)
     training_mode: Literal["pretraining", "instruction_finetuning"] = "pretraining"
     # data
     dataset_name: Optional[str] = None

@@ -125,9 +125,6 @@ def _validate_chapters(cfg: MegamemConfig, problems: List[str]) -> None:
 
 def _validate_adapter(cfg: MegamemConfig, problems: List[str]) -> None:
     mem, m = cfg.memory, cfg.model
-    if (mem.use_lora or mem.use_both_memory_and_lora) and m.base_model_name is None:
-        problems.append("memory.use_lora applies to adapter runs: set model.base_model_name "
-                        "(a pretrained Hugging Face model) or turn use_lora off")
     _positive(problems, "memory", mem, "lora_rank", "lora_alpha")
     _fraction(problems, "memory", mem, "lora_dropout")
     if m.load_in_4bit and m.base_model_name is None:
@@ -139,15 +136,10 @@ def _validate_adapter(cfg: MegamemConfig, problems: List[str]) -> None:
         if not mem.use_memory_adapter and not mem.vanilla_mode:
             problems.append("memory.use_memory_adapter: false applies to adapter runs (model.base_model_name); a "
                             "from-scratch model without memory is memory.vanilla_mode: true")
+        _lora_modes(cfg, not mem.vanilla_mode, problems)
         return
     memory_on = mem.use_memory_adapter and not mem.vanilla_mode
-    if mem.use_both_memory_and_lora and not memory_on:
-        problems.append("memory.use_both_memory_and_lora needs the memory adapter: set use_memory_adapter: true "
-                        "and vanilla_mode: false, or use_both_memory_and_lora: false for LoRA only")
-    elif mem.use_lora and memory_on and not mem.use_both_memory_and_lora:
-        problems.append("memory.use_lora with memory.use_memory_adapter: true is ambiguous: set "
-                        "use_both_memory_and_lora: true to train memory and LoRA, or use_memory_adapter: false "
-                        "for LoRA only")
+    _lora_modes(cfg, memory_on, problems)
     lora_on = mem.use_lora or mem.use_both_memory_and_lora
     if not memory_on and not lora_on and m.freeze_base_model:
         problems.append("adapter run with nothing to train (no memory adapter, no LoRA, frozen base): vanilla_mode "
@@ -159,6 +151,24 @@ def _validate_adapter(cfg: MegamemConfig, problems: List[str]) -> None:
     if cfg.data.document_masking:
         problems.append("data.document_masking is not supported for adapter models (HF attention has no "
                         "per-document mask here); set document_masking: false")
+
+
+def _lora_modes(cfg: MegamemConfig, memory_on: bool, problems: List[str]) -> None:
+    """LoRA with or without memory must be said explicitly (training.trainable / frozen also say it)."""
+    mem, t = cfg.memory, cfg.training
+    explicit = t.trainable is not None or t.frozen is not None
+    if mem.use_both_memory_and_lora and not memory_on:
+        problems.append("memory.use_both_memory_and_lora needs the memory adapter: set use_memory_adapter: true "
+                        "and vanilla_mode: false, or use_both_memory_and_lora: false for LoRA only")
+    elif mem.use_lora and memory_on and not mem.use_both_memory_and_lora and not explicit:
+        if cfg.model.base_model_name is None:
+            problems.append("memory.use_lora on a from-scratch model with memory is ambiguous: set "
+                            "use_both_memory_and_lora: true to train memory and LoRA, training.frozen to freeze "
+                            "parts of it, or vanilla_mode: true for a model without memory")
+        else:
+            problems.append("memory.use_lora with memory.use_memory_adapter: true is ambiguous: set "
+                            "use_both_memory_and_lora: true to train memory and LoRA, or use_memory_adapter: false "
+                            "for LoRA only")
 
 
 def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
@@ -177,6 +187,14 @@ def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append(f"training.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
     if t.max_length > cfg.model.max_seq_len and cfg.model.base_model_name is None:
         problems.append(f"training.max_length ({t.max_length}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    if t.trainable is not None and t.frozen is not None:
+        problems.append("training.trainable and training.frozen both select parameters; keep one (trainable: only "
+                        "matches train; frozen: matches are frozen, the rest trains)")
+    for key in ("trainable", "frozen"):
+        globs = getattr(t, key)
+        if globs is not None and not any(g.strip() for g in globs):
+            problems.append(f"training.{key} is an empty list; give glob patterns over parameter names such as "
+                            "'blocks.*.memory.*' or 'banks.*', or null")
     if isinstance(t.text_field, list) and not t.text_field:
         problems.append("training.text_field is an empty list; give a field name or a list of field names")
 

@@ -55,7 +55,10 @@ def read_source(path: str) -> Tuple[Dict[str, torch.Tensor], MegamemConfig, str]
             state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     # banks trained outside the engine (expert-parallel shards, row-sparse updates) live in their own files
     state.update(banks_from_checkpoint(folder))
-    return state, load_config(config), folder
+    cfg = load_config(config)
+    from ..adapter.lora import checkpoint_scalings, merge_lora_state
+
+    return merge_lora_state(state, checkpoint_scalings(state, cfg.memory)), cfg, folder  # from-scratch LoRA: merged
 
 
 def _is_pipeline_checkpoint(folder: str) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -27,7 +26,6 @@ from ..comm import all_to_all_single
 from ..config import MegamemConfig
 from ..memory.bank import MemoryBank
 from ..memory.chapters import ChapterMemoryAttention, absorbed_pairs, tokens_per_chapter
-from ..memory.sparse_rows import RowSparseAdamW
 
 
 def check_layout(cfg: MegamemConfig, zero_stage: int) -> Optional[str]:
@@ -101,7 +99,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, engine_experts: bool =
     group keeps chapters [r·C/ep, (r+1)·C/ep) of the bank it was built with (same seed on every
     rank ⇒ the shards of an ep_size run are exactly the rows of the ep_size = 1 bank).
     With memory.sparse_bank_grad, or engine_experts=False (scripts/train.py: megamem.train.chapter_banks),
-    the shards are left to `RowSparseAdamW` (`expert_data_parallel_group` for its group), outside the
+    the shards are left to megamem.train's `RowSparseAdamW` (`expert_data_parallel_group` for its group), outside the
     engine's optimizer, so no MoE marker is added for the engine.
     """
     cfg = model.memory_config
@@ -143,7 +141,8 @@ def expert_parallel_group(ep_size: int):
 def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0, lr: Optional[float] = None) -> List[Dict]:
     """Dense and expert (chapter-shard) parameter groups, split the way DeepSpeed's MoE expects.
 
-    With memory.sparse_bank_grad the banks are left out: `sparse_bank_optimizer` updates them.
+    With memory.sparse_bank_grad the banks are left out: megamem.train.sparse_adamw.sparse_bank_optimizer
+    updates them.
     """
     skip = {id(p) for p in model.banks.parameters()} if model.memory_config.sparse_bank_grad else set()
     group: Dict = {"name": "params", "weight_decay": weight_decay,
@@ -151,19 +150,3 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0, lr: Opti
     if lr is not None:
         group["lr"] = lr
     return split_params_into_different_moe_groups_for_optimizer(group)
-
-
-def sparse_bank_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                          eps: float = 1e-8, max_grad_norm: float = 0.0) -> RowSparseAdamW:
-    """Lazy AdamW for the banks of a sparse_bank_grad model, stepped after `engine.step()`.
-
-    Gradients are reduced like DeepSpeed reduces them: replicated banks over the data-parallel
-    group, expert shards over their expert-data-parallel group; both divided by the data-parallel size.
-    max_grad_norm > 0 clips the bank gradients by their joint norm (whole banks, shards included).
-    """
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    ep = getattr(model, "chapter_ep_size", 1)
-    group = None if world == 1 else (dist.group.WORLD if ep == 1 else expert_data_parallel_group(ep))
-    return RowSparseAdamW(model.banks.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                          block_rows=tokens_per_chapter(model.memory_config), group=group, world=world,
-                          max_grad_norm=max_grad_norm, shard_group=expert_parallel_group(ep) if ep > 1 else None)

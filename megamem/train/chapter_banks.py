@@ -82,7 +82,8 @@ class ChapterBanks:
     """The banks of a chapter model when they train outside the engine (see the module docstring)."""
 
     def __init__(self, model: nn.Module, cfg: MegamemConfig, rank: int):
-        from ..parallel.expert import apply_expert_parallel, sparse_bank_optimizer
+        from ..parallel.expert import apply_expert_parallel
+        from .sparse_adamw import sparse_bank_optimizer
 
         self.model, self.cfg, self.rank, self.ep = model, cfg, rank, cfg.parallel.ep_size
         if self.ep > 1:

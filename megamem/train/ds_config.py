@@ -100,6 +100,11 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
     stages = pipeline_stages(ds)
     if stages > 1:
         problems += _pipeline_problems(cfg, stage, stages, world_size)
+    from .trainable import policy_problem
+
+    message = policy_problem(cfg, stages > 1)
+    if message:
+        problems.append(message)
     return problems
 
 

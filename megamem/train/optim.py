@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers.optimization import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
+from ..adapter.lora import is_lora_name
 from ..config import TrainingConfig
 
 
@@ -19,7 +20,7 @@ def full_ndim(p: torch.Tensor) -> int:
 
 
 def parameter_groups(model: nn.Module, t: TrainingConfig, exclude: Iterable[nn.Parameter] = ()) -> List[Dict]:
-    """Named groups: memory (memory_lr), lora (lora_lr, adapter runs) and base — the rest: learning_rate
+    """Named groups: memory (memory_lr), lora (lora_lr) and base — the rest: learning_rate
     (default memory_lr) from scratch, base_model_lr for a pretrained base. Frozen parameters and
     `exclude` (banks updated outside the engine) are left out.
 
@@ -28,7 +29,7 @@ def parameter_groups(model: nn.Module, t: TrainingConfig, exclude: Iterable[nn.P
     """
     banks = {id(p) for bank in getattr(model, "banks", []) for p in bank.parameters()}
     memory = {id(p) for p in model.memory_parameters()} if hasattr(model, "memory_parameters") else set()
-    lora = {id(p) for p in model.lora_parameters()} if hasattr(model, "lora_parameters") else set()
+    lora = {id(p) for n, p in model.named_parameters() if is_lora_name(n)}  # adapter and from-scratch LoRA
     pretrained = hasattr(model, "lora_parameters")  # an adapter model: "base" is the pretrained model
     base_lr = t.base_model_lr if pretrained else t.learning_rate if t.learning_rate is not None else t.memory_lr
     lrs = {"memory": t.memory_lr, "lora": t.lora_lr, "base": base_lr}

@@ -25,6 +25,7 @@ LAYOUT_KEYS = ("zero_stage", "pipeline_stages", "ep_size", "world_size")
 # model keys that change neither the parameters nor what they compute in training: reported, not refused
 NEUTRAL_MODEL_KEYS = {"model.tokenizer_name", "model.use_flash_attention", "memory.memory_gradient_checkpointing",
                       "memory.routing_strategy_inference", "memory.rolling_interval", "memory.rolling_window"}
+POLICY_KEYS = ("training.trainable", "training.frozen")  # which parameters the optimizer holds: fixed for a run
 NEUTRAL_TRAINING_KEYS = {"resume_from_checkpoint", "output_dir", "logging_steps", "log_to_wandb", "wandb_project",
                          "wandb_run_name", "save_steps", "save_total_limit", "eval_steps", "eval_max_batches"}
 
@@ -103,8 +104,14 @@ def check_resume(cfg: MegamemConfig, ckpt_path: str, state: Dict[str, Any], layo
             raise ConfigError(f"{where} holds another model ({'; '.join(changed[:4])}"
                               f"{'; …' if len(changed) > 4 else ''}); a resume continues the same model: restore "
                               f"those keys, or start a new run from its weights with --training.init_from {ckpt_path}")
+        policy = _differences(old, new, POLICY_KEYS)
+        if policy:
+            raise ConfigError(f"{where} trained another set of parameters ({'; '.join(policy)}); its optimizer state "
+                              "holds those: restore the keys, or start a new run from its weights with "
+                              f"--training.init_from {ckpt_path}")
         rest = sorted(k for k in set(old) | set(new) if (k.startswith(("training.", "data.", "parallel."))
-                      and k.split(".", 1)[1] not in NEUTRAL_TRAINING_KEYS) or k in NEUTRAL_MODEL_KEYS)
+                      and k.split(".", 1)[1] not in NEUTRAL_TRAINING_KEYS and k not in POLICY_KEYS)
+                      or k in NEUTRAL_MODEL_KEYS)
         changed_training = _differences(old, new, rest)
     if step >= total_steps:
         raise ConfigError(f"{where} is at step {step} and this run trains {total_steps} steps: the run is finished, "

@@ -21,6 +21,7 @@ from .ds_config import pipeline_stages, resolve_ds_config, zero_stage
 from .metrics import MetricsLogger, flops_per_token, measure_peak_flops, mfu
 from .optim import build_optimizer, build_scheduler, parameter_groups
 from .run_dir import check_output_dir, check_resume, layout_of, report_changes, truncate_metrics
+from .trainable import apply_training_policy, has_lora, plain_state
 
 LoaderFactory = Callable[[str, int, int], Iterable[Dict[str, torch.Tensor]]]  # (split, rank, world) → loader
 
@@ -60,6 +61,8 @@ class Trainer:
             from .init_from import init_from
 
             init_from(model, cfg, zero_stage(self.ds))
+        if not self.pipeline:  # LoRA and freezing (train/trainable.py); pipelines refuse them in layout_problems
+            apply_training_policy(model, cfg, self.t.seed)
         self.train_loader = loaders("train", self.data_rank, self.data_world)
         self.eval_loader = None
         self.total_steps = self._total_steps()
@@ -284,6 +287,10 @@ class Trainer:
             from ..parallel.pipeline import gathered_plain_state_dict
 
             state = gathered_plain_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank)
+        elif names is None and has_lora(self.model):  # from scratch with LoRA: merged in fp32, stored at save_precision
+            state = gathered_state_dict(self.model, torch.float32, self.rank)
+            state = {k: v.to(SAVE_DTYPES[self.t.save_precision]) if v.is_floating_point() else v
+                     for k, v in plain_state(state, self.model).items()}
         else:
             state = gathered_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank, names)
         if self.banks is not None:  # expert-parallel shards → whole banks

@@ -1,0 +1,87 @@
+"""The training policy — LoRA and which parameters train — applied to a built model before DeepSpeed.
+
+One entry point, `apply_training_policy`, called by the Trainer for every layout after the model
+(and training.init_from's weights) exist and before `deepspeed.initialize`, and by the dry run.
+Adapter models get LoRA from their builder (before the memory branches exist); from-scratch models
+get it here, on their own Linear modules outside the memory branches. requires_grad then follows
+megamem.config.trainable's policy, and megamem.train.optim leaves frozen parameters out.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..adapter.build import parameter_parts, set_trainable
+from ..adapter.lora import apply_lora, is_lora_name, lora_scalings, merge_lora_state
+from ..config import ConfigError, MegamemConfig
+from ..config.trainable import lora_enabled
+
+
+def memory_module_names(model: nn.Module) -> list:
+    """Names of the modules whose parameters are all memory parameters (banks, memory branches)."""
+    memory = {id(p) for p in model.memory_parameters()}
+    return [n for n, m in model.named_modules()
+            if n and any(True for _ in m.parameters()) and all(id(p) in memory for p in m.parameters())]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(is_lora_name(n) for n, _ in model.named_parameters())
+
+
+def add_lora(model: nn.Module, cfg: MegamemConfig, seed: Optional[int] = None) -> nn.Module:
+    """LoRA on a from-scratch model's non-memory Linear modules (lora_B starts at zero: the forward is
+    unchanged). With a seed, lora_A is the same on every rank."""
+    if seed is not None:
+        torch.manual_seed(seed + 2)
+    return apply_lora(model, cfg.memory, skip=memory_module_names(model), what="the from-scratch model (memory "
+                      "modules excluded)")
+
+
+def apply_training_policy(model: nn.Module, cfg: MegamemConfig, seed: Optional[int] = None) -> Dict[str, int]:
+    """LoRA (from-scratch models, when memory.use_lora) and requires_grad from the trainable policy.
+
+    Returns {"trainable", "frozen", "lora"} element counts. Refuses a policy that leaves nothing to train.
+    """
+    from_scratch = cfg.model.base_model_name is None
+    if from_scratch and lora_enabled(cfg) and not has_lora(model):
+        add_lora(model, cfg, seed)
+    set_trainable(model, cfg)  # the adapter builder ran it already; globs and from-scratch parts need it here
+    unique = {id(p): p for p in model.parameters()}.values()
+    count = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731 - ZeRO-3: whole size
+    counts = {"trainable": count(p for p in unique if p.requires_grad),
+              "frozen": count(p for p in unique if not p.requires_grad),
+              "lora": count(p for n, p in model.named_parameters() if is_lora_name(n))}
+    if counts["trainable"] == 0:
+        names = [n for n, _ in parameter_parts(model)]
+        raise ConfigError(f"nothing trains: training.trainable / frozen and the mode keys freeze all {len(names)} "
+                          "parameters; widen training.trainable or narrow training.frozen")
+    if _banks_frozen(model, cfg):
+        raise ConfigError("training.trainable / frozen freeze memory banks that train outside the DeepSpeed engine "
+                          "(parallel.ep_size > 1 or memory.sparse_bank_grad); train the banks or turn those off")
+    return counts
+
+
+def _banks_frozen(model: nn.Module, cfg: MegamemConfig) -> bool:
+    from .chapter_banks import banks_outside_engine
+
+    return banks_outside_engine(cfg) and any(not p.requires_grad for p in model.banks.parameters())
+
+
+def plain_state(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A from-scratch model's gathered state with its LoRA merged (the export every reader loads); as is without."""
+    scalings = lora_scalings(model)
+    return merge_lora_state(state, scalings) if scalings else state
+
+
+def policy_problem(cfg: MegamemConfig, pipelined: bool) -> Optional[str]:
+    """Layouts the policy does not run on, with the fix; None if it does."""
+    from_scratch_lora = cfg.model.base_model_name is None and lora_enabled(cfg)
+    t = cfg.training
+    if pipelined and (t.trainable is not None or t.frozen is not None or from_scratch_lora):
+        what = "training.trainable" if t.trainable is not None else "training.frozen" if t.frozen is not None \
+            else "memory.use_lora"
+        return (f"{what} is not supported with pipeline parallelism (stages are cut before parameters could be "
+                f"selected by name): use a ZeRO layout (ds_configs/zero1.json … zero3.json), or remove {what}")
+    return None
