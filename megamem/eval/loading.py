@@ -37,7 +37,7 @@ def _tokenizer(folder: str):
 def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: Optional[str] = None) -> Loaded:
     from ..hf.folder import is_megamem_folder
     from ..hf.modeling import MegamemForCausalLM
-    from ..train.export import load_exported, model_with_state
+    from ..hf.load import load_exported, model_with_state
 
     if not os.path.exists(path):
         raise ConfigError(f"--model {path} does not exist (expected output_dir/final, a checkpoint, or a Hugging Face "
@@ -57,9 +57,9 @@ def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: O
     if adapter or os.path.isfile(os.path.join(path, "model.safetensors")):
         model, cfg, tokenizer = load_exported(path, dtype)
     else:
-        from ..hf.convert import read_source
+        from ..parallel.weights import read_weights
 
-        state, cfg, tok_home = read_source(path)
+        state, cfg, tok_home = read_weights(path, "--model")
         model, tokenizer = model_with_state(cfg, state, path, dtype), _tokenizer(os.path.join(tok_home, "tokenizer"))
     if adapter:
         if routing_strategy:
