@@ -65,13 +65,23 @@ def made_by_megamem(path: str) -> bool:
                                                     "model.safetensors.index.json"})
 
 
+def check_format_version(version, where: str, written_by=None) -> None:
+    """Refuse a format this megamem does not know: newer than FORMAT_VERSION, or not a version at all."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(f"{where}: unknown megamem format version {version!r} (this megamem "
+                          f"({megamem_version()}) reads formats 1 to {FORMAT_VERSION}); the folder is damaged or "
+                          "not megamem's: write it again")
+    if version > FORMAT_VERSION:
+        raise ConfigError(f"{where} was written by {'megamem ' + str(written_by) if written_by else 'a newer megamem'} "
+                          f"in folder format {version}; "
+                          f"this megamem ({megamem_version()}) reads format {FORMAT_VERSION}: upgrade megamem")
+
+
 def check_stamp(path: str) -> Optional[dict]:
-    """The folder's stamp (None for folders written before stamps existed); a newer format is refused."""
+    """The folder's stamp (None for folders written before stamps existed); a newer or unknown format is refused."""
     data = read_stamp(path)
-    if data is not None and int(data.get("format_version", 0)) > FORMAT_VERSION:
-        raise ConfigError(f"{path} was written by megamem {data.get('megamem_version')} in folder format "
-                          f"{data.get('format_version')}; this megamem ({megamem_version()}) reads format "
-                          f"{FORMAT_VERSION}: upgrade megamem")
+    if data is not None:
+        check_format_version(data.get("format_version"), path, data.get("megamem_version"))
     return data
 
 

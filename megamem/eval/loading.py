@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import ConfigError
+from ..folders import check_stamp
 
 
 @dataclass
@@ -42,6 +43,7 @@ def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: O
     if not os.path.exists(path):
         raise ConfigError(f"--model {path} does not exist (expected output_dir/final, a checkpoint, or a Hugging Face "
                           "folder)")
+    check_stamp(path)  # every folder megamem writes records its format: a newer megamem's is refused
     adapter = os.path.isfile(os.path.join(path, "adapter.json"))
     kwargs = {"routing_strategy_inference": routing_strategy} if routing_strategy else {}
     if is_megamem_folder(path):

@@ -53,25 +53,41 @@ def write_llama_folder(folder: str, state: Dict[str, torch.Tensor], cfg: Megamem
     model.save_pretrained(folder, safe_serialization=True)
 
 
+FORMATS = ("auto", "llama", "megamem")
+
+
 def convert_to_hf(source: str, output: str, dtype: str = "fp32", force: bool = False,
                   routing_strategy: Optional[str] = None, max_shard_size: str = "5GB",
-                  merge_lora: bool = False) -> str:
+                  merge_lora: bool = False, hf_format: str = "auto") -> str:
     """Write a Hugging Face folder for a training output; returns the output path.
 
-    Llama-shaped vanilla models become native LlamaForCausalLM; every other megamem model a folder
-    with remote code (megamem/hf/folder.py); adapter runs go through megamem/hf/adapters.py.
+    hf_format auto: models that are exactly Llama (megamem.hf.llama's allow-list) become native
+    LlamaForCausalLM, every other megamem model a folder with remote code (megamem/hf/folder.py);
+    llama: native Llama or a refusal naming the first difference; megamem: always megamem's format.
+    Adapter runs go through megamem/hf/adapters.py.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}; valid: {', '.join(DTYPES)}")
+    if hf_format not in FORMATS:
+        raise ConfigError(f"--format {hf_format}; valid: {', '.join(FORMATS)}")
+    if hf_format != "auto" and is_adapter_export(source):
+        raise ConfigError(f"--format {hf_format}: {source} is an adapter run, converted as base + adapter (or "
+                          "--merge-lora); leave --format at auto")
     if is_adapter_export(source):
         write_folder(output, "hf", lambda tmp: write_adapter_folder(tmp, source, dtype, merge_lora), replace=force)
         return output
     if merge_lora:
         raise ConfigError(f"--merge-lora: {source} is not an adapter run (no adapter.json)")
     state, cfg, tok_home = read_source(source)
+    problems = llama_incompatibilities(cfg)
+    if hf_format == "llama" and problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"--format llama: {source} is not exactly a Llama model: {problems[0]}{more}; "
+                          "convert with --format auto (megamem's format)")
+    as_llama = hf_format == "llama" or (hf_format == "auto" and not problems)
 
     def write(tmp: str) -> None:
-        if not llama_incompatibilities(cfg):
+        if as_llama:
             write_llama_folder(tmp, state, cfg, dtype)
         else:
             write_megamem_folder(tmp, state, cfg, dtype, routing_strategy, max_shard_size)
