@@ -20,6 +20,8 @@ from .adapters import write_adapter_folder
 from .folder import write_megamem_folder
 from .llama import llama_config, llama_incompatibilities, to_llama_state_dict
 
+FORMATS = ("auto", "llama", "megamem")  # auto: native Llama for models that are exactly Llama, else megamem's
+
 
 def read_source(path: str) -> Tuple[Dict[str, torch.Tensor], MegamemConfig, str]:
     """(megamem state dict, config, folder holding tokenizer/) from an export or a checkpoint of any layout."""
@@ -41,7 +43,7 @@ def save_tokenizer_and_generation(folder: str, cfg: MegamemConfig, tok_home: Opt
 def write_llama_folder(folder: str, state: Dict[str, torch.Tensor], cfg: MegamemConfig, dtype: str) -> None:
     from transformers import LlamaForCausalLM
 
-    llama_state = to_llama_state_dict(state, cfg)  # refuses models that are not Llama-shaped
+    llama_state = to_llama_state_dict(state, cfg)  # refuses models that are not exactly Llama
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(cfg))
     target = DTYPES[dtype]
@@ -51,9 +53,6 @@ def write_llama_folder(folder: str, state: Dict[str, torch.Tensor], cfg: Megamem
     if cfg.model.tie_embeddings:
         model.tie_weights()
     model.save_pretrained(folder, safe_serialization=True)
-
-
-FORMATS = ("auto", "llama", "megamem")
 
 
 def convert_to_hf(source: str, output: str, dtype: str = "fp32", force: bool = False,
