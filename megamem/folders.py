@@ -10,18 +10,25 @@
 - Files are created readable by the group and others as the umask allows (safetensors writes 0600),
   so other users of a shared cluster can read exported weights.
 - Readers check the stamp: a folder written by a newer format is refused with the version to install.
+
+`export_model` writes the plain export (model.safetensors + config.yaml + tokenizer/) here, below
+the adapters and the trainer that both write exports; reading one back builds a model
+(megamem.hf.load.load_exported).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
-from .config import ConfigError
+import torch
+
+from .config import ConfigError, dump_config
 
 STAMP = "megamem_format.json"
 FORMAT_VERSION = 1
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def megamem_version() -> str:
@@ -58,13 +65,23 @@ def made_by_megamem(path: str) -> bool:
                                                     "model.safetensors.index.json"})
 
 
+def check_format_version(version, where: str, written_by=None) -> None:
+    """Refuse a format this megamem does not know: newer than FORMAT_VERSION, or not a version at all."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(f"{where}: unknown megamem format version {version!r} (this megamem "
+                          f"({megamem_version()}) reads formats 1 to {FORMAT_VERSION}); the folder is damaged or "
+                          "not megamem's: write it again")
+    if version > FORMAT_VERSION:
+        raise ConfigError(f"{where} was written by {'megamem ' + str(written_by) if written_by else 'a newer megamem'} "
+                          f"in folder format {version}; "
+                          f"this megamem ({megamem_version()}) reads format {FORMAT_VERSION}: upgrade megamem")
+
+
 def check_stamp(path: str) -> Optional[dict]:
-    """The folder's stamp (None for folders written before stamps existed); a newer format is refused."""
+    """The folder's stamp (None for folders written before stamps existed); a newer or unknown format is refused."""
     data = read_stamp(path)
-    if data is not None and int(data.get("format_version", 0)) > FORMAT_VERSION:
-        raise ConfigError(f"{path} was written by megamem {data.get('megamem_version')} in folder format "
-                          f"{data.get('format_version')}; this megamem ({megamem_version()}) reads format "
-                          f"{FORMAT_VERSION}: upgrade megamem")
+    if data is not None:
+        check_format_version(data.get("format_version"), path, data.get("megamem_version"))
     return data
 
 
@@ -107,3 +124,33 @@ def write_folder(path: str, kind: str, write: Callable[[str], None], replace: bo
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def progress(items, desc: str):
+    """tqdm over items while a folder is written (off with MEGAMEM_NO_PROGRESS=1)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=os.environ.get("MEGAMEM_NO_PROGRESS") == "1")
+
+
+def export_model(state: Dict[str, torch.Tensor], cfg, tokenizer, path: str, step: int,
+                 weights_name: str = "model.safetensors", metadata: Optional[Dict[str, Any]] = None,
+                 extra_json: Optional[Dict[str, Any]] = None) -> None:
+    """Write an export folder into `path.tmp`, then swap it in: a crash never leaves a half-written export.
+
+    extra_json: {file name: JSON-able object} written beside the weights (adapter identity, ...).
+    """
+    from safetensors.torch import save_file
+
+    def fill(tmp: str) -> None:
+        meta = metadata if metadata is not None else {"format": "megamem", "step": step}
+        save_file(state, os.path.join(tmp, weights_name), metadata={k: str(v) for k, v in meta.items()})
+        for name, obj in (extra_json or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=1)
+        with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(dump_config(cfg))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+
+    write_folder(path, "adapter-export" if weights_name != "model.safetensors" else "export", fill, what="export")

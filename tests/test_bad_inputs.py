@@ -46,7 +46,7 @@ class Evil:
 def files(tmp_path_factory):
     """Good and bad inputs, made once: an export, a ZeRO-0 checkpoint, a tokenizer, and damaged copies."""
     from megamem.model import build_model
-    from megamem.train.export import export_model
+    from megamem.folders import export_model
 
     d = tmp_path_factory.mktemp("inputs")
     w = lambda name, text, mode="w": (open(d / name, mode).write(text), str(d / name))[1]  # noqa: E731

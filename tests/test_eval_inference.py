@@ -14,7 +14,7 @@ from conftest import ROOT
 from megamem.config import ConfigError
 from megamem.hf.convert import convert_to_hf
 from megamem.model import build_model
-from megamem.train.export import export_model
+from megamem.folders import export_model
 
 
 def script(name):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from megamem.config import ConfigError
-from megamem.folders import FORMAT_VERSION, STAMP, write_folder
+from megamem.folders import FORMAT_VERSION, STAMP, export_model, write_folder
 from megamem.hf.convert import convert_to_hf
+from megamem.hf.load import load_exported
 from megamem.model import build_model
-from megamem.train.export import export_model, load_exported
 
 from conftest import tiny_config
 

@@ -11,7 +11,7 @@ from test_adapter import _randomise_outputs
 from megamem.adapter import build_adapter_model, save_adapter
 from megamem.config import ConfigError
 from megamem.hf.convert import convert_to_hf
-from megamem.train.export import load_exported
+from megamem.hf.load import load_exported
 
 IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
 LORA = ("memory.use_lora=true", "memory.use_memory_adapter=false", "memory.lora_rank=4", "memory.lora_alpha=8",

@@ -38,7 +38,7 @@ def test_convert_export_and_zero3_checkpoint_to_llama_folder(tmp_path):
 
     from dist_utils import run_ranks
     from megamem.hf.convert import convert_to_hf
-    from megamem.train.export import load_exported
+    from megamem.hf.load import load_exported
     from test_train import ZERO, _fit
 
     out = tmp_path / "run"

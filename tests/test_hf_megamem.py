@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from megamem.config import ConfigError
+from megamem.folders import export_model
 from megamem.hf.convert import convert_to_hf
 from megamem.hf.folder import write_megamem_folder
+from megamem.hf.load import load_exported
 from megamem.model import build_model
-from megamem.train.export import export_model, load_exported
 
 from conftest import ROOT, tiny_config
 from test_model import BANKS
@@ -218,9 +219,9 @@ def test_convert_cli_reports_bad_paths(tmp_path, capsys):
     from megamem.cli import run_cli
 
     assert run_cli(lambda: cli.main(["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])) == 2
-    assert "does not exist (expected output_dir/final" in capsys.readouterr().err
+    assert "does not exist (expected an export folder (output_dir/final)" in capsys.readouterr().err
     assert run_cli(lambda: cli.main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o")])) == 2
-    assert "nor a complete megamem checkpoint (no checkpoint at" in capsys.readouterr().err
+    assert "nor a checkpoint (no COMPLETE marker), nor a checkpoints folder (no 'latest' file)" in capsys.readouterr().err
 
 
 def test_import_megamem_registers_with_transformers_lazily():

@@ -195,10 +195,10 @@ def test_bad_pipeline_keys(override, message):
 
 def test_init_from_bad_input(tmp_path):
     from megamem.model import build_model
-    from megamem.train.export import export_model
+    from megamem.folders import export_model
     from megamem.train.init_from import init_from
 
-    with pytest.raises(ConfigError, match=r"training.init_from: .*nope does not exist \(give an export folder"):
+    with pytest.raises(ConfigError, match=r"training.init_from: .*nope does not exist \(expected an export folder"):
         init_from(build_model(tiny_config()), tiny_config(f"training.init_from={tmp_path / 'nope'}"), 0)
     small = tiny_config()
     export_model(build_model(small).state_dict(), small, None, str(tmp_path / "small"), 0)
@@ -210,6 +210,6 @@ def test_init_from_bad_input(tmp_path):
         init_from(build_model(other), other, 3)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ConfigError, match=r"training.init_from: .*empty: neither a checkpoint \(no COMPLETE marker\) nor a "
-                       r"checkpoints folder \(no 'latest' file\) \(give an export folder"):
+    with pytest.raises(ConfigError, match=r"training.init_from: .*empty: neither an export folder \(no model.safetensors\), nor a "
+                       r"checkpoint \(no COMPLETE marker\), nor a checkpoints folder \(no 'latest' file\)"):
         init_from(build_model(small), tiny_config(f"training.init_from={empty}"), 0)

@@ -4,8 +4,9 @@
     python tools/convert_to_hf.py --checkpoint outputs/run/final --output hf/run [--dtype bf16] [--force]
 
 --checkpoint takes an exported folder (output_dir/final) or a DeepSpeed checkpoint of any ZeRO
-stage (output_dir/checkpoints, or one stepN folder). Llama-shaped vanilla models become native
-LlamaForCausalLM folders (no remote code); memory models a folder with remote code that loads with
+stage, pipeline or expert-parallel layout (output_dir/checkpoints, or one stepN folder). Models that
+are exactly Llama become native LlamaForCausalLM folders (no remote code; --format llama insists,
+--format megamem declines); every other model a folder with remote code that loads with
 AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) (or without it after `import
 megamem`); adapter runs base + adapter, or with --merge-lora (LoRA only) the merged base model.
 """
@@ -20,7 +21,7 @@ from megamem.cli import ArgumentParser, run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from megamem.hf.convert import DTYPES, convert_to_hf
+    from megamem.hf.convert import DTYPES, FORMATS, convert_to_hf
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="output_dir/final, output_dir/checkpoints or a stepN folder")
@@ -31,9 +32,12 @@ def main(argv=None) -> int:
                    help="chapter models: the routing generate() uses by default (else the training config's)")
     p.add_argument("--max-shard-size", default="5GB", help="larger weights are split into shards of this size")
     p.add_argument("--merge-lora", action="store_true", help="adapter runs with LoRA only: merge it into the base")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="auto: native Llama for models that are exactly Llama, else megamem's format; llama: "
+                        "native Llama or refuse; megamem: always megamem's format (remote code)")
     args = p.parse_args(argv)
     out = convert_to_hf(args.checkpoint, args.output, args.dtype, args.force, args.routing_strategy,
-                        args.max_shard_size, args.merge_lora)
+                        args.max_shard_size, args.merge_lora, args.format)
     print(f"wrote {out}")
     return 0
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..config import ConfigError, MegamemConfig, memory_problems
 from ..config.trainable import lora_enabled, trainable_policy
+from ..model import build_model
 from .base import load_base
 from .families import family_of
 from .lora import apply_lora, is_lora_name
@@ -75,3 +76,10 @@ def build_adapter_model(cfg: MegamemConfig, seed: Optional[int] = None, base: Op
     model.reset_parameters()
     set_trainable(model, cfg)
     return model
+
+
+def build_any_model(cfg: MegamemConfig) -> nn.Module:
+    """The model of any validated config: an adapter model (model.base_model_name) or megamem's own."""
+    if cfg.model.base_model_name is not None:
+        return build_adapter_model(cfg)
+    return build_model(cfg)

@@ -17,6 +17,8 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ConfigError, load_config
+from ..folders import check_stamp, export_model
+from ..safe_load import load_safetensors as load_file
 from .base import base_identity, config_hash, weights_fingerprint
 
 WEIGHTS, META = "adapter.safetensors", "adapter.json"
@@ -24,8 +26,6 @@ WEIGHTS, META = "adapter.safetensors", "adapter.json"
 
 def export_adapter(state: Dict[str, torch.Tensor], cfg, tokenizer, path: str, step: int) -> None:
     """The adapter weights plus the identity of the base they were trained on, written atomically."""
-    from ..train.export import export_model
-
     meta = {"format": "megamem-adapter", **base_identity(cfg), "step": step,
             "lora": cfg.memory.use_lora or cfg.memory.use_both_memory_and_lora,
             "base_weights_included": not cfg.model.freeze_base_model}
@@ -45,11 +45,7 @@ def is_adapter_export(path: str) -> bool:
 
 def load_adapter(path: str, base_model_name: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """(model, cfg, tokenizer or None). base_model_name: where the base is now, if it moved (same config)."""
-    from ..safe_load import load_safetensors as load_file
-
     from .build import build_adapter_model
-
-    from ..folders import check_stamp
 
     if not is_adapter_export(path):
         raise ConfigError(f"{path}: no {META} (expected the final/ folder of an adapter run)")

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import ConfigError
+from ..folders import check_stamp
 
 
 @dataclass
@@ -37,11 +38,12 @@ def _tokenizer(folder: str):
 def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: Optional[str] = None) -> Loaded:
     from ..hf.folder import is_megamem_folder
     from ..hf.modeling import MegamemForCausalLM
-    from ..train.export import load_exported, model_with_state
+    from ..hf.load import load_exported, model_with_state
 
     if not os.path.exists(path):
         raise ConfigError(f"--model {path} does not exist (expected output_dir/final, a checkpoint, or a Hugging Face "
                           "folder)")
+    check_stamp(path)  # every folder megamem writes records its format: a newer megamem's is refused
     adapter = os.path.isfile(os.path.join(path, "adapter.json"))
     kwargs = {"routing_strategy_inference": routing_strategy} if routing_strategy else {}
     if is_megamem_folder(path):
@@ -57,9 +59,9 @@ def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: O
     if adapter or os.path.isfile(os.path.join(path, "model.safetensors")):
         model, cfg, tokenizer = load_exported(path, dtype)
     else:
-        from ..hf.convert import read_source
+        from ..parallel.weights import read_weights
 
-        state, cfg, tok_home = read_source(path)
+        state, cfg, tok_home = read_weights(path, "--model")
         model, tokenizer = model_with_state(cfg, state, path, dtype), _tokenizer(os.path.join(tok_home, "tokenizer"))
     if adapter:
         if routing_strategy:

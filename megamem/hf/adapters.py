@@ -14,7 +14,10 @@ import shutil
 
 import torch
 
-from ..config import ConfigError
+from ..adapter.saving import META, WEIGHTS, load_adapter
+from ..config import ConfigError, load_config
+from ..folders import SAVE_DTYPES
+from ..safe_load import load_safetensors, open_safetensors
 
 
 def base_folder(name: str) -> str:
@@ -49,9 +52,6 @@ def merged_lora_base(model):
 def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool) -> None:
     """A run without memory adapters → a plain folder of the base's architecture holding the trained weights
     (LoRA merged, a trained base as trained); with memory → base + adapter (see copy_base_and_adapter)."""
-    from ..adapter.saving import load_adapter
-    from .convert import DTYPES
-
     model, cfg, tokenizer = load_adapter(source, dtype=torch.float32)
     lora = cfg.memory.use_lora or cfg.memory.use_both_memory_and_lora
     if merge_lora and model.memory_layers:
@@ -60,23 +60,19 @@ def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool)
     if merge_lora and not lora:
         raise ConfigError(f"--merge-lora: {source} has no LoRA weights")
     if not model.memory_layers and (merge_lora or not lora):  # LoRA merged, or a finetuned base: plain folder
-        merged_lora_base(model).to(DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
+        merged_lora_base(model).to(SAVE_DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         return
-    copy_base_and_adapter(folder, source, DTYPES[dtype])
+    copy_base_and_adapter(folder, source, SAVE_DTYPES[dtype])
 
 
 def copy_base_and_adapter(folder: str, source: str, dtype: torch.dtype) -> None:
     """The base's files in `base/`, the adapter export (its weights in dtype) at the top.
 
     No config.json at the top: transformers' auto classes refuse the folder instead of silently
-    loading the base without its memory; megamem.train.export.load_exported loads all of it."""
+    loading the base without its memory; megamem.hf.load.load_exported loads all of it."""
     from safetensors.torch import save_file
-
-    from ..adapter.saving import META, WEIGHTS
-    from ..safe_load import load_safetensors, open_safetensors
-    from ..config import load_config
 
     home = base_folder(load_config(os.path.join(source, "config.yaml")).model.base_model_name)
     os.makedirs(os.path.join(folder, BASE))

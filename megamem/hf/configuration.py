@@ -4,6 +4,8 @@ The megamem model/memory sections are stored verbatim under `megamem` (one sourc
 nothing is translated twice), with the run's training_mode (pretraining runs get no chat template). A few standard fields (vocab_size, hidden_size, ...) are mirrored for tools that
 read them (generate(), lm-eval's max length). `routing_strategy_inference` overrides the chapter
 routing used by generate() (sequence | rolling | token), e.g. `from_pretrained(dir, routing_strategy_inference="token")`.
+`megamem_format_version` (megamem.folders.FORMAT_VERSION) makes a folder of a newer megamem fail to
+load with a line saying to upgrade, however it is loaded (transformers' auto classes included).
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ class MegamemHFConfig(PretrainedConfig):
     model_type = MODEL_TYPE
 
     def __init__(self, megamem: Optional[Dict[str, Any]] = None, routing_strategy_inference: Optional[str] = None,
-                 **kwargs):
+                 megamem_format_version: Optional[int] = None, **kwargs):
         self.megamem = megamem or {}
         self.routing_strategy_inference = routing_strategy_inference
+        self.megamem_format_version = megamem_format_version  # None: written before versions were recorded
         m = self.megamem.get("model", {})
         for hf_name, ours in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_dim"),
                               ("num_hidden_layers", "num_layers"), ("num_attention_heads", "num_heads"),
@@ -36,7 +39,10 @@ class MegamemHFConfig(PretrainedConfig):
     def megamem_config(self):
         """The validated megamem config (model + memory sections), with the inference routing override."""
         from ..config import ConfigError, config_from_dict, validate
+        from ..folders import check_format_version
 
+        if self.megamem_format_version is not None:  # a newer megamem's folder: refused before anything is read
+            check_format_version(self.megamem_format_version, "config.json")
         if self.routing_strategy_inference is not None and self.routing_strategy_inference not in ROUTING_STRATEGIES:
             raise ConfigError(f"routing_strategy_inference = {self.routing_strategy_inference!r}; valid: "
                               f"{', '.join(ROUTING_STRATEGIES)}")
@@ -54,7 +60,9 @@ class MegamemHFConfig(PretrainedConfig):
     @classmethod
     def from_megamem(cls, cfg, **kwargs) -> "MegamemHFConfig":
         from ..config import config_to_dict
+        from ..folders import FORMAT_VERSION
 
         data = config_to_dict(cfg)
         return cls(megamem={"model": data["model"], "memory": data["memory"],
-                            "training_mode": cfg.training.training_mode}, **kwargs)
+                            "training_mode": cfg.training.training_mode}, megamem_format_version=FORMAT_VERSION,
+                   **kwargs)

@@ -19,6 +19,8 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ConfigError
+from ..folders import SAVE_DTYPES, check_stamp, progress
+from ..model import build_model
 
 REMOTE_FILES = ("configuration_megamem.py", "modeling_megamem.py")
 AUTO_MAP = {"AutoConfig": "configuration_megamem.MegamemConfig",
@@ -27,8 +29,6 @@ AUTO_MAP = {"AutoConfig": "configuration_megamem.MegamemConfig",
 
 def expected_keys(cfg) -> set:
     """Every state-dict key of the model a config describes (built on the meta device)."""
-    from ..model import build_model
-
     with torch.device("meta"):
         return set(build_model(cfg).state_dict())
 
@@ -44,8 +44,6 @@ def to_hf_state_dict(state: Dict[str, torch.Tensor], cfg, dtype: torch.dtype) ->
     missing, extra = sorted(want - set(state) - tied), sorted(set(state) - want)
     if missing or extra:
         raise ConfigError(f"the weights do not match their config.yaml: missing {missing[:5]}, unexpected {extra[:5]}")
-    from .convert import progress
-
     out, seen = {}, set()
     for name in progress(sorted(want - tied), "convert"):
         t = state[name].detach()
@@ -62,12 +60,11 @@ def write_megamem_folder(folder: str, state: Dict[str, torch.Tensor], cfg, dtype
     from huggingface_hub import save_torch_state_dict
 
     from .configuration import MegamemHFConfig
-    from .convert import DTYPES
 
     config = MegamemHFConfig.from_megamem(cfg, routing_strategy_inference=routing_strategy, auto_map=AUTO_MAP,
-                                          architectures=["MegamemForCausalLM"], dtype=DTYPES[dtype])
+                                          architectures=["MegamemForCausalLM"], dtype=SAVE_DTYPES[dtype])
     config.megamem_config()  # refuses a bad routing strategy before anything is written
-    save_torch_state_dict(to_hf_state_dict(state, cfg, DTYPES[dtype]), folder, max_shard_size=max_shard_size)
+    save_torch_state_dict(to_hf_state_dict(state, cfg, SAVE_DTYPES[dtype]), folder, max_shard_size=max_shard_size)
     config.save_pretrained(folder)
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
     for name in REMOTE_FILES:
@@ -85,8 +82,6 @@ def is_megamem_folder(path: str) -> bool:
 def load_megamem_folder(path: str, dtype: Optional[torch.dtype] = None):
     """(MemoryTransformer, megamem config, tokenizer or None) from an exported HF folder, to train on."""
     from .modeling import MegamemForCausalLM
-
-    from ..folders import check_stamp
 
     if not is_megamem_folder(path):
         raise ConfigError(f"{path}: not a megamem Hugging Face folder (config.json with model_type 'megamem')")

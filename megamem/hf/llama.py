@@ -1,30 +1,74 @@
 """Vanilla megamem models are Llama: same pre-norm block, RMSNorm, rotate-half RoPE, SwiGLU, GQA.
 
-Exporting one gives a native `LlamaForCausalLM` folder that loads with no remote code.
+Exporting one gives a native `LlamaForCausalLM` folder that loads with no remote code. Only configs
+that are exactly Llama qualify (an allow-list of fields and values, not a list of known
+differences), so a new model option can never be exported as Llama by mistake.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List
 
 import torch
 
-from ..config import ConfigError, MegamemConfig, mlp_type, position_type
+from ..config import ConfigError, MegamemConfig, PositionEncodingConfig
 from ..memory.placement import memory_layers
 
 
+ANY = "any value"
+
+# The ModelConfig fields a LlamaConfig expresses, with the values it expresses (ANY: every value).
+# Export as native Llama only when every field is allowed here; a field not listed must keep its
+# default. So a field added to megamem later exports as the megamem format until a test shows
+# Llama's logits equal megamem's with it (tests/test_hf_llama.py checks every field both ways).
+LLAMA_MODEL_FIELDS = {
+    "hidden_dim": ANY, "num_heads": ANY, "num_kv_heads": ANY, "num_layers": ANY, "intermediate_dim": ANY,
+    "vocab_size": ANY, "max_seq_len": ANY, "rope_theta": ANY, "attention_dropout": ANY, "norm_eps": ANY,
+    "initializer_range": ANY, "tie_embeddings": ANY, "tokenizer_name": ANY, "bos_token_id": ANY,
+    "eos_token_id": ANY, "pad_token_id": ANY,
+    "use_flash_attention": ANY,  # a kernel choice: the same arithmetic
+    "freeze_base_model": ANY,  # only read for adapter runs
+    # RoPE, RMSNorm, SwiGLU, multi-head/grouped-query attention (the aliases resolve to the registry keys)
+    "pos_encoding": (PositionEncodingConfig("rope"), PositionEncodingConfig(None)), "use_rope": (True, None),
+    "mlp_type": ("swiglu", None), "hidden_activation": ("silu", None), "use_rms_norm": (True,),
+    "attention_type": ("mha", "standard", "gqa"),
+    "dropout": (0.0,),  # Llama has no residual or embedding dropout
+    "base_model_name": (None,), "load_in_4bit": (False,),
+}
+# MemoryConfig fields that change nothing in a model without memory layers (vanilla_mode, or
+# memory_layer_placement none): Llama needs no memory layers, and then these may hold any value.
+LLAMA_INERT_MEMORY_FIELDS = {
+    "vanilla_mode", "num_memory_tokens", "memory_dim", "memory_num_heads", "memory_num_kv_heads",
+    "memory_layer_placement", "memory_layer_k", "memory_layer_n", "memory_layer_indices", "memory_sharing",
+    "memory_sharing_k", "memory_block_variant", "memory_dropout", "use_low_rank_memory", "memory_rank",
+    "low_rank_mode", "use_low_rank_projections", "projection_rank", "use_chapters", "num_chapters",
+    "tokens_per_chapter", "top_k_chapters", "num_shared_chapters", "routed_scaling_factor",
+    "routing_strategy_train", "routing_strategy_inference", "use_load_balance_loss", "load_balance_coefficient",
+    "use_auxiliary_loss", "auxiliary_loss_coefficient", "use_z_loss", "z_loss_coefficient", "shared_router",
+    "rolling_interval", "rolling_window", "token_routing_formulation", "sparse_bank_grad", "quantize_memory",
+    "memory_quant_bits", "wo_init_zero", "memory_init_std", "memory_gradient_checkpointing", "use_lora",
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_memory_adapter", "use_both_memory_and_lora",
+}
+
+
+def _default(section, name: str):
+    f = next(f for f in dataclasses.fields(section) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def llama_incompatibilities(cfg: MegamemConfig) -> List[str]:
-    m = cfg.model
+    """Why this model is not exactly a Llama (empty: it is, and exports as LlamaForCausalLM)."""
     problems = []
-    if memory_layers(cfg.memory, m.num_layers):
+    if memory_layers(cfg.memory, cfg.model.num_layers):
         problems.append("the model has memory layers (Llama has no memory cross-attention)")
-    if not m.use_rms_norm:
-        problems.append("model.use_rms_norm is false (Llama uses RMSNorm)")
-    if mlp_type(m) != "swiglu":
-        problems.append(f"model.mlp_type is {mlp_type(m)} (Llama uses swiglu)")
-    if position_type(m) != "rope":
-        problems.append(f"model.pos_encoding.type is {position_type(m)} (Llama uses rope)")
-    if m.attention_type not in ("mha", "standard", "gqa"):
-        problems.append(f"model.attention_type is {m.attention_type} (Llama uses mha)")
+    for section, allowed in (("model", LLAMA_MODEL_FIELDS), ("memory", dict.fromkeys(LLAMA_INERT_MEMORY_FIELDS, ANY))):
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            ok = allowed.get(f.name, (_default(values, f.name),))
+            if ok is not ANY and value not in ok:
+                expressible = "no value but its default" if f.name not in allowed else " or ".join(map(repr, ok))
+                problems.append(f"{section}.{f.name} is {value!r} (Llama expresses only {expressible})")
     return problems
 
 
@@ -66,4 +110,12 @@ def to_llama_state_dict(state: Dict[str, torch.Tensor], cfg: MegamemConfig) -> D
         })
     if m.tie_embeddings:
         out.pop("lm_head.weight")
+    used = {"tok_embeddings.weight", "norm.weight", "lm_head.weight"} | {
+        f"blocks.{i}.{name}" for i in range(m.num_layers) for name in
+        ("attn.qkv_proj.weight", "attn_norm.weight", "attn.o_proj.weight", "mlp_norm.weight",
+         "mlp.gate_up_proj.weight", "mlp.down_proj.weight")}
+    left = sorted(set(state) - used)
+    if left:  # weights Llama has no place for: exporting without them would change the model
+        raise ConfigError(f"this model cannot be exported as native Llama: its weights {left[:5]} have no Llama "
+                          "counterpart; export it in the megamem format")
     return {k: v.contiguous() for k, v in out.items()}

@@ -1,9 +1,12 @@
 """FLOP accounting shared by every model kind (megamem's own and adapters on HF bases).
 
-The definition of model FLOPs per token lives in megamem.train.metrics.flops_per_token; these are
-its pieces, here so that adapter models (below the train layer) count the same way.
+`flops_per_token` is the one definition of model FLOPs per token (MFU in megamem.train.metrics);
+it and its pieces live in the model layer so that adapter models, pipeline stages and training all
+count the same way without importing upwards.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -27,3 +30,33 @@ def memory_rows_read(mem) -> int:
         return mem.num_memory_tokens
     per_chapter = mem.tokens_per_chapter or mem.num_memory_tokens // mem.num_chapters
     return (mem.top_k_chapters + mem.num_shared_chapters) * per_chapter
+
+
+def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
+    """Model FLOPs per trained token — the one definition behind MFU (FLOPs computed / measured peak).
+
+    Weights: 6 per trainable and 4 per frozen weight element (no weight gradient), embeddings and
+    banks excluded (lookups, not matmuls); the LM head counts (tied: the embedding matrix again).
+    Self-attention: QKᵀ and PV over an average causal context of seq_len/2, ×3 for training.
+    Memory attention: QKᵀ and PV over the bank rows a token reads (`memory_rows_read`: with chapters,
+    its chapters only). With `batch`, a dense bank's K/V projections count as what they are — one
+    projection of the bank rows per memory layer per forward, shared by batch·seq_len tokens.
+    Whole-parameter sizes (ZeRO-3 shards counted whole), so every stage and layout gives one number.
+    """
+    if hasattr(model, "flops_per_token"):  # adapter models count their own base
+        return model.flops_per_token(seq_len)
+    m, mem = model.model_config, model.memory_config
+    embeds = [model.tok_embeddings.weight] + list(model.pos_embeddings.parameters())  # lookups, not matmuls
+    banks = [p for b in model.banks for p in b.parameters()]
+    dense = weight_flops(model.parameters(), skip=embeds + banks)
+    if m.tie_embeddings:
+        dense += (6 if model.tok_embeddings.weight.requires_grad else 4) * full_numel(model.tok_embeddings.weight)
+    attn = 6 * 2 * m.num_layers * (seq_len / 2) * m.hidden_dim
+    heads = mem.memory_num_heads or m.num_heads
+    memory = 6 * 2 * len(model.memory_layers) * memory_rows_read(mem) * heads * (m.hidden_dim // heads)
+    if batch is not None and not mem.use_chapters:
+        kv = [p for i in model.memory_layers for proj in (model.blocks[i].memory.attn.k_proj,
+                                                           model.blocks[i].memory.attn.v_proj)
+              for p in proj.parameters()]
+        dense += weight_flops(kv) * (mem.num_memory_tokens / (batch * seq_len) - 1)
+    return dense + attn + memory

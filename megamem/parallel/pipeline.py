@@ -251,9 +251,9 @@ class MemoryPipelineModule(PipelineModule):
         return params
 
     def flops_per_token(self, seq_len: int) -> float:
-        """The whole model's (megamem.train.metrics counts every stage, like every data-parallel rank)."""
+        """The whole model's (megamem.model.flops counts every stage, like every data-parallel rank)."""
         from ..model import build_model
-        from ..train.metrics import flops_per_token
+        from ..model.flops import flops_per_token
 
         with torch.device("meta"):
             return flops_per_token(build_model(self.cfg), seq_len)
@@ -261,7 +261,7 @@ class MemoryPipelineModule(PipelineModule):
     def load_plain_state_dict(self, state: Dict[str, torch.Tensor], where: str) -> None:
         """Load this stage's layers from a plain state dict (an export, or another layout's weights)."""
         from ..config import ConfigError
-        from ..train.init_from import check_shapes
+        from .weights import check_shapes
 
         aliases = plain_aliases(self.cfg)
         for i in range(self._local_start, self._local_stop):
@@ -290,7 +290,7 @@ class MemoryPipelineModule(PipelineModule):
 
 def build_pipeline_model(cfg: MegamemConfig, ds_config: Dict[str, Any], seed: int) -> MemoryPipelineModule:
     """The plain model with this seed (as a ZeRO-0/1 run builds it), cut into the configured stages."""
-    from ..train.ds_config import pipeline_stages
+    from .layout import pipeline_stages
     from .zero import build_model_for_zero
 
     plain = build_model_for_zero(cfg, ds_config, 0, seed)

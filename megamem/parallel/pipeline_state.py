@@ -85,7 +85,7 @@ def plain_state_dict_from_checkpoint(ckpt_dir: str, tag: Optional[str] = None) -
     import glob
 
     from ..config import ConfigError, load_config
-    from ..train.checkpoint import COMPLETE, resolve_resume
+    from .checkpoint_files import COMPLETE, resolve_resume
 
     if tag is None:
         if not any(os.path.isfile(os.path.join(ckpt_dir, f)) for f in (COMPLETE, "latest")):

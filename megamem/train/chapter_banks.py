@@ -24,32 +24,6 @@ import torch.nn as nn
 from ..config import ConfigError, MegamemConfig
 
 
-def banks_from_checkpoint(folder: str) -> Dict[str, torch.Tensor]:
-    """Whole banks (`banks.<name>` keys) from a checkpoint's chapter_banks_rank*.safetensors; {} if it has none.
-
-    The engine's files hold a stale copy of these banks; readers of checkpoints (megamem.hf) use this.
-    Ranks 0 … ep_size−1 form the first expert-parallel group, holding chapter shards in rank order.
-    """
-    from ..safe_load import open_safetensors
-
-    first = os.path.join(folder, "chapter_banks_rank0.safetensors")
-    if not os.path.isfile(first):
-        return {}
-    with open_safetensors(first) as f:
-        ep = int(f.metadata().get("ep_size", 1))
-    parts: Dict[str, list] = {}
-    for r in range(ep):
-        file = os.path.join(folder, f"chapter_banks_rank{r}.safetensors")
-        if not os.path.isfile(file):
-            raise ConfigError(f"{folder}: chapter shards of ep_size {ep} need chapter_banks_rank0 … {ep - 1}; "
-                              f"{os.path.basename(file)} is missing (an incomplete copy of the checkpoint?)")
-        with open_safetensors(file) as f:
-            for key in f.keys():
-                if key.startswith("param."):
-                    parts.setdefault(f"banks.{key[len('param.'):]}", []).append(f.get_tensor(key))
-    return {name: torch.cat(shards) for name, shards in parts.items()}
-
-
 def banks_outside_engine(cfg: MegamemConfig) -> bool:
     return cfg.memory.use_chapters and (cfg.parallel.ep_size > 1 or cfg.memory.sparse_bank_grad)
 

@@ -6,26 +6,24 @@ Layout of `output_dir/checkpoints/`:
     best                     name of the checkpoint with the lowest eval loss
 A checkpoint counts only once COMPLETE exists, written after every rank finished; `latest` is
 switched after that, so a process killed mid-save leaves `latest` on the previous checkpoint.
-Engine files load with `torch.load(weights_only=True)`: no pickled code runs on resume.
+Engine files load with `torch.load(weights_only=True)`: no pickled code runs on resume. The reading side
+(marker, `latest`, safe loading) is megamem.parallel.checkpoint_files, which readers of weights share.
 """
 from __future__ import annotations
 
 import base64
 import json
 import os
-import pickle
 import random
 import shutil
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
 
 from ..comm import barrier
 from ..config import ConfigError
-from ..safe_load import weights_error
-
-COMPLETE = "COMPLETE"
+from ..parallel.checkpoint_files import COMPLETE, complete_tags, resolve_resume, safe_torch_load  # noqa: F401 (re-exported)
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -60,26 +58,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
                                       for s in state["cuda"]])
-
-
-def complete_tags(ckpt_dir: str) -> List[str]:
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(t for t in os.listdir(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, t, COMPLETE)))
-
-
-def resolve_resume(path: str, output_dir: str) -> tuple:
-    """`latest`, a checkpoints folder, or one checkpoint folder → (checkpoints dir, tag)."""
-    ckpt_dir = os.path.join(output_dir, "checkpoints") if path == "latest" else path
-    if os.path.isfile(os.path.join(ckpt_dir, COMPLETE)):  # a single checkpoint folder
-        return os.path.dirname(os.path.abspath(ckpt_dir)), os.path.basename(os.path.abspath(ckpt_dir))
-    latest = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(latest):
-        raise ConfigError(f"training.resume_from_checkpoint: no checkpoint at {ckpt_dir} (no 'latest' file)")
-    tag = open(latest, encoding="utf-8").read().strip()
-    if not os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE)):
-        raise ConfigError(f"training.resume_from_checkpoint: {os.path.join(ckpt_dir, tag)} is incomplete")
-    return ckpt_dir, tag
 
 
 class CheckpointManager:
@@ -168,41 +146,3 @@ class CheckpointManager:
             raise ConfigError(f"DeepSpeed found no engine state in {os.path.join(ckpt_dir, tag)}")
         set_rng_state(state["rng"])
         return state
-
-
-class safe_torch_load:
-    """Within this context torch.load ignores weights_only=False: checkpoints load as data only.
-
-    DeepSpeed passes weights_only=False everywhere; its checkpoints hold only tensors, numbers,
-    strings and a few plain enums, which are allow-listed here.
-    """
-
-    def __enter__(self):
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        self._orig = torch.load
-        torch.serialization.add_safe_globals([ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, set,
-                                              argparse_namespace()])
-        orig = self._orig
-
-        def load(f, *args, **kwargs):
-            kwargs["weights_only"] = True
-            try:
-                return orig(f, *args, **kwargs)
-            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-                raise weights_error(str(f), e) from None
-
-        torch.load = load
-        return self
-
-    def __exit__(self, *exc):
-        torch.load = self._orig
-        return False
-
-
-def argparse_namespace():
-    import argparse
-
-    return argparse.Namespace

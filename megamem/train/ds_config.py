@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..config import ConfigError, MegamemConfig
+from ..parallel.layout import pipeline_stages, zero_stage  # noqa: F401 (re-exported)
 
 
 def load_ds_json(path: str) -> Dict[str, Any]:
@@ -40,16 +41,6 @@ def _fill(ds: Dict[str, Any], key_path: List[str], value: Any, yaml_key: str, wh
         raise ConfigError(f"{where}: {'.'.join(key_path)} = {current!r} conflicts with {yaml_key} = {value!r} in the "
                           f"YAML; set it to \"auto\" in the JSON (the YAML is the one source of truth)")
     node[leaf] = value
-
-
-def zero_stage(ds: Dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
-def pipeline_stages(ds: Dict[str, Any]) -> int:
-    """Stages of a resolved config (1 = no pipeline)."""
-    stages = ds.get("pipeline", {}).get("stages", 1)
-    return stages if isinstance(stages, int) else 1
 
 
 def _resolve_pipeline(ds: Dict[str, Any], cfg: MegamemConfig, where: str) -> int:

@@ -1,9 +1,10 @@
 """training.init_from: start a run from saved weights only — how a run changes layout.
 
-A pipeline checkpoint resumes exactly only on its own layout. To continue on another one (plain
-data parallel, ZeRO, a different number of stages), start from its weights: optimizer state,
-schedule and data position start fresh. Accepts an export folder (model.safetensors + config.yaml,
-e.g. output_dir/final) or a pipeline checkpoint (megamem.parallel.pipeline_state.plain_state_dict_from_checkpoint).
+A checkpoint resumes exactly only on its own layout. To continue on another one (plain data
+parallel, ZeRO, expert parallel, a different number of pipeline stages), start from its weights:
+optimizer state, schedule and data position start fresh. Accepts every source the Hugging Face
+converter accepts (megamem.parallel.weights.read_weights): an export folder, or a checkpoint of any
+ZeRO stage, pipeline or expert-parallel layout.
 """
 from __future__ import annotations
 
@@ -14,36 +15,15 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
+from ..parallel.pipeline_state import plain_aliases
+from ..parallel.weights import check_shapes, read_weights  # noqa: F401 (check_shapes re-exported)
 
 
 def read_plain_weights(path: str) -> Dict[str, torch.Tensor]:
-    """Plain MemoryTransformer weights from an export folder or a pipeline checkpoint (no pickled code runs)."""
-    weights = os.path.join(path, "model.safetensors")
-    if os.path.isfile(weights):
-        if os.path.isfile(os.path.join(path, "adapter.json")):
-            raise ConfigError(f"training.init_from: {path} is an adapter export; adapters start from their base model")
-        from ..safe_load import load_safetensors as load_file
-
-        return load_file(weights)
-    if not os.path.isdir(path):
-        raise ConfigError(f"training.init_from: {path} does not exist (give an export folder or a pipeline checkpoint)")
-    from ..parallel.pipeline_state import plain_state_dict_from_checkpoint
-
-    try:
-        return plain_state_dict_from_checkpoint(path)
-    except ConfigError as e:
-        raise ConfigError(f"training.init_from: {e} (give an export folder with model.safetensors, or a pipeline "
-                          "checkpoint)") from None
-
-
-def check_shapes(expected: Dict[str, torch.Size], state: Dict[str, torch.Tensor], path: str) -> None:
-    """One line naming the first tensor whose shape differs (load_state_dict would list them all)."""
-    bad = [k for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape)]
-    if bad:
-        k = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ConfigError(f"training.init_from: {path} does not fit this model config: {k} has shape "
-                          f"{list(state[k].shape)} there, {list(expected[k])} here{more}")
+    """Plain MemoryTransformer weights from an export folder or any checkpoint (no pickled code runs)."""
+    if os.path.isfile(os.path.join(path, "adapter.json")):
+        raise ConfigError(f"training.init_from: {path} is an adapter export; adapters start from their base model")
+    return read_weights(path, "training.init_from")[0]
 
 
 def init_from(model: nn.Module, cfg, zero_stage: int) -> None:
@@ -59,8 +39,6 @@ def init_from(model: nn.Module, cfg, zero_stage: int) -> None:
         return
     check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    from ..parallel.pipeline_state import plain_aliases
-
     aliases = plain_aliases(cfg)  # a tied head or a shared router is loaded under its first name
     missing = sorted(k for k in missing if aliases.get(k, k) not in state)
     if unexpected or missing:

@@ -11,12 +11,12 @@ import torch
 
 from ..comm import all_reduce, barrier
 from ..config import ConfigError, MegamemConfig, dump_config
+from ..folders import SAVE_DTYPES, export_model
 from ..parallel.checkpointing import set_activation_checkpointing
 from ..parallel.distributed import init_distributed
 from ..parallel.zero import build_model_for_zero, gathered_state_dict
 from .chapter_banks import ChapterBanks, banks_outside_engine
 from .checkpoint import CheckpointManager, resolve_resume
-from .export import SAVE_DTYPES, export_model
 from .ds_config import pipeline_stages, resolve_ds_config, zero_stage
 from .metrics import MetricsLogger, flops_per_token, measure_peak_flops, mfu
 from .optim import build_optimizer, build_scheduler, parameter_groups

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine set-up, optimizer groups, LoRA/freezing, schedules, the loop, checkpoints, metrics."""
