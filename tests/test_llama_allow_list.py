@@ -11,7 +11,7 @@ import typing
 import pytest
 import torch
 
-from megamem.config import ConfigError, MemoryConfig, ModelConfig
+from megamem.config import ConfigError, MemoryConfig, ModelConfig, PositionEncodingConfig
 from megamem.folders import export_model
 from megamem.hf.convert import convert_to_hf
 from megamem.hf.llama import (ANY, LLAMA_INERT_MEMORY_FIELDS, LLAMA_MODEL_FIELDS, llama_config,
@@ -27,6 +27,9 @@ LLAMA_EXAMPLES = {
     "initializer_range": 0.05, "tie_embeddings": True, "tokenizer_name": "some/tokenizer", "bos_token_id": 3,
     "eos_token_id": 4, "pad_token_id": 5, "use_flash_attention": False, "freeze_base_model": False,
 }
+# non-default values Llama cannot express, for fields whose type allows Llama values besides the default
+NON_LLAMA = {"hidden_activation": "gelu", "use_rope": False, "mlp_type": "gelu",
+             "pos_encoding": PositionEncodingConfig("learned")}
 FIELDS = [("model", f.name) for f in dataclasses.fields(ModelConfig)] + \
          [("memory", f.name) for f in dataclasses.fields(MemoryConfig)]
 
@@ -53,8 +56,8 @@ def non_default(section_type, name):
 
 def variant(section, name):
     cfg = tiny_config("memory.vanilla_mode=true")
-    value = LLAMA_EXAMPLES[name] if section == "model" and name in LLAMA_EXAMPLES else \
-        non_default(ModelConfig if section == "model" else MemoryConfig, name)
+    examples = {**LLAMA_EXAMPLES, **NON_LLAMA} if section == "model" else {}
+    value = examples[name] if name in examples else non_default(ModelConfig if section == "model" else MemoryConfig, name)
     values = dataclasses.replace(getattr(cfg, section), **{name: value})
     return dataclasses.replace(cfg, **{section: values}), value
 

@@ -1,11 +1,8 @@
 """Self-attention types, by `model.attention_type` (one file each; registered where defined)."""
-from ..registry import Registry
-
-ATTENTION = Registry("model.attention_type")
-
-from . import mha  # noqa: E402,F401  (registers mha)
-from .masks import document_mask  # noqa: E402
-from .mha import flash_attention_usable  # noqa: E402
+from .registry import ATTENTION
+from . import mha  # noqa: F401  (registers mha)
+from .masks import document_mask
+from .mha import flash_attention_usable
 
 
 def build_attention(model_config, layer_idx: int):

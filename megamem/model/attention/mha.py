@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ...config import ModelConfig
 from ...ops import Linear, sdpa
-from . import ATTENTION
+from .registry import ATTENTION
 from .masks import additive_mask, causal_mask
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None

@@ -3,12 +3,9 @@
 A registered factory `(model_config, memory_config, layer_idx) → ResidualBranch or None` decides
 whether layer layer_idx gets the branch; Block holds it under the registered name.
 """
-from ..registry import Registry
-
-BRANCHES = Registry("block branch")
-
-from . import memory  # noqa: E402,F401  (registers memory)
-from .base import ResidualBranch  # noqa: E402
-from .memory import MemoryBranch  # noqa: E402
+from .registry import BRANCHES
+from . import memory  # noqa: F401  (registers memory)
+from .base import ResidualBranch
+from .memory import MemoryBranch
 
 __all__ = ["BRANCHES", "MemoryBranch", "ResidualBranch"]

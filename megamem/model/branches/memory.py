@@ -18,7 +18,7 @@ from ...memory.cross_attention import MemoryCrossAttention
 from ...memory.placement import bank_assignment, memory_layers
 from ..layers import make_norm
 from ..mlp import build_mlp
-from . import BRANCHES
+from .registry import BRANCHES
 from .base import ResidualBranch
 
 

@@ -1,10 +1,7 @@
 """MLP types, by `model.mlp_type` (one file each; registered where defined)."""
 from ...config import mlp_type
-from ..registry import Registry
-
-MLP = Registry("model.mlp_type")
-
-from . import gelu, swiglu  # noqa: E402,F401  (register swiglu, gelu, gelu_tanh)
+from .registry import MLP
+from . import gelu, swiglu  # noqa: F401  (register swiglu, gelu, gelu_tanh)
 
 
 def build_mlp(model_config, layer_idx: int):

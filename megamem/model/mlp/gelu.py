@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ...config import ModelConfig
 from ...ops import Linear
-from . import MLP
+from .registry import MLP
 
 
 class GeluMLP(nn.Module):

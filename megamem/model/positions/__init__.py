@@ -4,12 +4,9 @@ An encoding is a PositionEncoding (base.py) with up to three hooks: an additive 
 rotation of q/k, an additive attention bias. Each is a no-op unless the encoding overrides it.
 """
 from ...config import position_type
-from ..registry import Registry
-
-POSITIONS = Registry("model.pos_encoding.type")
-
-from . import learned, none, rope  # noqa: E402,F401  (register learned, none, rope)
-from .base import PositionEncoding  # noqa: E402
+from .registry import POSITIONS
+from . import learned, none, rope  # noqa: F401  (register learned, none, rope)
+from .base import PositionEncoding
 
 
 def build_positions(model_config) -> PositionEncoding:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ...config import ModelConfig
-from . import POSITIONS
+from .registry import POSITIONS
 from .base import PositionEncoding
 
 

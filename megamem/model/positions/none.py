@@ -1,6 +1,6 @@
 """No positional encoding (NoPE): causal attention alone orders the tokens."""
 from ...config import ModelConfig
-from . import POSITIONS
+from .registry import POSITIONS
 from .base import PositionEncoding
 
 

@@ -6,7 +6,7 @@ from typing import Tuple
 import torch
 
 from ...config import ModelConfig
-from . import POSITIONS
+from .registry import POSITIONS
 from .base import PositionEncoding
 
 
