@@ -154,6 +154,11 @@ def test_pipeline_chapters_router_losses_reach_the_loss(tmp_path):
     ev = run_ranks(_eval_from, str(tmp_path / "pipe2"), PIPELINE,
                    (*CHAPTERS, f"training.init_from={tmp_path / 'plain' / 'final'}"), tmp_path=tmp_path / "r3")
     assert all(abs(e - plain["eval"]["eval_loss"]) <= 1e-5 for e in ev)
+    # growth across layouts: a pipeline one block deeper (training.init_from_new, zeros) is the plain model
+    ev = run_ranks(_eval_from, str(tmp_path / "pipe3"), PIPELINE,
+                   (*CHAPTERS, "model.num_layers=5", f"training.init_from={tmp_path / 'plain' / 'final'}",
+                    "training.init_from_new=['blocks.4.*']", "training.init_from_new_init=zeros"), tmp_path=tmp_path / "r5")
+    assert all(abs(e - plain["eval"]["eval_loss"]) <= 1e-5 for e in ev)
 
 
 def test_pipeline_layout_is_resolved_and_refused_with_reasons(tmp_path):

@@ -175,7 +175,9 @@ class TrainingConfig:
     wandb_run_name: Optional[str] = None
     output_dir: str = "./outputs"
     resume_from_checkpoint: Optional[str] = None
-    init_from: Optional[str] = None  # weights only (fresh optimizer, schedule, data): an export folder or a pipeline checkpoint
+    init_from: Optional[str] = None  # weights only (fresh optimizer, schedule, data): an export folder or any checkpoint
+    init_from_new: Optional[List[str]] = None  # growth: globs of parameters this model adds (absent from init_from)
+    init_from_new_init: Literal["model", "zeros"] = "model"  # new parameters keep the model's own init, or start at 0
     seed: int = 42
 
 

@@ -173,6 +173,9 @@ def _lora_modes(cfg: MegamemConfig, memory_on: bool, problems: List[str]) -> Non
 
 def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
     t = cfg.training
+    if t.init_from_new is not None and (t.init_from is None or not t.init_from_new):
+        problems.append("training.init_from_new names parameters absent from training.init_from: give init_from and "
+                        "at least one pattern, or remove init_from_new")
     _positive(problems, "training", t, "batch_size", "gradient_accumulation_steps", "num_epochs", "max_steps",
               "max_length", "save_steps", "eval_steps", "save_total_limit", "logging_steps",
               "early_stopping_patience", "memory_lr", "lora_lr", "base_model_lr", "learning_rate",

@@ -25,7 +25,7 @@ Cost: each rank builds the whole plain model once on CPU before dropping the oth
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -258,8 +258,9 @@ class MemoryPipelineModule(PipelineModule):
         with torch.device("meta"):
             return flops_per_token(build_model(self.cfg), seq_len)
 
-    def load_plain_state_dict(self, state: Dict[str, torch.Tensor], where: str) -> None:
-        """Load this stage's layers from a plain state dict (an export, or another layout's weights)."""
+    def load_plain_state_dict(self, state: Dict[str, torch.Tensor], where: str, new: Iterable[str] = ()) -> None:
+        """Load this stage's layers from a plain state dict (an export, or another layout's weights);
+        parameters named in `new` (plain names, declared by training.init_from_new) keep their init."""
         from ..config import ConfigError
         from .weights import check_shapes
 
@@ -269,14 +270,24 @@ class MemoryPipelineModule(PipelineModule):
             if not isinstance(layer, nn.Module):
                 continue
             wanted = {k: aliases.get(plain_name(k, names), plain_name(k, names)) for k in layer.state_dict()}
-            missing = sorted(v for v in wanted.values() if v not in state)
+            new = set(new)
+            missing = sorted(v for v in wanted.values() if v not in state and v not in new)
             if missing:
                 raise ConfigError(f"training.init_from: {where} has no weights for {missing[:5]} (saved from a "
-                                  "different model config?)")
-            mine = {k: state[v] for k, v in wanted.items()}
+                                  "different model config? a model that adds parameters declares them in "
+                                  "training.init_from_new)")
+            mine = {k: state[v] for k, v in wanted.items() if v in state}
             check_shapes({k: v.shape for k, v in layer.state_dict().items()}, mine, where)
-            layer.load_state_dict(mine)
+            layer.load_state_dict(mine, strict=False)
         self._synchronize_tied_weights()
+
+    def plain_named_parameters(self):
+        """(plain MemoryTransformer name, parameter) of this stage's layers."""
+        for i in range(self._local_start, self._local_stop):
+            layer = self._local_layer(i)
+            if isinstance(layer, nn.Module):
+                for k, p in layer.named_parameters(remove_duplicate=False):
+                    yield plain_name(k, self.plan[i]["names"]), p
 
     def plain_state_dict(self) -> Dict[str, torch.Tensor]:
         """This stage's weights under plain MemoryTransformer names (shared modules under every alias)."""

@@ -8,8 +8,9 @@ ZeRO stage, pipeline or expert-parallel layout.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
-from typing import Dict
+from typing import Dict, Iterator, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,13 +35,53 @@ def init_from(model: nn.Module, cfg, zero_stage: int) -> None:
     if cfg.model.base_model_name is not None:
         raise ConfigError("training.init_from: adapter runs start from model.base_model_name; remove init_from")
     state = read_plain_weights(path)
+    new = declared_new(cfg, state, path)
     if hasattr(model, "load_plain_state_dict"):  # a pipeline: each stage takes its layers
-        model.load_plain_state_dict(state, path)
-        return
-    check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    aliases = plain_aliases(cfg)  # a tied head or a shared router is loaded under its first name
-    missing = sorted(k for k in missing if aliases.get(k, k) not in state)
-    if unexpected or missing:
-        raise ConfigError(f"training.init_from: {path} does not match this model config: missing "
-                          f"{missing[:5]}, unexpected {sorted(unexpected)[:5]}")
+        model.load_plain_state_dict(state, path, new)
+    else:
+        check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        aliases = plain_aliases(cfg)  # a tied head or a shared router is loaded under its first name
+        missing = sorted(k for k in missing if aliases.get(k, k) not in state and k not in new)
+        if unexpected or missing:
+            hint = " (a model that adds parameters declares them in training.init_from_new)" if missing else ""
+            raise ConfigError(f"training.init_from: {path} does not match this model config: missing "
+                              f"{missing[:5]}, unexpected {sorted(unexpected)[:5]}{hint}")
+    if cfg.training.init_from_new_init == "zeros":
+        named = list(plain_named_parameters(model))
+        loaded = {id(p) for name, p in named if name not in new}  # a shared module reached by a loaded name stays
+        with torch.no_grad():
+            for name, p in named:
+                if name in new and id(p) not in loaded:
+                    p.zero_()
+
+
+def declared_new(cfg, state: Dict[str, torch.Tensor], path: str) -> Set[str]:
+    """Plain names of the weights training.init_from_new declares (growth), checked against the source:
+    each pattern must match a parameter of this model, and none may match weights the source holds."""
+    patterns = cfg.training.init_from_new or []
+    if not patterns:
+        return set()
+    from ..model import build_model
+
+    with torch.device("meta"):
+        names = list(build_model(cfg).state_dict(keep_vars=True))  # parameters and persistent buffers
+    new: Set[str] = set()
+    for pattern in patterns:
+        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            raise ConfigError(f"training.init_from_new: '{pattern}' matches no parameter of this model "
+                              f"(names look like {', '.join(sorted(names)[:3])}, ...)")
+        held = sorted(hits & set(state))
+        if held:
+            raise ConfigError(f"training.init_from_new: '{pattern}' matches {held[:3]}, which {path} holds: they "
+                              "load from it; declare only parameters the source lacks")
+        new |= hits
+    return new
+
+
+def plain_named_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    """(plain MemoryTransformer name, parameter): a pipeline stage's names mapped back."""
+    if hasattr(model, "plain_named_parameters"):
+        return model.plain_named_parameters()
+    return model.named_parameters(remove_duplicate=False)
