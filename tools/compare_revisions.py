@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Training-step time of this checkout against another git revision, side by side in one run.
+"""Training-step (and decoding) time of this checkout against another git revision, side by side in one run.
 
-    python tools/compare_revisions.py --baseline main              # vanilla, dense memory, chapters
+    python tools/compare_revisions.py --baseline main              # vanilla, dense memory, chapters, generate
     python tools/compare_revisions.py --baseline HEAD~3 --rounds 7 --cases vanilla
 
 The baseline is checked out into a temporary git worktree. Each round runs one fresh process per side
@@ -22,8 +22,9 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CASES = {  # overrides on top of the size below
+CASES = {  # overrides on top of the size below; "generate" cases time decoding instead of a training step
     "vanilla": ["memory.vanilla_mode=true"],
+    "generate": ["memory.num_memory_tokens=4096", "memory.memory_layer_placement=all"],
     "memory": ["memory.num_memory_tokens=4096", "memory.memory_layer_placement=all", "memory.wo_init_zero=false"],
     "chapters": ["memory.num_memory_tokens=16384", "memory.use_chapters=true", "memory.num_chapters=64",
                  "memory.top_k_chapters=8", "memory.wo_init_zero=false"],
@@ -39,13 +40,19 @@ sys.path.insert(0, sys.argv[1])
 from megamem.config import load_config
 from megamem.model import build_model
 overrides, steps, batch, threads = json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+generate = sys.argv[6] == "generate"
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 cfg = load_config(None, ["--" + o for o in overrides])
 model = build_model(cfg).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 ids = torch.randint(0, cfg.model.vocab_size, (batch, cfg.training.max_length), generator=torch.Generator().manual_seed(0))
+if generate:
+    model.eval()
 def step():
+    if generate:  # 64 new tokens after a 32-token prompt, greedy, on the KV cache
+        with torch.no_grad():
+            return model.generate(ids[:, :32], 64).shape
     out = model(ids, labels=ids)
     (out.loss + sum(out.aux_losses.values())).backward()
     opt.step()
@@ -66,9 +73,9 @@ def worktree(rev: str) -> str:
     return path
 
 
-def run_side(src: str, overrides, args) -> float:
+def run_side(src: str, overrides, args, mode: str) -> float:
     out = subprocess.run([sys.executable, "-c", WORKER, src, json.dumps(overrides), str(args.steps), str(args.batch),
-                          str(args.threads)], capture_output=True, text=True, cwd=src)
+                          str(args.threads), mode], capture_output=True, text=True, cwd=src)
     if out.returncode != 0:
         raise SystemExit(f"error: a timing run in {src} failed:\n{out.stderr.strip().splitlines()[-1]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["median_s"]
@@ -92,7 +99,8 @@ def main(argv=None) -> int:
             for r in range(args.rounds):
                 order = ("base", "this") if r % 2 == 0 else ("this", "base")
                 for side in order:
-                    times[side].append(run_side(base if side == "base" else ROOT, overrides, args))
+                    times[side].append(run_side(base if side == "base" else ROOT, overrides, args,
+                                                "generate" if case == "generate" else "train"))
             b, t = statistics.median(times["base"]), statistics.median(times["this"])
             print(f"{case:10s} {b * 1e3:12.1f} {t * 1e3:10.1f} {b / t:14.3f}", flush=True)
     finally:
