@@ -1,0 +1,177 @@
+"""tools/convert_config.py: the other trainers' configs as megamem YAML — every key mapped or refused."""
+import importlib.util
+import os
+
+import pytest
+import yaml
+
+from megamem.config import load_config
+from megamem.config.migrate import migrate
+
+from conftest import ROOT
+
+PEER_MLA = """
+model_config:
+  hidden_size: 64
+  num_hidden_layers: 2
+  num_attention_heads: 4
+  intermediate_size: 96
+  vocab_size: 512
+  max_position_embeddings: 128
+  initializer_range: 0.02
+  layer_norm_eps: 1e-5
+train_config:
+  output_dir: "./output"
+  per_device_train_batch_size: 16
+  gradient_accumulation_steps: 4
+  learning_rate: 5e-5
+  weight_decay: 0.01
+  max_grad_norm: 1.0
+  num_train_epochs: 3
+  lr_scheduler_type: "cosine"
+  warmup_ratio: 0.1
+  log_level: "info"
+  logging_steps: 100
+  save_steps: 1000
+  eval_steps: 2000
+  seed: 42
+  fp16: false
+  bf16: false
+  tf32: false
+  resume_from_checkpoint: null
+dataset_config:
+  datasets:
+    - name: "pile-uncopyrighted"
+      path: "monology/pile-uncopyrighted"
+      split: "train"
+      streaming: true
+      weight: 0.7
+      text_field: "text"
+    - name: "local"
+      path: "data/corpus/kjv/train.jsonl"
+      split: "train"
+      weight: 0.3
+      text_field: "text"
+  tokenizer_name: "gpt2"
+  max_seq_length: 128
+wandb_config:
+  project: "llm-research"
+  name: "lm-training-peer-mla"
+"""
+
+
+def tool():
+    spec = importlib.util.spec_from_file_location("convert_config", os.path.join(ROOT, "tools", "convert_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write(tmp_path, text, name="src.yaml"):
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+def test_peer_mla_layout_maps_every_key(tmp_path, capsys):
+    out = str(tmp_path / "mine.yaml")
+    assert tool().main([write(tmp_path, PEER_MLA), "--output", out]) == 0
+    cfg = load_config(out)
+    m, t, d = cfg.model, cfg.training, cfg.data
+    assert (m.hidden_dim, m.num_layers, m.num_heads, m.intermediate_dim, m.vocab_size, m.max_seq_len, m.norm_eps) == \
+        (64, 2, 4, 96, 512, 128, 1e-5)
+    assert (t.batch_size, t.gradient_accumulation_steps, t.learning_rate, t.num_epochs, t.scheduler, t.warmup_ratio,
+            t.mixed_precision, t.max_length, t.wandb_project, t.wandb_run_name, t.log_to_wandb) == \
+        (16, 4, 5e-5, 3, "cosine", 0.1, "no", 128, "llm-research", "lm-training-peer-mla", True)
+    assert m.tokenizer_name == "gpt2" and cfg.memory.vanilla_mode
+    hub, local = d.datasets
+    assert (hub.name, hub.path, hub.streaming, hub.weight) == ("monology/pile-uncopyrighted", None, True, 0.7)
+    assert (local.name, local.path, local.weight) == ("local", "data/corpus/kjv/train.jsonl", 0.3)
+    printed = capsys.readouterr().out
+    assert "PEER + MLA trainer layout" in printed and "note: memory.vanilla_mode: true" in printed
+    assert "note: training.mixed_precision: no" in printed
+
+
+def test_keys_without_meaning_are_refused_together_with_what_to_use(tmp_path, capsys):
+    text = PEER_MLA.replace('  project: "llm-research"', "  project: p\n  entity: me")
+    src = write(tmp_path, text + "eval_config:\n  evals: [hellaswag]\n  eval_batch_size: 16\n")
+    out = tmp_path / "mine.yaml"
+    with pytest.raises(SystemExit) as e:
+        sys_exit(tool().run_cli, lambda: tool().main([src, "--output", str(out)]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert "eval_config.evals: benchmarks run on an exported folder: python scripts/eval.py" in err[0]
+    assert "--lm-eval-tasks" in err[0] and "wandb_config.entity: set WANDB_ENTITY" in err[0]
+    assert "eval_config.eval_batch_size: use scripts/eval.py --lm-eval-batch-size" in err[0]
+    assert not out.exists()
+    # leaving them out on purpose converts the rest
+    assert tool().main([src, "--output", str(out), "--drop", "eval_config", "wandb_config.entity"]) == 0
+    assert load_config(str(out)).training.wandb_project == "p"
+
+
+def sys_exit(run_cli, main):
+    raise SystemExit(run_cli(main))
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("train_config:\n  fp16: true\n  bf16: true\n", "train_config.fp16 and train_config.bf16 are both true"),
+    ("train_config:\n  lr_scheduler_type: polynomial\n", "lr_scheduler_type 'polynomial': megamem has cosine"),
+    ("train_config:\n  tf32: true\n", "train_config.tf32: megamem leaves TF32 off"),
+    ("train_config:\n  steps_per_epoch: 10\n", "give train_config.max_steps instead"),
+    ("model_config:\n  rope_scaling: {type: yarn}\n", "model_config.rope_scaling.type: has no megamem counterpart"),
+    ("dataset_config:\n  datasets: [{path: x.jsonl, format: json}]\n", "megamem reads the format from the file"),
+])
+def test_value_problems(text, problem):
+    _, _, problems, _ = migrate(yaml.safe_load(text))
+    assert any(problem in p for p in problems), problems
+
+
+def test_long_context_layout(tmp_path):
+    text = """
+experiment_name: spiral_small
+output_dir: ./outputs/spiral
+model:
+  pos_encoding: {type: rope}
+  attractor: {use_attractor: true}
+training: {batch_size: 2, learning_rate: 3.0e-4, lr_scheduler_type: linear, warmup_steps: 5, bf16: true, seed: 1}
+data: {max_seq_length: 64, dataloader_num_workers: 0}
+system: {num_gpus: 1, gradient_checkpointing: true, log_throughput: true, cpu_offload: false}
+evaluation: {benchmarks: [niah]}
+"""
+    _, _, problems, _ = migrate(yaml.safe_load(text))
+    assert [p.split(":")[0] for p in problems] == ["model.attractor", "evaluation"]
+    assert "not available in this version" in problems[0]
+    _, data, problems, _ = migrate(yaml.safe_load(text), drop=["model.attractor", "evaluation"])
+    assert not problems
+    out = str(tmp_path / "lc.yaml")
+    open(out, "w").write(yaml.safe_dump(data))
+    cfg = load_config(out)
+    assert (cfg.model.pos_encoding.type, cfg.training.wandb_run_name, cfg.training.scheduler,
+            cfg.training.mixed_precision, cfg.training.max_length, cfg.data.num_workers, cfg.training.num_gpus,
+            cfg.training.gradient_checkpointing) == ("rope", "spiral_small", "linear", "bf16", 64, 0, 1, True)
+
+
+def test_stack_wise_layout(tmp_path):
+    text = """
+model: {vocab_size: 512, d_model: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 96, attention_mode: causal,
+        attention_type: gqa, tie_embeddings: true}
+training: {mode: fused, fusion_mode: frozen, learning_rate: 5.0e-4, batch_size: 8, max_steps: 100}
+"""
+    _, _, problems, _ = migrate(yaml.safe_load(text))
+    assert [p.split(":")[0] for p in problems] == ["training.mode", "training.fusion_mode"]
+    assert "progressive Stack-Wise training is not available" in problems[0]
+    _, data, problems, _ = migrate(yaml.safe_load(text), drop=["training.mode", "training.fusion_mode"])
+    assert not problems
+    out = str(tmp_path / "sw.yaml")
+    open(out, "w").write(yaml.safe_dump(data))
+    m = load_config(out).model
+    assert (m.hidden_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_dim, m.attention_type,
+            m.tie_embeddings) == (64, 2, 4, 2, 96, "gqa", True)
+    _, _, problems, _ = migrate({"model": {"d_model": 8, "attention_mode": "bidirectional"}})
+    assert problems == ["model.attention_mode: attention_mode 'bidirectional': megamem trains causal decoders only; "
+                        "use attention_mode: causal"]
+
+
+def test_a_megamem_config_needs_no_conversion():
+    _, _, problems, _ = migrate(yaml.safe_load(open(os.path.join(ROOT, "configs", "tiny_cpu.yaml"))))
+    assert problems and "megamem configs need no conversion" in problems[0]
