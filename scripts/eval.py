@@ -1,9 +1,14 @@
 #!/usr/bin/env python
-"""Evaluate a trained megamem model: perplexity, chapter usage, lm-eval benchmarks.
+"""Evaluate a trained model: perplexity, chapter usage, long-context tasks (NIAH, RULER), lm-eval benchmarks.
 
     python scripts/eval.py --model outputs/run/final                       # perplexity on the run's eval split
     python scripts/eval.py --model hf/run --config configs/x.yaml --training.eval_split test --max-batches 50
+    python scripts/eval.py --model outputs/run/final --benchmarks niah ruler --niah-lengths 1024 2048 \
+        --niah-depths 0.1 0.5 0.9 --output results.json                   # JSON, heatmap and plot beside it
     python scripts/eval.py --model hf/run --lm-eval-tasks arc_easy,hellaswag --lm-eval-limit 200
+
+Every key of the config's `evaluation:` section is also a flag named after it (--niah-lengths,
+--ruler-tasks, --max-new-tokens, ...); flags win over the config.
 
 --model: output_dir/final, a checkpoint, or a Hugging Face folder. The data comes from the model's
 config.yaml (exports and checkpoints) or --config, with dotted overrides (--data.x / --training.x).
@@ -34,12 +39,102 @@ def parse_args(argv):
     p.add_argument("--output", help="write the results as JSON here too")
     p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks (Hugging Face folders)")
     p.add_argument("--lm-eval-limit", type=int, help="examples per task")
-    p.add_argument("--lm-eval-batch-size", type=int, default=1)
+    p.add_argument("--lm-eval-batch-size", type=int, help="lm-eval batch size (default: evaluation.eval_batch_size)")
+    add_evaluation_flags(p)
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-") and "." not in o.split("=")[0]]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --data.eval_split=test)")
     return args, overrides
+
+
+def add_evaluation_flags(p) -> None:
+    """One flag per evaluation key (evaluation.niah_lengths → --niah-lengths), typed from the schema."""
+    import dataclasses
+    import typing
+
+    from megamem.config import EvaluationConfig
+
+    hints = typing.get_type_hints(EvaluationConfig)
+    for f in dataclasses.fields(EvaluationConfig):
+        flag, tp = "--" + f.name.replace("_", "-"), hints[f.name]
+        if typing.get_origin(tp) is typing.Union:  # Optional[X] → X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        inner = tp
+        many = typing.get_origin(inner) in (list, typing.List)
+        item = typing.get_args(inner)[0] if many else inner
+        choices = list(typing.get_args(item)) if typing.get_origin(item) is typing.Literal else None
+        kind = type(choices[0]) if choices else item
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, dest=f"eval_{f.name}", help=f"evaluation.{f.name}")
+        else:
+            p.add_argument(flag, type=kind, nargs="+" if many else None, choices=choices, default=None,
+                           dest=f"eval_{f.name}", help=f"evaluation.{f.name}")
+
+
+def evaluation_config(args, overrides, cfg=None):
+    """The evaluation section: the given/saved config's, then the flags; validated."""
+    import dataclasses
+
+    from megamem.config import EvaluationConfig, MegamemConfig, validate
+
+    base = cfg if cfg is not None else MegamemConfig()
+    section = dataclasses.replace(getattr(base, "evaluation", None) or EvaluationConfig())
+    for f in dataclasses.fields(section):
+        value = getattr(args, f"eval_{f.name}")
+        if value is not None:
+            setattr(section, f.name, value)
+    if args.lm_eval_tasks:
+        section.evals = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
+        if "lm_eval" not in section.benchmarks:
+            section.benchmarks = [*section.benchmarks, "lm_eval"]
+    if args.no_perplexity:
+        section.benchmarks = [b for b in section.benchmarks if b != "perplexity"]
+    problems = [p for p in validate(dataclasses.replace(MegamemConfig(), evaluation=section))
+                if p.startswith("evaluation.")]
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return section
+
+
+def evaluation_source(args, overrides):
+    """The config whose evaluation section applies: --config, else the model folder's config.yaml."""
+    from megamem.config import load_config
+
+    if args.config is not None:
+        return load_config(args.config, overrides)
+    if os.path.isfile(os.path.join(args.model, "config.yaml")):
+        return load_config(os.path.join(args.model, "config.yaml"), overrides)
+    return None
+
+
+def long_context(args, ev, loaded, results) -> None:
+    from megamem.eval.long_context import plot_niah, plot_ruler, ruler_lengths, run_niah, run_ruler, text_model
+
+    model = text_model(loaded, ev.max_new_tokens, ev.chat_template, ev.temperature, ev.top_k, ev.top_p,
+                       ev.do_sample)
+    stem = os.path.splitext(args.output)[0] if args.output else None
+    if "niah" in ev.benchmarks:
+        niah = run_niah(model, ev.niah_lengths, ev.niah_depths, ev.num_samples, ev.seed, ev.max_new_tokens,
+                        ev.niah_task, ev.haystack, ev.metrics)
+        results["niah"] = niah
+        for n, row in niah["grid"].items():
+            print(f"niah {n} tokens: " + "  ".join(f"depth {float(d):.2f}: {v:.1f}" for d, v in row.items()))
+        if stem:
+            niah["plot"] = plot_niah(niah, stem + "_niah.png")
+            print(f"wrote {niah['plot']}")
+    if "ruler" in ev.benchmarks:
+        lengths = ev.ruler_lengths or ruler_lengths(ev.ruler_max_length)
+        ruler = run_ruler(model, ev.ruler_tasks, lengths, ev.num_samples, ev.seed, ev.max_new_tokens, ev.metrics,
+                          ev.effective_threshold)
+        results["ruler"] = ruler
+        for task, row in ruler["scores"].items():
+            print(f"ruler {task}: " + "  ".join(f"{n}: {v:.1f}" for n, v in row.items()))
+        print("ruler average: " + "  ".join(f"{n}: {v:.1f}" for n, v in ruler["average"].items()) +
+              f"; effective length {ruler['effective_length']} (threshold {ruler['threshold']})")
+        if stem:
+            ruler["plot"] = plot_ruler(ruler, stem + "_ruler.png")
+            print(f"wrote {ruler['plot']}")
 
 
 def data_config(args, overrides, loaded):
@@ -67,8 +162,12 @@ def main(argv=None) -> int:
         raise ConfigError(f"--max-batches {args.max_batches}: evaluate at least 1 batch (or leave it out for the "
                           "whole split)")
     results = {"model": args.model}
-    if not args.no_perplexity:
+    ev = evaluation_config(args, overrides, evaluation_source(args, overrides))
+    results["evaluation"] = {"benchmarks": ev.benchmarks}
+    loaded = None
+    if {"perplexity", "niah", "ruler"} & set(ev.benchmarks):
         loaded = load_any(args.model, torch.float32, args.routing_strategy)
+    if "perplexity" in ev.benchmarks:
         if loaded.tokenizer is None:
             raise ConfigError(f"{args.model}: no tokenizer saved with the model")
         cfg = data_config(args, overrides, loaded)
@@ -85,11 +184,13 @@ def main(argv=None) -> int:
             if plot:
                 results["chapter_plot"] = plot_usage(usage, plot)
                 print(f"wrote {plot}")
-    if args.lm_eval_tasks:
+    if {"niah", "ruler"} & set(ev.benchmarks):
+        long_context(args, ev, loaded, results)
+    if "lm_eval" in ev.benchmarks:
         from megamem.eval.lm_eval_glue import run_lm_eval
 
-        tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
-        results["lm_eval"] = run_lm_eval(args.model, tasks, args.lm_eval_limit, args.lm_eval_batch_size)
+        results["lm_eval"] = run_lm_eval(args.model, ev.evals, args.lm_eval_limit,
+                                         args.lm_eval_batch_size or ev.eval_batch_size)
         for task, metrics in results["lm_eval"].items():
             print(task, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     if args.output:

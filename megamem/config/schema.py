@@ -230,16 +230,44 @@ class DataConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """What scripts/eval.py runs (each key is also its flag: --niah-lengths 1024 4096, ...)."""
+
+    benchmarks: List[Literal["perplexity", "niah", "ruler", "lm_eval"]] = field(default_factory=lambda: ["perplexity"])
+    niah_lengths: List[int] = field(default_factory=lambda: [1024, 2048])  # context lengths in tokens (prompt + answer)
+    niah_depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depth fractions
+    niah_task: str = "niah_single_1"  # which needle task the grid uses (the RULER niah_* names)
+    haystack: Optional[str] = None  # niah filler: noise | corpus (embedded KJV) | a text file; null = the task's own
+    ruler_tasks: List[str] = field(default_factory=lambda: ["niah_single_1", "niah_multikey_1", "niah_multivalue",
+                                                            "niah_multiquery", "vt", "cwe", "fwe"])
+    ruler_max_length: int = 4096  # RULER lengths: this, /2, /4, ... down to 1024 (or ruler_lengths)
+    ruler_lengths: Optional[List[int]] = None  # explicit RULER lengths instead
+    effective_threshold: float = 85.6  # score that counts as passing for the effective length
+    num_samples: int = 10  # samples per (task, length[, depth])
+    seed: int = 0  # samples are drawn from this seed
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    do_sample: bool = False
+    metrics: List[Literal["string_match_all", "string_match_part"]] = field(default_factory=list)  # also report these
+    chat_template: Literal["auto", "on", "off"] = "auto"  # wrap prompts in the tokenizer's chat template
+    evals: List[str] = field(default_factory=list)  # lm-evaluation-harness tasks (benchmarks: lm_eval)
+    eval_batch_size: int = 1  # lm-eval batch size
+
+
+@dataclass
 class MegamemConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 SECTIONS = {"model": ModelConfig, "memory": MemoryConfig, "training": TrainingConfig, "parallel": ParallelConfig,
-            "data": DataConfig}
+            "data": DataConfig, "evaluation": EvaluationConfig}
 
 # Keys of the earlier single-node trainer that have no meaning here: what to do instead.
 RETIRED_KEYS = {

@@ -171,6 +171,23 @@ def _lora_modes(cfg: MegamemConfig, memory_on: bool, problems: List[str]) -> Non
                             "for LoRA only")
 
 
+def _validate_evaluation(cfg: MegamemConfig, problems: List[str]) -> None:
+    e = cfg.evaluation
+    _positive(problems, "evaluation", e, "ruler_max_length", "num_samples", "max_new_tokens", "eval_batch_size",
+              "top_k")
+    for name in ("niah_lengths", "ruler_lengths"):
+        bad = [n for n in getattr(e, name) or [] if n <= 0]
+        if bad:
+            problems.append(f"evaluation.{name} {bad}: lengths are token counts > 0")
+    bad = [d for d in e.niah_depths if not 0.0 <= d <= 1.0]
+    if bad:
+        problems.append(f"evaluation.niah_depths {bad}: a depth is a fraction of the haystack, 0 to 1")
+    if e.temperature < 0 or (e.top_p is not None and not 0 < e.top_p <= 1):
+        problems.append("evaluation.temperature must be >= 0 and evaluation.top_p in (0, 1]")
+    if "lm_eval" in e.benchmarks and not e.evals:
+        problems.append("evaluation.benchmarks has lm_eval but evaluation.evals names no task (e.g. [arc_easy])")
+
+
 def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
     t = cfg.training
     if t.init_from_new is not None and (t.init_from is None or not t.init_from_new):
@@ -291,4 +308,5 @@ def validate(cfg: MegamemConfig) -> List[str]:
     _validate_training(cfg, problems)
     _validate_parallel(cfg, problems)
     _validate_data(cfg, problems)
+    _validate_evaluation(cfg, problems)
     return problems
