@@ -206,3 +206,22 @@ def test_training_with_peer_lowers_the_loss_and_logs_expert_usage(tmp_path):
     for r in records:
         assert 0 < r["peer2_usage"] <= 1 and r["peer2_unevenness"] >= 0 and r["peer2_hot_experts"] >= 0
         assert set(r) == {"kind", "step", "peer2_usage", "peer2_unevenness", "peer2_hot_experts", "peer2_hot_fraction"}
+
+
+def test_zero3_two_ranks_match_one_rank_with_peer(tmp_path):
+    """ZeRO-3 partitions the expert tables like any parameter; LayerNorm queries (BatchNorm statistics
+    would be per rank), so two ranks of 2 rows compute what one rank of 4 does, usage counts included."""
+    from test_train import _fit
+
+    extra = ("model.use_peer=true", "model.peer_config.product_key_dim=[4, 4]", "model.peer_config.num_experts=16",
+             "model.peer_config.num_experts_per_tok=3", "model.peer_config.num_heads=2",
+             "model.peer_config.query_dim=8", "model.peer_config.batch_norm_query=false",
+             "model.peer_config.log_freq=1", "training.max_steps=3")
+    one = run_ranks(_fit, str(tmp_path / "one"), ZERO[0], 4, extra, world_size=1, tmp_path=tmp_path / "r1")[0]
+    two = run_ranks(_fit, str(tmp_path / "two"), ZERO[3], 2, extra, world_size=2, tmp_path=tmp_path / "r2")
+    assert torch.allclose(torch.tensor(two[0]["train_losses"]), torch.tensor(one["train_losses"]), atol=1e-4, rtol=0)
+    assert two[0]["group_names"] == one["group_names"] and two[0]["flops_per_token"] == one["flops_per_token"]
+    assert "blocks.2.mlp.expert_down" in one["group_names"]["base_no_decay"]
+    usage = [[r for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if r["kind"] == "experts"]
+             for run in ("one", "two")]
+    assert len(usage[0]) == 3 and usage[0] == usage[1]
