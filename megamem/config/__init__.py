@@ -1,10 +1,42 @@
 """Typed megamem config: `load_config(path, overrides)` is the one way in."""
+from .aliases import mlp_type, position_type
 from .load import (ConfigError, apply_overrides, config_from_dict, config_to_dict, dump_config, load_config,
                    parse_overrides, save_config)
-from .aliases import mlp_type, position_type
-from .schema import PositionEncodingConfig, DataConfig, EvaluationConfig, DatasetSpec, MegamemConfig, MemoryConfig, ModelConfig, ParallelConfig, TrainingConfig
+from .schema import (
+    DataConfig,
+    DatasetSpec,
+    EvaluationConfig,
+    MegamemConfig,
+    MemoryConfig,
+    ModelConfig,
+    ParallelConfig,
+    PeerConfig,
+    PositionEncodingConfig,
+    TrainingConfig,
+)
 from .validate import memory_problems, validate
 
-__all__ = ["ConfigError", "DataConfig", "DatasetSpec", "MegamemConfig", "MemoryConfig", "ModelConfig", "ParallelConfig", "TrainingConfig", "apply_overrides",
-           "config_from_dict", "config_to_dict", "dump_config", "load_config", "parse_overrides", "save_config", "memory_problems",
-           "validate", "EvaluationConfig", "PositionEncodingConfig", "mlp_type", "position_type"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DatasetSpec",
+    "EvaluationConfig",
+    "MegamemConfig",
+    "MemoryConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "PeerConfig",
+    "PositionEncodingConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "memory_problems",
+    "mlp_type",
+    "parse_overrides",
+    "position_type",
+    "save_config",
+    "validate",
+]

@@ -1,18 +1,20 @@
-"""Which layers a placement selects: one policy for every per-layer part (memory, and the parts to come).
+"""Which layers a placement selects: one policy for every per-layer part (memory, PEER, and the parts to come).
 
 A part names a placement and its numbers with its own keys (memory: memory_layer_placement,
-memory_layer_k, memory_layer_n, memory_layer_indices) and asks `select_layers`.
+memory_layer_k, memory_layer_n, memory_layer_indices; PEER: model.peer_layer_*) and asks `select_layers`.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-PLACEMENTS = ("all", "first_k", "last_k", "every_n", "custom", "none")
+PLACEMENTS = ("middle", "all", "first_k", "last_k", "every_n", "custom", "none")
 
 
 def select_layers(placement: str, num_layers: int, k: int = 0, n: int = 1,
                   indices: Optional[Sequence[int]] = None) -> List[int]:
     """Layer indices (0-based, sorted) that a placement selects among num_layers."""
+    if placement == "middle":  # the one middle layer (the PEER paper's choice: block 6 of 12)
+        return [num_layers // 2] if num_layers > 0 else []
     if placement == "all":
         return list(range(num_layers))
     if placement == "first_k":
@@ -26,3 +28,20 @@ def select_layers(placement: str, num_layers: int, k: int = 0, n: int = 1,
     if placement == "none":
         return []
     raise ValueError(f"unknown layer placement '{placement}'; valid: {', '.join(PLACEMENTS)}")
+
+
+def peer_placement(model) -> str:
+    """PEER's placement: the key, else every layer from peer_start_layer on, else the middle layer."""
+    if model.peer_layer_placement is not None:
+        return model.peer_layer_placement
+    return "last_k" if model.peer_start_layer is not None else "middle"
+
+
+def peer_layers(model) -> List[int]:
+    """Layers whose MLP is PEER (model.use_peer and its placement keys); empty without use_peer."""
+    if not model.use_peer:
+        return []
+    placement, k = peer_placement(model), model.peer_layer_k
+    if model.peer_layer_placement is None and model.peer_start_layer is not None:
+        k = model.num_layers - model.peer_start_layer
+    return select_layers(placement, model.num_layers, k, model.peer_layer_n, model.peer_layer_indices)

@@ -16,6 +16,22 @@ class PositionEncodingConfig:
 
 
 @dataclass
+class PeerConfig:
+    """`model.peer_config`: PEER expert retrieval (megamem/model/mlp/peer.py; docs/design.md#peer-expert-retrieval)."""
+
+    num_experts: int = 1024  # N: must equal the product of product_key_dim
+    num_experts_per_tok: int = 16  # k, per head (a token uses num_heads × k experts)
+    num_heads: int = 4  # retrieval heads: own query each, shared sub-keys and experts; outputs summed
+    expert_hidden_size: int = 1  # neurons per expert (1 = the paper's single-neuron experts)
+    product_key_dim: List[int] = field(default_factory=lambda: [32, 32])  # D >= 2 sub-key set sizes
+    query_dim: int = 64  # query width per head, split into D equal sub-queries
+    batch_norm_query: bool = True  # BatchNorm over the batch's tokens (the paper); false = LayerNorm per token
+    log_expert_usage: bool = True  # count chosen experts; metrics.jsonl gets usage records
+    log_freq: int = 100  # steps between usage records
+    usage_threshold: float = 5.0  # an expert is hot when its count > usage_threshold × the mean count
+
+
+@dataclass
 class ModelConfig:
     # architecture (from-scratch)
     hidden_dim: int = 768
@@ -29,6 +45,14 @@ class ModelConfig:
     attention_type: str = "mha"  # mha (multi-head or grouped-query by num_kv_heads); standard / gqa name it too
     mlp_type: Optional[str] = None  # swiglu | gelu | gelu_tanh; null = hidden_activation's choice (swiglu by default)
     pos_encoding: PositionEncodingConfig = field(default_factory=PositionEncodingConfig)
+    # PEER: product-key expert retrieval replaces the MLP of the selected layers
+    use_peer: bool = False
+    peer_start_layer: Optional[int] = None  # PEER in every layer from this one on (the seed trainer's key)
+    peer_layer_placement: Optional[Literal["middle", "all", "first_k", "last_k", "every_n", "custom", "none"]] = None  # null = middle, or peer_start_layer's
+    peer_layer_k: int = 1
+    peer_layer_n: int = 2
+    peer_layer_indices: Optional[List[int]] = None
+    peer_config: PeerConfig = field(default_factory=PeerConfig)
     # positions
     use_rope: Optional[bool] = None  # alias of pos_encoding.type: true = rope, false = learned absolute embeddings
     rope_theta: float = 10000.0

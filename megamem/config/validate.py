@@ -1,9 +1,11 @@
 """Cross-field checks: each returns a message naming the key and what would be valid."""
 from __future__ import annotations
 
+import math
 from typing import List
 
 from .aliases import alias_conflicts, position_type
+from .layer_selection import peer_placement
 from .schema import MegamemConfig
 
 
@@ -40,6 +42,51 @@ def _validate_model(cfg: MegamemConfig, problems: List[str]) -> None:
         tok = getattr(m, name)
         if tok is not None and not 0 <= tok < m.vocab_size:
             problems.append(f"model.{name} = {tok} is outside the vocabulary [0, {m.vocab_size})")
+
+
+def _validate_peer(cfg: MegamemConfig, problems: List[str]) -> None:
+    """PEER keys: placement (one policy, layer_selection.py) and the product-key geometry."""
+    m, p = cfg.model, cfg.model.peer_config
+    if m.mlp_type == "peer":
+        problems.append("model.mlp_type: peer is chosen per layer: set model.use_peer: true and "
+                        "model.peer_layer_placement (mlp_type names the MLP of the other layers)")
+    if not m.use_peer:
+        return
+    if m.base_model_name is not None:
+        problems.append("model.use_peer builds PEER layers into from-scratch models; adapter runs "
+                        "(model.base_model_name) keep the base's MLPs: set use_peer: false")
+    n_layers, placement = m.num_layers, peer_placement(m)
+    if m.peer_start_layer is not None and m.peer_layer_placement is not None:
+        problems.append("model.peer_start_layer and model.peer_layer_placement both place PEER layers; keep one")
+    elif m.peer_start_layer is not None and not 0 <= m.peer_start_layer < n_layers:
+        problems.append(f"model.peer_start_layer = {m.peer_start_layer} must be in [0, {n_layers}) (model.num_layers)")
+    if placement == "none":
+        problems.append("model.peer_layer_placement: none selects no layer; set model.use_peer: false instead")
+    if placement in ("first_k", "last_k") and m.peer_layer_placement and not 1 <= m.peer_layer_k <= n_layers:
+        problems.append(f"model.peer_layer_k = {m.peer_layer_k} must be in [1, {n_layers}] for placement {placement}")
+    if placement == "every_n" and not 1 <= m.peer_layer_n <= n_layers:
+        problems.append(f"model.peer_layer_n = {m.peer_layer_n} must be in [1, {n_layers}] (every_n: layers n-1, 2n-1, …)")
+    idx = m.peer_layer_indices
+    if placement == "custom" and not idx:
+        problems.append("model.peer_layer_placement is 'custom' but model.peer_layer_indices is empty; give a list")
+    elif placement == "custom" and (any(not 0 <= i < n_layers for i in idx) or len(set(idx)) != len(idx)):
+        problems.append(f"model.peer_layer_indices {idx} must be distinct layers in 0..{n_layers - 1}")
+    elif placement != "custom" and idx is not None:
+        problems.append("model.peer_layer_indices is only used with model.peer_layer_placement: custom")
+    _positive(problems, "model.peer_config", p, "num_experts", "num_experts_per_tok", "num_heads",
+              "expert_hidden_size", "query_dim", "log_freq", "usage_threshold")
+    sizes = list(p.product_key_dim)
+    if len(sizes) < 2 or any(n < 1 for n in sizes):
+        problems.append(f"model.peer_config.product_key_dim {sizes} must list at least 2 sub-key set sizes, each >= 1")
+    elif math.prod(sizes) != p.num_experts:
+        problems.append(f"model.peer_config.product_key_dim {sizes}: the product {math.prod(sizes)} must equal "
+                        f"model.peer_config.num_experts ({p.num_experts})")
+    if sizes and p.query_dim > 0 and p.query_dim % len(sizes):
+        problems.append(f"model.peer_config.query_dim ({p.query_dim}) must be divisible by the {len(sizes)} "
+                        "sub-key sets of product_key_dim (one equal sub-query each)")
+    if 0 < p.num_experts < p.num_experts_per_tok:
+        problems.append(f"model.peer_config.num_experts_per_tok ({p.num_experts_per_tok}) must be <= "
+                        f"num_experts ({p.num_experts}): the product-key candidates hold at most that many experts")
 
 
 def _validate_memory(cfg: MegamemConfig, problems: List[str]) -> None:
@@ -297,6 +344,7 @@ def memory_problems(cfg: MegamemConfig) -> List[str]:
 def validate(cfg: MegamemConfig) -> List[str]:
     problems: List[str] = []
     _validate_model(cfg, problems)
+    _validate_peer(cfg, problems)
     if cfg.model.base_model_name is None:
         _validate_memory(cfg, problems)
     elif not cfg.memory.vanilla_mode:  # widths and depth come from the base, checked when it is built

@@ -41,6 +41,7 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
     Memory attention: QKᵀ and PV over the bank rows a token reads (`memory_rows_read`: with chapters,
     its chapters only). With `batch`, a dense bank's K/V projections count as what they are — one
     projection of the bank rows per memory layer per forward, shared by batch·seq_len tokens.
+    PEER layers count their chosen experts and key scores (`active_flops_per_token`), not whole tables.
     Whole-parameter sizes (ZeRO-3 shards counted whole), so every stage and layout gives one number.
     """
     if hasattr(model, "flops_per_token"):  # adapter models count their own base
@@ -48,7 +49,10 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
     m, mem = model.model_config, model.memory_config
     embeds = [model.tok_embeddings.weight] + list(model.pos_embeddings.parameters())  # lookups, not matmuls
     banks = [p for b in model.banks for p in b.parameters()]
-    dense = weight_flops(model.parameters(), skip=embeds + banks)
+    # retrieval layers (PEER) count what a token uses: its experts and the sub-key scores, not the tables
+    sparse = [m.active_flops_per_token() for m in model.modules() if hasattr(m, "active_flops_per_token")]
+    dense = weight_flops(model.parameters(), skip=embeds + banks + [p for ps, _ in sparse for p in ps])
+    dense += sum(f for _, f in sparse)
     if m.tie_embeddings:
         dense += (6 if model.tok_embeddings.weight.requires_grad else 4) * full_numel(model.tok_embeddings.weight)
     attn = 6 * 2 * m.num_layers * (seq_len / 2) * m.hidden_dim

@@ -25,9 +25,12 @@ def parameter_groups(model: nn.Module, t: TrainingConfig, exclude: Iterable[nn.P
     `exclude` (banks updated outside the engine) are left out.
 
     No weight decay on 1-D parameters (norms, biases, quantised-bank scales) and, unless
-    training.bank_weight_decay, on memory banks: decay would pull unread bank rows to zero.
+    training.bank_weight_decay, on memory banks: decay would pull unread bank rows to zero. Nor on
+    what a module names in `no_weight_decay_parameters()` (PEER's expert tables, for the same reason).
     """
     banks = {id(p) for bank in getattr(model, "banks", []) for p in bank.parameters()}
+    sparse = {id(p) for m in model.modules() if hasattr(m, "no_weight_decay_parameters")
+              for p in m.no_weight_decay_parameters()}
     memory = {id(p) for p in model.memory_parameters()} if hasattr(model, "memory_parameters") else set()
     lora = {id(p) for n, p in model.named_parameters() if is_lora_name(n)}  # adapter and from-scratch LoRA
     pretrained = hasattr(model, "lora_parameters")  # an adapter model: "base" is the pretrained model
@@ -40,7 +43,7 @@ def parameter_groups(model: nn.Module, t: TrainingConfig, exclude: Iterable[nn.P
             continue
         seen.add(id(p))
         part = "memory" if id(p) in memory else "lora" if id(p) in lora else "base"
-        no_decay = full_ndim(p) < 2 or (id(p) in banks and not t.bank_weight_decay)
+        no_decay = full_ndim(p) < 2 or (id(p) in banks and not t.bank_weight_decay) or id(p) in sparse
         key = f"{part}{'_no_decay' if no_decay else ''}"
         group = groups.setdefault(key, {"name": key, "params": [], "param_names": [], "lr": lrs[part],
                                         "weight_decay": 0.0 if no_decay else t.weight_decay})

@@ -236,6 +236,7 @@ class Trainer:
                 log.step(record["loss"])
                 if self.step % self.t.logging_steps == 0 or self.step == self.total_steps:
                     log.log(self._train_record(record, elapsed))
+                self._log_expert_usage(log)
                 saved = False
                 if self.t.eval_steps and self.step % self.t.eval_steps == 0 or self.step == self.total_steps:
                     last_eval = self.evaluate()
@@ -263,6 +264,21 @@ class Trainer:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": tps,
                 "mfu": mfu(tps, self.flops_per_token, self.peak_flops, self.world), "step_time_s": elapsed,
                 "skipped_nonfinite": self.skipped}
+
+    def _log_expert_usage(self, log: MetricsLogger) -> None:
+        """Every peer_config.log_freq steps: each PEER layer's usage in the last forward, counts summed over
+        ranks (not for pipelines, whose stages hold different layers)."""
+        m = self.cfg.model
+        if not (m.use_peer and m.peer_config.log_expert_usage) or self.pipeline or self.step % m.peer_config.log_freq:
+            return
+        from ..model.mlp.peer import peer_modules, usage_stats
+
+        record = {"kind": "experts", "step": self.step}
+        for layer, peer in sorted(peer_modules(self.model).items()):
+            counts = self._all_reduce(peer.expert_counts.detach().to(torch.float64).cpu())
+            stats = usage_stats(counts, m.peer_config.usage_threshold)
+            record.update({f"peer{layer}_{name}": value for name, value in stats.items()})
+        log.log(record)
 
     def _after_eval(self, result: Optional[Dict[str, float]], log: MetricsLogger) -> tuple:
         """Log, track the best eval loss, save the best checkpoint, decide early stopping."""
