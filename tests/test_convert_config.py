@@ -20,6 +20,19 @@ model_config:
   max_position_embeddings: 128
   initializer_range: 0.02
   layer_norm_eps: 1e-5
+  use_peer: true
+  peer_start_layer: 1
+  peer_config:
+    num_experts: 64
+    num_experts_per_tok: 4
+    num_heads: 2
+    expert_hidden_size: 1
+    product_key_dim: [8, 8]
+    query_dim: 16
+    batch_norm_query: true
+    log_expert_usage: true
+    log_freq: 10
+    usage_threshold: 5.0
 train_config:
   output_dir: "./output"
   per_device_train_batch_size: 16
@@ -83,6 +96,8 @@ def test_peer_mla_layout_maps_every_key(tmp_path, capsys):
             t.mixed_precision, t.max_length, t.wandb_project, t.wandb_run_name, t.log_to_wandb) == \
         (16, 4, 5e-5, 3, "cosine", 0.1, "no", 128, "llm-research", "lm-training-peer-mla", True)
     assert m.tokenizer_name == "gpt2" and cfg.memory.vanilla_mode
+    assert (m.use_peer, m.peer_start_layer, m.peer_config.num_experts, m.peer_config.product_key_dim,
+            m.peer_config.query_dim, m.peer_config.log_freq) == (True, 1, 64, [8, 8], 16, 10)
     hub, local = d.datasets
     assert (hub.name, hub.path, hub.streaming, hub.weight) == ("monology/pile-uncopyrighted", None, True, 0.7)
     assert (local.name, local.path, local.weight) == ("local", "data/corpus/kjv/train.jsonl", 0.3)
