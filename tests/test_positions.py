@@ -271,3 +271,41 @@ def test_generate_with_a_window_matches_greedy_full_forwards():
     for _ in range(10):
         ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ids)
+
+
+# --------------------------------------------------------------------------------------- HF export
+@pytest.mark.parametrize("name", ["rope_ntk", "rope_ntk_dynamic", "alibi_6_heads", "pi_spiral_prng", "hybrid",
+                                  "alibi_6_heads+window"])
+def test_remote_code_export_rebuilds_the_buffers(tmp_path, name):
+    """The remote-code folder loads on the meta device and recomputes every non-persistent buffer."""
+    from transformers import AutoModelForCausalLM
+
+    from megamem.hf.folder import write_megamem_folder
+    from megamem.hf.llama import llama_incompatibilities
+
+    cfg = tiny_config("memory.wo_init_zero=false", *ALL[name])
+    assert llama_incompatibilities(cfg)  # never exported as native Llama
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    write_megamem_folder(str(tmp_path), model.state_dict(), cfg, "fp32")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    ours = dict(model.pos_embeddings.named_buffers())
+    theirs = dict(hf.model.pos_embeddings.named_buffers())
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.no_grad():
+        assert torch.equal(hf(IDS).logits, model(IDS).logits)
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_rope_base_and_max_seq_len_repeat_the_model_keys():
+    cfg = tiny_config("model.pos_encoding.rope_base=500.0", "model.pos_encoding.max_seq_len=96")
+    assert (cfg.model.rope_theta, cfg.model.max_seq_len) == (500.0, 96)
+    assert (cfg.model.pos_encoding.rope_base, cfg.model.pos_encoding.max_seq_len) == (None, None)
+    torch.manual_seed(0)
+    a = build_model(cfg)
+    torch.manual_seed(0)
+    b = build_model(tiny_config("model.rope_theta=500.0", "model.max_seq_len=96"))
+    assert torch.equal(a(IDS).logits, b(IDS).logits)
+    assert build_model(tiny_config("model.rope_theta=500.0")).pos_embeddings.theta == 500.0
+    assert RotaryPositions(ModelConfig(hidden_dim=32, num_heads=4,
+                                       pos_encoding=PositionEncodingConfig(rope_base=77.0))).theta == 77.0
