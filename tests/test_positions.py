@@ -309,3 +309,11 @@ def test_rope_base_and_max_seq_len_repeat_the_model_keys():
     assert build_model(tiny_config("model.rope_theta=500.0")).pos_embeddings.theta == 500.0
     assert RotaryPositions(ModelConfig(hidden_dim=32, num_heads=4,
                                        pos_encoding=PositionEncodingConfig(rope_base=77.0))).theta == 77.0
+
+
+def test_flops_count_the_window_context():
+    from megamem.model.flops import flops_per_token
+
+    full, windowed = make("model.num_layers=1"), make("model.num_layers=1", "model.window_size=8")
+    # attention FLOPs: 6·2·layers·context·hidden; average context over 32 tokens: 16 full, (Σ min(i+1, 8) ≈ 8·(32 − 4))/32
+    assert flops_per_token(full, 32) - flops_per_token(windowed, 32) == pytest.approx(12 * 32 * (16 - 8 * 28 / 32))

@@ -42,6 +42,12 @@ def _validate_positions(m, problems: List[str]) -> None:
     for key in ("hybrid_K", "transition_width"):
         if getattr(p, key) is not None and getattr(p, key) < 0:
             problems.append(f"model.pos_encoding.{key} must be >= 0, got {getattr(p, key)}")
+    if m.base_model_name is not None:  # an adapter run keeps its pretrained model's positions and attention
+        given = [f"model.pos_encoding.{key}" for key in _ONLY_FOR if getattr(p, key) is not None]
+        given += ["model.window_size"] if m.window_size is not None else []
+        if given:
+            problems.append(f"{', '.join(given)} applies to from-scratch models; an adapter run "
+                            f"(model.base_model_name) keeps its pretrained model's positions and attention")
     if kind in SPIRAL and m.hidden_dim % 2:
         problems.append(f"model.pos_encoding.type {kind} needs an even model.hidden_dim, got {m.hidden_dim}")
     if kind in SPIRAL and max(m.max_seq_len, p.max_seq_len or 0) > 2 ** 31:
