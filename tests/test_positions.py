@@ -317,3 +317,10 @@ def test_flops_count_the_window_context():
     full, windowed = make("model.num_layers=1"), make("model.num_layers=1", "model.window_size=8")
     # attention FLOPs: 6·2·layers·context·hidden; average context over 32 tokens: 16 full, (Σ min(i+1, 8) ≈ 8·(32 − 4))/32
     assert flops_per_token(full, 32) - flops_per_token(windowed, 32) == pytest.approx(12 * 32 * (16 - 8 * 28 / 32))
+
+
+def test_alibi_slopes_stay_exact_fp32_when_the_model_is_cast():
+    model = make("model.pos_encoding.type=alibi", "model.hidden_dim=48", "model.num_heads=12",
+                 "model.num_kv_heads=4").to(torch.bfloat16)
+    assert model.pos_embeddings.slopes.dtype == torch.float32
+    assert torch.equal(model.pos_embeddings.slopes, torch.tensor(paper_slopes(12), dtype=torch.float32))

@@ -49,10 +49,16 @@ class ALiBiPositions(PositionEncoding):
         with torch.no_grad():
             self.slopes.copy_(torch.tensor(alibi_slopes(self.num_heads), dtype=torch.float32))
 
+    def _apply(self, fn, *args, **kwargs):
+        """Moves follow the model; a cast to half precision does not: slopes stay exact fp32 (flash-attn needs it)."""
+        super()._apply(fn, *args, **kwargs)
+        self.slopes = torch.tensor(alibi_slopes(self.num_heads), dtype=torch.float32, device=self.slopes.device)
+        return self
+
     def flash_alibi_slopes(self) -> torch.Tensor:
         """fp32 [heads]: flash-attn's alibi_slopes (bias −slope·|i + k_len − q_len − j|, causal)."""
         return self.slopes
 
     def attention_bias(self, state, ctx, num_heads: int, q_len: int, k_len: int) -> Optional[torch.Tensor]:
         distance = ctx.positions[:, None] - key_positions(ctx, k_len)[None, :]  # i − j, [q_len, k_len]
-        return -self.slopes[:, None, None] * distance.float()[None]
+        return -self.slopes[:, None, None] * distance.float()[None]  # fp32; the mask takes the query dtype
