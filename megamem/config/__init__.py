@@ -1,5 +1,5 @@
 """Typed megamem config: `load_config(path, overrides)` is the one way in."""
-from .aliases import mlp_type, position_type
+from .aliases import mlp_type, position_type, rope_base
 from .load import (ConfigError, apply_overrides, config_from_dict, config_to_dict, dump_config, load_config,
                    parse_overrides, save_config)
 from .schema import (
@@ -37,6 +37,7 @@ __all__ = [
     "mlp_type",
     "parse_overrides",
     "position_type",
+    "rope_base",
     "save_config",
     "validate",
 ]

@@ -5,6 +5,10 @@ the MLP (`model.mlp_type`). A config may give either; giving both with different
 refused. After loading, the canonical key holds the choice and the alias is null, so a saved
 config says it once. Code reads the choice through `position_type` / `mlp_type`, which also
 understand a ModelConfig built in code with only the alias set.
+
+`model.pos_encoding.rope_base` and `model.pos_encoding.max_seq_len` (the π-Spiral guide's names) repeat
+`model.rope_theta` and `model.max_seq_len`: null takes the model key, a value replaces it at load, and
+a value that contradicts a model key set away from its default is refused.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from .schema import MegamemConfig, ModelConfig
 _POSITION = ("pos_encoding.type", {True: "rope", False: "learned"}, "rope")
 _MLP = ("mlp_type", {"silu": "swiglu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}, "swiglu")
 MODEL_ALIASES: Dict[str, Tuple[str, Dict, str]] = {"use_rope": _POSITION, "hidden_activation": _MLP}
+# pos_encoding key → the model key whose value it repeats
+SAME_VALUE: Dict[str, str] = {"pos_encoding.rope_base": "rope_theta", "pos_encoding.max_seq_len": "max_seq_len"}
 
 
 def _get(m: ModelConfig, dotted: str):
@@ -52,8 +58,21 @@ def mlp_type(m: ModelConfig) -> str:
     return _choice(m, "hidden_activation")
 
 
+def rope_base(m: ModelConfig) -> float:
+    """The RoPE base: pos_encoding.rope_base, else model.rope_theta."""
+    return m.pos_encoding.rope_base if m.pos_encoding.rope_base is not None else m.rope_theta
+
+
+def _model_default(name: str):
+    return ModelConfig.__dataclass_fields__[name].default
+
+
 def alias_conflicts(m: ModelConfig) -> List[str]:
     problems = []
+    for alias, canonical in SAME_VALUE.items():
+        given, value = _get(m, alias), getattr(m, canonical)
+        if given is not None and value != _model_default(canonical) and given != value:
+            problems.append(f"model.{alias} = {given} contradicts model.{canonical} = {value}; keep only one")
     for alias, (canonical, mapping, _) in MODEL_ALIASES.items():
         given, value = getattr(m, alias), _get(m, canonical)
         if given is not None and value is not None and mapping[given] != value:
@@ -71,10 +90,21 @@ def resolve_aliases(cfg: MegamemConfig, where: str, error: Callable[[str], Excep
     for alias, (canonical, _, _) in MODEL_ALIASES.items():
         _set(cfg.model, canonical, _choice(cfg.model, alias))
         setattr(cfg.model, alias, None)
+    for alias, canonical in SAME_VALUE.items():
+        if _get(cfg.model, alias) is not None:
+            setattr(cfg.model, canonical, _get(cfg.model, alias))
+            _set(cfg.model, alias, None)
 
 
 def clear_partner(m: ModelConfig, key: str) -> Optional[str]:
     """An override of one key of an alias pair wins over the file's value of the other."""
+    for alias, canonical in SAME_VALUE.items():
+        if key == alias:
+            setattr(m, canonical, _model_default(canonical))
+            return canonical
+        if key == canonical:
+            _set(m, alias, None)
+            return alias
     for alias, (canonical, _, _) in MODEL_ALIASES.items():
         if key == alias:
             _set(m, canonical, None)

@@ -12,7 +12,20 @@ from typing import List, Literal, Optional, Union
 class PositionEncodingConfig:
     """`model.pos_encoding`: which positional encoding (megamem.model.positions registry)."""
 
-    type: Optional[str] = None  # rope | learned | none; null = model.use_rope's choice (rope by default)
+    type: Optional[str] = None  # rope | rope_ntk | alibi | pi_spiral | hybrid | learned | none; null = model.use_rope's choice (rope by default)
+    # rope, rope_ntk, hybrid: the RoPE base; null = model.rope_theta (the two must agree when both are given)
+    rope_base: Optional[float] = None
+    # the longest sequence; null = model.max_seq_len (the two must agree when both are given)
+    max_seq_len: Optional[int] = None
+    # rope_ntk only (transformers' rope_scaling "dynamic" / static NTK-aware scaling); docs/positions.md
+    ntk_factor: Optional[float] = None  # null = 1.0 (plain RoPE)
+    ntk_scaling: Optional[Literal["static", "dynamic"]] = None  # null = static
+    ntk_original_max_seq_len: Optional[int] = None  # dynamic: the trained length L0; null = model.max_seq_len
+    # pi_spiral and hybrid: the irrational of the Weyl phase 2π·frac(n·α)
+    irrational: Optional[Literal["pi", "e", "sqrt2", "phi", "prng"]] = None  # null = pi
+    # hybrid only: RoPE below hybrid_K, the spiral above, blended by sigmoid((n - K) / W)
+    hybrid_K: Optional[int] = None  # null = 8000
+    transition_width: Optional[int] = None  # W; null = 1000; 0 = a hard switch at K
 
 
 @dataclass
@@ -56,6 +69,8 @@ class ModelConfig:
     # positions
     use_rope: Optional[bool] = None  # alias of pos_encoding.type: true = rope, false = learned absolute embeddings
     rope_theta: float = 10000.0
+    # attention
+    window_size: Optional[int] = None  # sliding-window attention: each token sees itself and the window_size - 1 before it; null = full
     # regularisation
     dropout: float = 0.0
     attention_dropout: float = 0.0

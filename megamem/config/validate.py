@@ -24,17 +24,52 @@ def _fraction(problems: List[str], section: str, obj, *names: str, closed: bool 
             problems.append(f"{section}.{name} must be in [0, 1{']' if closed else ')'}, got {value}")
 
 
+ROTARY = ("rope", "rope_ntk", "hybrid")
+SPIRAL = ("pi_spiral", "hybrid")
+# pos_encoding keys that only one family of encodings reads: given for another type, they are refused
+_ONLY_FOR = {"ntk_factor": ("rope_ntk",), "ntk_scaling": ("rope_ntk",), "ntk_original_max_seq_len": ("rope_ntk",),
+             "irrational": SPIRAL, "hybrid_K": ("hybrid",), "transition_width": ("hybrid",)}
+
+
+def _validate_positions(m, problems: List[str]) -> None:
+    """model.pos_encoding: keys given for a type that does not read them, and out-of-range values."""
+    p, kind = m.pos_encoding, position_type(m)
+    for key, types in _ONLY_FOR.items():
+        if getattr(p, key) is not None and kind not in types:
+            problems.append(f"model.pos_encoding.{key} applies to pos_encoding.type {' / '.join(types)} only "
+                            f"(type is {kind})")
+    _positive(problems, "model.pos_encoding", p, "rope_base", "max_seq_len", "ntk_original_max_seq_len")
+    if p.ntk_factor is not None and not p.ntk_factor >= 1.0:
+        problems.append(f"model.pos_encoding.ntk_factor must be >= 1, got {p.ntk_factor}")
+    for key in ("hybrid_K", "transition_width"):
+        if getattr(p, key) is not None and getattr(p, key) < 0:
+            problems.append(f"model.pos_encoding.{key} must be >= 0, got {getattr(p, key)}")
+    if m.base_model_name is not None:  # an adapter run keeps its pretrained model's positions and attention
+        given = [f"model.pos_encoding.{key}" for key in _ONLY_FOR if getattr(p, key) is not None]
+        given += ["model.window_size"] if m.window_size is not None else []
+        if given:
+            problems.append(f"{', '.join(given)} applies to from-scratch models; an adapter run "
+                            f"(model.base_model_name) keeps its pretrained model's positions and attention")
+    if kind in SPIRAL and m.hidden_dim % 2:
+        problems.append(f"model.pos_encoding.type {kind} needs an even model.hidden_dim, got {m.hidden_dim}")
+    if kind in SPIRAL and max(m.max_seq_len, p.max_seq_len or 0) > 2 ** 31:
+        problems.append(f"model.max_seq_len = {max(m.max_seq_len, p.max_seq_len or 0)}: pos_encoding.type {kind} "
+                        f"computes exact phases for positions below 2^31 only")
+
+
 def _validate_model(cfg: MegamemConfig, problems: List[str]) -> None:
     m = cfg.model
     _positive(problems, "model", m, "hidden_dim", "num_heads", "num_kv_heads", "num_layers",
-              "intermediate_dim", "vocab_size", "max_seq_len", "rope_theta", "norm_eps", "initializer_range")
+              "intermediate_dim", "vocab_size", "max_seq_len", "rope_theta", "norm_eps", "initializer_range",
+              "window_size")
     _fraction(problems, "model", m, "dropout", "attention_dropout")
     if m.hidden_dim > 0 and m.num_heads > 0 and m.hidden_dim % m.num_heads:
         problems.append(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.num_heads ({m.num_heads})")
-    elif position_type(m) == "rope" and m.num_heads > 0 and (m.hidden_dim // m.num_heads) % 2:
-        problems.append(f"model.pos_encoding.type rope needs an even head dim; hidden_dim/num_heads = "
+    elif position_type(m) in ROTARY and m.num_heads > 0 and (m.hidden_dim // m.num_heads) % 2:
+        problems.append(f"model.pos_encoding.type {position_type(m)} needs an even head dim; hidden_dim/num_heads = "
                         f"{m.hidden_dim // m.num_heads}")
     problems += alias_conflicts(m)
+    _validate_positions(m, problems)
     kv = m.num_kv_heads
     if kv is not None and kv > 0 and m.num_heads > 0 and m.num_heads % kv:
         problems.append(f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({kv})")

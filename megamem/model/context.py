@@ -25,6 +25,7 @@ class ForwardContext:
     encoding_state: Any = None  # what encoding.prepare() computed once for this forward (e.g. cos/sin)
     banks: Dict[int, torch.Tensor] = field(default_factory=dict)  # materialised banks, by bank index
     layer: int = 0  # the block being run
+    key_positions: Optional[torch.Tensor] = None  # set by a sliding window's attention: its keys' positions
 
     def at(self, layer: int) -> "ForwardContext":
         return dataclasses.replace(self, layer=layer)

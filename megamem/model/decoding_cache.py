@@ -46,6 +46,43 @@ class LayerCache:
         self.values[:, :, start:end] = v
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def append_kv_window(self, k: torch.Tensor, v: torch.Tensor, window: int):
+        """Sliding-window attention: a ring of `window` slots, position p in slot p % window, so memory
+        stays flat however long the generation. Returns (keys, values, their absolute positions): the
+        ring itself when nothing a query needs is overwritten (one new token, or no wrap yet), else the
+        old ring's tokens followed by the new ones (a chunk may need keys the chunk itself overwrites).
+        """
+        start, S = self.length, k.shape[2]
+        end = start + S
+        if self.keys is None:
+            self.keys = k.new_empty(k.shape[:2] + (window,) + k.shape[3:])
+            self.values = v.new_empty(v.shape[:2] + (window,) + v.shape[3:])
+        new_positions = torch.arange(start, end, device=k.device)
+        if end <= window or S == 1:
+            self._write_ring(k, v, new_positions, window)
+            return self.keys[:, :, :min(end, window)], self.values[:, :, :min(end, window)], \
+                self._ring_positions(end, window, k.device)
+        held = min(start, window)
+        keys = torch.cat((self.keys[:, :, :held], k), dim=2)
+        values = torch.cat((self.values[:, :, :held], v), dim=2)
+        positions = torch.cat((self._ring_positions(start, window, k.device), new_positions))
+        self._write_ring(k, v, new_positions, window)
+        return keys, values, positions
+
+    def _write_ring(self, k, v, positions, window: int) -> None:
+        keep = slice(max(0, k.shape[2] - window), None)  # only the last `window` new tokens survive
+        slots = positions[keep] % window
+        self.keys[:, :, slots] = k[:, :, keep]
+        self.values[:, :, slots] = v[:, :, keep]
+
+    @staticmethod
+    def _ring_positions(end: int, window: int, device) -> torch.Tensor:
+        """Positions held by slots 0..min(end, window)-1 after `end` tokens were written."""
+        if end <= window:
+            return torch.arange(end, device=device)
+        slots = torch.arange(window, device=device)
+        return end - window + (slots - end) % window
+
     def _grow(self, capacity: int) -> None:
         for name in ("keys", "values"):
             old = getattr(self, name)

@@ -37,7 +37,8 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
 
     Weights: 6 per trainable and 4 per frozen weight element (no weight gradient), embeddings and
     banks excluded (lookups, not matmuls); the LM head counts (tied: the embedding matrix again).
-    Self-attention: QKᵀ and PV over an average causal context of seq_len/2, ×3 for training.
+    Self-attention: QKᵀ and PV over an average causal context of seq_len/2 (a sliding window w < seq_len:
+    w·(seq_len − w/2)/seq_len), ×3 for training.
     Memory attention: QKᵀ and PV over the bank rows a token reads (`memory_rows_read`: with chapters,
     its chapters only). With `batch`, a dense bank's K/V projections count as what they are — one
     projection of the bank rows per memory layer per forward, shared by batch·seq_len tokens.
@@ -55,7 +56,9 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
     dense += sum(f for _, f in sparse)
     if m.tie_embeddings:
         dense += (6 if model.tok_embeddings.weight.requires_grad else 4) * full_numel(model.tok_embeddings.weight)
-    attn = 6 * 2 * m.num_layers * (seq_len / 2) * m.hidden_dim
+    w = getattr(m, "window_size", None)
+    context = seq_len / 2 if w is None or w >= seq_len else w * (seq_len - w / 2) / seq_len
+    attn = 6 * 2 * m.num_layers * context * m.hidden_dim
     heads = mem.memory_num_heads or m.num_heads
     memory = 6 * 2 * len(model.memory_layers) * memory_rows_read(mem) * heads * (m.hidden_dim // heads)
     if batch is not None and not mem.use_chapters:

@@ -23,3 +23,9 @@ def additive_mask(allowed: torch.Tensor, bias: Optional[torch.Tensor], dtype: to
     """A bool mask (True = may attend) plus an additive bias → one float mask for SDPA."""
     out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
     return out if bias is None else out + bias.to(dtype)
+
+
+def window_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """[q_len, k_len] bool: query at position i sees keys at positions j with i − window < j ≤ i."""
+    distance = q_positions[:, None] - k_positions[None, :]
+    return (distance >= 0) & (distance < window)

@@ -5,7 +5,7 @@ rotation of q/k, an additive attention bias. Each is a no-op unless the encoding
 """
 from ...config import position_type
 from .registry import POSITIONS
-from . import learned, none, rope  # noqa: F401  (register learned, none, rope)
+from . import alibi, hybrid, learned, none, rope, rope_ntk, spiral  # noqa: F401  (each registers its type)
 from .base import PositionEncoding
 
 

@@ -5,7 +5,7 @@ from typing import Tuple
 
 import torch
 
-from ...config import ModelConfig
+from ...config import ModelConfig, rope_base
 from .registry import POSITIONS
 from .base import PositionEncoding
 
@@ -25,7 +25,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class RotaryPositions(PositionEncoding):
     def __init__(self, model: ModelConfig):
         super().__init__()
-        self.head_dim, self.theta = model.hidden_dim // model.num_heads, model.rope_theta
+        self.head_dim, self.theta = model.hidden_dim // model.num_heads, rope_base(model)
         self.register_buffer("inv_freq", rope_inv_freq(self.head_dim, self.theta), persistent=False)
 
     def reset_buffers(self) -> None:

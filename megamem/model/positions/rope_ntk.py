@@ -1,0 +1,58 @@
+"""NTK-aware scaled RoPE: a larger base stretches the low frequencies for contexts beyond the trained one.
+
+static:  base' = base · factor^(d/(d−2)), d = head_dim (factor 1 is plain RoPE, bit for bit).
+dynamic: transformers' rope_scaling "dynamic" (`_compute_dynamic_ntk_parameters`): with L = the
+         forward's largest position + 1 and L0 = ntk_original_max_seq_len,
+         base' = base · ((factor · max(L, L0) / L0) − (factor − 1))^(d/(d−2)).
+Like transformers, a dynamic base changes with the length, so keys cached earlier keep the rotation
+of their own step: KV-cache decoding equals a full forward only while L ≤ L0.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ...config import ModelConfig
+from .registry import POSITIONS
+from .rope import RotaryPositions, rope_inv_freq
+
+
+def static_ntk_base(base: float, factor: float, head_dim: int) -> float:
+    return base * factor ** (head_dim / (head_dim - 2))
+
+
+def dynamic_ntk_base(base: float, factor: float, head_dim: int, seq_len: int, original: int) -> float:
+    """transformers' formula, in the same Python-float order of operations."""
+    seq_len = max(seq_len, original)
+    return base * ((factor * seq_len / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
+
+
+@POSITIONS.register("rope_ntk")
+class NTKRotaryPositions(RotaryPositions):
+    def __init__(self, model: ModelConfig):
+        p = model.pos_encoding
+        self.factor = p.ntk_factor if p.ntk_factor is not None else 1.0
+        self.dynamic = p.ntk_scaling == "dynamic"
+        self.original = p.ntk_original_max_seq_len or model.max_seq_len
+        super().__init__(model)
+        self.reset_buffers()
+
+    def base_for(self, seq_len: int) -> float:
+        if self.dynamic:
+            return dynamic_ntk_base(self.theta, self.factor, self.head_dim, seq_len, self.original)
+        return static_ntk_base(self.theta, self.factor, self.head_dim)
+
+    def reset_buffers(self) -> None:
+        with torch.no_grad():
+            self.inv_freq.copy_(rope_inv_freq(self.head_dim, self.base_for(self.original)))
+
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.dynamic and positions.numel():
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.original:
+                inv_freq = rope_inv_freq(self.head_dim, self.base_for(seq_len)).to(positions.device)
+                freqs = positions.float()[:, None] * inv_freq[None, :]
+                emb = torch.cat((freqs, freqs), dim=-1)
+                return emb.cos().to(dtype), emb.sin().to(dtype)
+        return super().prepare(positions, dtype)
