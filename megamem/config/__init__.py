@@ -2,9 +2,9 @@
 from .load import (ConfigError, apply_overrides, config_from_dict, config_to_dict, dump_config, load_config,
                    parse_overrides, save_config)
 from .aliases import mlp_type, position_type
-from .schema import PositionEncodingConfig, DataConfig, DatasetSpec, MegamemConfig, MemoryConfig, ModelConfig, ParallelConfig, TrainingConfig
+from .schema import MLAConfig, PositionEncodingConfig, DataConfig, DatasetSpec, MegamemConfig, MemoryConfig, ModelConfig, ParallelConfig, TrainingConfig
 from .validate import memory_problems, validate
 
 __all__ = ["ConfigError", "DataConfig", "DatasetSpec", "MegamemConfig", "MemoryConfig", "ModelConfig", "ParallelConfig", "TrainingConfig", "apply_overrides",
            "config_from_dict", "config_to_dict", "dump_config", "load_config", "parse_overrides", "save_config", "memory_problems",
-           "validate", "PositionEncodingConfig", "mlp_type", "position_type"]
+           "validate", "MLAConfig", "PositionEncodingConfig", "mlp_type", "position_type"]

@@ -37,7 +37,9 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
 
     Weights: 6 per trainable and 4 per frozen weight element (no weight gradient), embeddings and
     banks excluded (lookups, not matmuls); the LM head counts (tied: the embedding matrix again).
-    Self-attention: QKᵀ and PV over an average causal context of seq_len/2, ×3 for training.
+    Self-attention: QKᵀ and PV over an average causal context of seq_len/2, ×3 for training, at each
+    attention's widths (`qk_width`, `v_width` over all heads; hidden_dim when it names none — MLA's
+    are heads·(qk_nope + qk_rope) and heads·v_head_dim, its training form).
     Memory attention: QKᵀ and PV over the bank rows a token reads (`memory_rows_read`: with chapters,
     its chapters only). With `batch`, a dense bank's K/V projections count as what they are — one
     projection of the bank rows per memory layer per forward, shared by batch·seq_len tokens.
@@ -51,7 +53,9 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
     dense = weight_flops(model.parameters(), skip=embeds + banks)
     if m.tie_embeddings:
         dense += (6 if model.tok_embeddings.weight.requires_grad else 4) * full_numel(model.tok_embeddings.weight)
-    attn = 6 * 2 * m.num_layers * (seq_len / 2) * m.hidden_dim
+    widths = sum(getattr(b.attn, "qk_width", m.hidden_dim) + getattr(b.attn, "v_width", m.hidden_dim)
+                 for b in model.blocks)
+    attn = 6 * (seq_len / 2) * widths
     heads = mem.memory_num_heads or m.num_heads
     memory = 6 * 2 * len(model.memory_layers) * memory_rows_read(mem) * heads * (m.hidden_dim // heads)
     if batch is not None and not mem.use_chapters:
