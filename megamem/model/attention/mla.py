@@ -71,6 +71,10 @@ class MultiHeadLatentAttention(nn.Module):
         # widths of the score (QKᵀ) and value (PV) products over all heads, for FLOP accounting
         self.qk_width, self.v_width = H * qk, H * self.v_dim
 
+    def external_parameters(self):
+        """Weights read outside their own module's forward (absorbed form): ZeRO-3 gathers them for this one."""
+        return [self.kv_b_proj.weight]
+
     def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos/sin [S, qk_rope_head_dim] (rotate-half), computed per call: no buffer to restore after loading."""
         inv_freq = rope_inv_freq(self.rope, self.theta).to(positions.device)
