@@ -335,3 +335,11 @@ def test_trains_under_zero3_resumes_exactly_and_decodes(tmp_path):
         tmp_path / "a" / "checkpoints" / "step00000003"),), world_size=1, tmp_path=tmp_path / "r2")[0]
     assert torch.allclose(torch.tensor(resumed["train_losses"]), torch.tensor(losses[3:]), atol=1e-6, rtol=0)
     assert "blocks.0.attn.kv_b_proj.weight" in full["base"]
+
+
+def test_pipeline_stages_match_the_plain_model(tmp_path):
+    """Two pipeline stages (2 ranks, each holding MLA blocks and a memory layer) train like the plain model."""
+    from test_pipeline import STAGES, ZERO1, _check_against_plain, _plain_and_pipeline
+
+    plain, pipe = _plain_and_pipeline(tmp_path, (*MLA, "training.learning_rate=0.01"), ZERO1, STAGES)
+    _check_against_plain(plain, pipe, recompute=False)
