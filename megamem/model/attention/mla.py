@@ -18,6 +18,8 @@ attention-bias hook is applied; an encoding that rotates at the model's head wid
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -87,7 +89,7 @@ class MultiHeadLatentAttention(nn.Module):
         B, S, _ = x.shape
         return q.view(B, S, self.num_heads, self.nope + self.rope).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, ctx, absorbed: bool = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx, absorbed: Optional[bool] = None) -> torch.Tensor:
         """absorbed: None = naive without cached tokens, absorbed after them (True/False force a form)."""
         B, S, _ = x.shape
         q_nope, q_rope = self.queries(x).split([self.nope, self.rope], dim=-1)
