@@ -133,6 +133,7 @@ def D(f, k):
 
 
 DRY = ("--config", TINY, "--dry-run")
+MLA_DRY = ("--config", os.path.join(ROOT, "configs", "mla_small.yaml"), "--dry-run")
 
 
 def PRE(f, data, out, tok=None):
@@ -200,7 +201,17 @@ CASES = {
     "no memory adapter from scratch": ("train", lambda f: [*DRY, "--memory.use_memory_adapter", "false"],
                                        "use_memory_adapter: false applies to adapter runs"),
     "unknown attention type": ("train", lambda f: [*DRY, "--model.attention_type", "linear"],
-                               "model.attention_type: 'linear' is not available; valid: mha, gqa, standard"),
+                               "model.attention_type: 'linear' is not available; valid: mha, mla, gqa, standard"),
+    "MLA odd rope width": ("train", lambda f: [*MLA_DRY, "--model.mla_config.qk_rope_head_dim", "7"],
+                           "model.mla_config.qk_rope_head_dim must be even (RoPE rotates pairs), got 7"),
+    "MLA empty latent": ("train", lambda f: [*MLA_DRY, "--model.mla_config.kv_lora_rank", "0"],
+                         "model.mla_config.kv_lora_rank must be > 0, got 0"),
+    "MLA negative query rank": ("train", lambda f: [*MLA_DRY, "--model.mla_config.q_lora_rank", "-3"],
+                                "model.mla_config.q_lora_rank must be >= 0 (0 or null = no low-rank query), got -3"),
+    "MLA with kv heads": ("train", lambda f: [*MLA_DRY, "--model.num_kv_heads", "2"],
+                          "model.num_kv_heads (2) is for mha; attention_type mla shares one latent across all heads"),
+    "mla_config without MLA": ("train", lambda f: [*MLA_DRY, "--model.attention_type", "mha"],
+                               "model.mla_config is read only with model.attention_type: mla (it is 'mha')"),
     "unknown position type": ("train", lambda f: [*DRY, "--model.pos_encoding.type", "sinusoid"],
                               "model.pos_encoding.type: 'sinusoid' is not available; valid: alibi, hybrid, learned, none, pi_spiral, rope, rope_ntk"),
     "unknown MLP type": ("train", lambda f: [*DRY, "--model.mlp_type", "relu"],

@@ -146,11 +146,11 @@ def test_long_context_layout(tmp_path):
 experiment_name: spiral_small
 output_dir: ./outputs/spiral
 model:
-  pos_encoding: {type: rope}
+  pos_encoding: {type: hybrid, irrational: phi, hybrid_K: 32, transition_width: 8}
   attractor: {use_attractor: true}
 training: {batch_size: 2, learning_rate: 3.0e-4, lr_scheduler_type: linear, warmup_steps: 5, bf16: true, seed: 1}
 data: {max_seq_length: 64, dataloader_num_workers: 0}
-system: {num_gpus: 1, gradient_checkpointing: true, log_throughput: true, cpu_offload: false}
+system: {num_gpus: 1, gradient_checkpointing: true, log_throughput: true, cpu_offload: false, window_size: 16}
 evaluation: {benchmarks: [niah]}
 """
     _, _, problems, _ = migrate(yaml.safe_load(text))
@@ -161,9 +161,10 @@ evaluation: {benchmarks: [niah]}
     out = str(tmp_path / "lc.yaml")
     open(out, "w").write(yaml.safe_dump(data))
     cfg = load_config(out)
+    assert (cfg.model.pos_encoding.hybrid_K, cfg.model.pos_encoding.irrational, cfg.model.window_size) == (32, "phi", 16)
     assert (cfg.model.pos_encoding.type, cfg.training.wandb_run_name, cfg.training.scheduler,
             cfg.training.mixed_precision, cfg.training.max_length, cfg.data.num_workers, cfg.training.num_gpus,
-            cfg.training.gradient_checkpointing) == ("rope", "spiral_small", "linear", "bf16", 64, 0, 1, True)
+            cfg.training.gradient_checkpointing) == ("hybrid", "spiral_small", "linear", "bf16", 64, 0, 1, True)
 
 
 def test_stack_wise_layout(tmp_path):

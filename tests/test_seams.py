@@ -253,5 +253,6 @@ def test_block_checkpointing_is_applied_from_outside_and_recomputes():
 
 
 def test_unknown_part_names_are_refused_with_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"model.attention_type: 'mla' is not available; valid: mha, gqa, standard"):
-        build_model(tiny_config("model.attention_type=mla"))
+    with pytest.raises(ConfigError, match=r"model.attention_type: 'linear' is not available; valid: mha, mla, gqa, "
+                                          r"standard"):
+        build_model(tiny_config("model.attention_type=linear"))

@@ -45,6 +45,18 @@ class PeerConfig:
 
 
 @dataclass
+class MLAConfig:
+    """`model.mla_config`: multi-head latent attention's widths (read only when model.attention_type is mla)."""
+
+    q_lora_rank: Optional[int] = None  # null or 0 = one q projection; r > 0 = q_a_proj (→ r) → RMSNorm → q_b_proj
+    kv_lora_rank: int = 256  # width of the latent c_kv (what decoding caches per token, with the rope key)
+    qk_rope_head_dim: int = 32  # rotated part of each query/key head; the key part is one head shared by all (even)
+    qk_nope_head_dim: int = 64  # unrotated part of each query/key head (keys from the latent)
+    v_head_dim: int = 64  # value width per head (values from the latent)
+    rope_theta: Optional[float] = None  # RoPE base of the rotated part; null = model.rope_theta
+
+
+@dataclass
 class ModelConfig:
     # architecture (from-scratch)
     hidden_dim: int = 768
@@ -55,7 +67,8 @@ class ModelConfig:
     vocab_size: int = 32000
     max_seq_len: int = 2048
     # parts, by registry name (megamem.model.attention / mlp / positions)
-    attention_type: str = "mha"  # mha (multi-head or grouped-query by num_kv_heads); standard / gqa name it too
+    attention_type: str = "mha"  # mha (multi-head or grouped-query by num_kv_heads; standard / gqa name it too) | mla
+    mla_config: MLAConfig = field(default_factory=MLAConfig)  # multi-head latent attention (attention_type: mla)
     mlp_type: Optional[str] = None  # swiglu | gelu | gelu_tanh; null = hidden_activation's choice (swiglu by default)
     pos_encoding: PositionEncodingConfig = field(default_factory=PositionEncodingConfig)
     # PEER: product-key expert retrieval replaces the MLP of the selected layers

@@ -6,7 +6,7 @@ from typing import List
 
 from .aliases import alias_conflicts, position_type
 from .layer_selection import peer_placement
-from .schema import MegamemConfig
+from .schema import MegamemConfig, MLAConfig
 
 
 def _positive(problems: List[str], section: str, obj, *names: str) -> None:
@@ -65,11 +65,12 @@ def _validate_model(cfg: MegamemConfig, problems: List[str]) -> None:
     _fraction(problems, "model", m, "dropout", "attention_dropout")
     if m.hidden_dim > 0 and m.num_heads > 0 and m.hidden_dim % m.num_heads:
         problems.append(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.num_heads ({m.num_heads})")
-    elif position_type(m) in ROTARY and m.num_heads > 0 and (m.hidden_dim // m.num_heads) % 2:
+    elif m.attention_type != "mla" and position_type(m) in ROTARY and m.num_heads > 0 and (m.hidden_dim // m.num_heads) % 2:
         problems.append(f"model.pos_encoding.type {position_type(m)} needs an even head dim; hidden_dim/num_heads = "
                         f"{m.hidden_dim // m.num_heads}")
     problems += alias_conflicts(m)
     _validate_positions(m, problems)
+    _validate_mla(m, problems)
     kv = m.num_kv_heads
     if kv is not None and kv > 0 and m.num_heads > 0 and m.num_heads % kv:
         problems.append(f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({kv})")
@@ -122,6 +123,28 @@ def _validate_peer(cfg: MegamemConfig, problems: List[str]) -> None:
     if 0 < p.num_experts < p.num_experts_per_tok:
         problems.append(f"model.peer_config.num_experts_per_tok ({p.num_experts_per_tok}) must be <= "
                         f"num_experts ({p.num_experts}): the product-key candidates hold at most that many experts")
+
+
+def _validate_mla(m, problems: List[str]) -> None:
+    """mla_config is read only by attention_type mla; its rotated width must split into pairs."""
+    c = m.mla_config
+    if m.attention_type == "mla" and m.window_size is not None:
+        problems.append("model.window_size: sliding-window attention is built for attention_type mha; with mla "
+                        "set window_size: null")
+    if m.attention_type != "mla":
+        if c != MLAConfig():
+            problems.append(f"model.mla_config is read only with model.attention_type: mla (it is "
+                            f"'{m.attention_type}'); remove mla_config or set attention_type: mla")
+        return
+    _positive(problems, "model.mla_config", c, "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+              "rope_theta")
+    if c.q_lora_rank is not None and c.q_lora_rank < 0:
+        problems.append(f"model.mla_config.q_lora_rank must be >= 0 (0 or null = no low-rank query), got {c.q_lora_rank}")
+    if c.qk_rope_head_dim > 0 and c.qk_rope_head_dim % 2:
+        problems.append(f"model.mla_config.qk_rope_head_dim must be even (RoPE rotates pairs), got {c.qk_rope_head_dim}")
+    if m.num_kv_heads is not None and m.num_kv_heads != m.num_heads:
+        problems.append(f"model.num_kv_heads ({m.num_kv_heads}) is for mha; attention_type mla shares one latent "
+                        "across all heads: remove num_kv_heads")
 
 
 def _validate_memory(cfg: MegamemConfig, problems: List[str]) -> None:

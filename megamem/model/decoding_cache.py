@@ -27,24 +27,36 @@ class LayerCache:
         return self.owner.length
 
     def append_kv(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, kv_heads, S, hd] after the current length; return all keys/values so far.
+        """Store k/v [B, kv_heads, S, hd] after the current length; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.keys = self._store(self.keys, k, 2)
+        self.values = self._store(self.values, v, 2)
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def append_state(self, name: str, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Store x (new tokens along dim) in state[name] after the current length, stored and grown like
+        K/V; return everything stored so far (e.g. an attention type's latent cache)."""
+        self.state[name] = self._store(self.state.get(name), x, dim)
+        return self.state[name].narrow(dim, 0, self.length + x.shape[dim])
+
+    def _store(self, buf: Optional[torch.Tensor], x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Write x at [length, length + n) along dim of buf, allocating or growing buf first.
 
         Storage for `capacity` tokens is allocated by the first call and doubled, up to max_len, when
         a step needs more (generate() callers that do not know the final length).
         """
-        start, end = self.length, self.length + k.shape[2]
+        start, end = self.length, self.length + x.shape[dim]
         max_len = self.owner.max_len
         if max_len is not None and end > max_len:
             raise ValueError(f"KV cache holds {max_len} tokens; cannot append up to {end}")
-        if self.keys is None:
-            capacity = min(self.owner.capacity or max_len or end, max_len or end)
-            self.keys = k.new_empty(k.shape[:2] + (capacity,) + k.shape[3:])
-            self.values = v.new_empty(v.shape[:2] + (capacity,) + v.shape[3:])
-        if end > self.keys.shape[2]:
-            self._grow(min(max(end, 2 * self.keys.shape[2]), max_len or 2 * end))
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        if buf is None:
+            buf = self._resized(x, min(self.owner.capacity or max_len or end, max_len or end), dim)
+        if end > buf.shape[dim]:
+            grown = self._resized(buf, min(max(end, 2 * buf.shape[dim]), max_len or 2 * end), dim)
+            grown.narrow(dim, 0, start).copy_(buf.narrow(dim, 0, start))
+            buf = grown
+        buf.narrow(dim, start, end - start).copy_(x)
+        return buf
 
     def append_kv_window(self, k: torch.Tensor, v: torch.Tensor, window: int):
         """Sliding-window attention: a ring of `window` slots, position p in slot p % window, so memory
@@ -83,12 +95,11 @@ class LayerCache:
         slots = torch.arange(window, device=device)
         return end - window + (slots - end) % window
 
-    def _grow(self, capacity: int) -> None:
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_empty(old.shape[:2] + (capacity,) + old.shape[3:])
-            new[:, :, :self.length] = old[:, :, :self.length]
-            setattr(self, name, new)
+    @staticmethod
+    def _resized(like: torch.Tensor, capacity: int, dim: int) -> torch.Tensor:
+        shape = list(like.shape)
+        shape[dim] = capacity
+        return like.new_empty(shape)
 
 
 class DecodingCache:

@@ -38,7 +38,9 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
     Weights: 6 per trainable and 4 per frozen weight element (no weight gradient), embeddings and
     banks excluded (lookups, not matmuls); the LM head counts (tied: the embedding matrix again).
     Self-attention: QKᵀ and PV over an average causal context of seq_len/2 (a sliding window w < seq_len:
-    w·(seq_len − w/2)/seq_len), ×3 for training.
+    w·(seq_len − w/2)/seq_len), ×3 for training, at each attention's widths (`qk_width`, `v_width` over
+    all heads; hidden_dim when it names none — MLA's are heads·(qk_nope + qk_rope) and heads·v_head_dim,
+    its training form).
     Memory attention: QKᵀ and PV over the bank rows a token reads (`memory_rows_read`: with chapters,
     its chapters only). With `batch`, a dense bank's K/V projections count as what they are — one
     projection of the bank rows per memory layer per forward, shared by batch·seq_len tokens.
@@ -58,7 +60,9 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
         dense += (6 if model.tok_embeddings.weight.requires_grad else 4) * full_numel(model.tok_embeddings.weight)
     w = getattr(m, "window_size", None)
     context = seq_len / 2 if w is None or w >= seq_len else w * (seq_len - w / 2) / seq_len
-    attn = 6 * 2 * m.num_layers * context * m.hidden_dim
+    widths = sum(getattr(b.attn, "qk_width", m.hidden_dim) + getattr(b.attn, "v_width", m.hidden_dim)
+                 for b in model.blocks)
+    attn = 6 * context * widths
     heads = mem.memory_num_heads or m.num_heads
     memory = 6 * 2 * len(model.memory_layers) * memory_rows_read(mem) * heads * (m.hidden_dim // heads)
     if batch is not None and not mem.use_chapters:

@@ -41,6 +41,9 @@ def build_model_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_sta
             for child in module.children():
                 for p in child.parameters():
                     deepspeed.zero.register_external_parameter(module, p)
+        # other modules name the child weights they read directly (MLA's absorbed decoding: kv_b_proj)
+        for p in getattr(module, "external_parameters", lambda: [])():
+            deepspeed.zero.register_external_parameter(module, p)
     zero_ids = model.zero_init_ids()
     torch.manual_seed(seed)
     for module in model.modules():

@@ -1,6 +1,6 @@
 """Self-attention types, by `model.attention_type` (one file each; registered where defined)."""
 from .registry import ATTENTION
-from . import mha  # noqa: F401  (registers mha)
+from . import mha, mla  # noqa: F401  (register mha, mla)
 from .masks import document_mask
 from .mha import flash_attention_usable
 

@@ -37,6 +37,8 @@ class MultiHeadAttention(nn.Module):
         self.resid_dropout = nn.Dropout(model.dropout)
         self.use_flash_attention = model.use_flash_attention
         self.window_size = model.window_size
+        # widths of the score (QKᵀ) and value (PV) products over all heads, for FLOP accounting
+        self.qk_width = self.v_width = H * hd
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         B, S, _ = x.shape
