@@ -33,6 +33,12 @@ model_config:
     log_expert_usage: true
     log_freq: 10
     usage_threshold: 5.0
+  mla_config:
+    q_lora_rank: 24
+    kv_lora_rank: 16
+    qk_rope_head_dim: 8
+    v_head_dim: 16
+    qk_nope_head_dim: 16
 train_config:
   output_dir: "./output"
   per_device_train_batch_size: 16
@@ -98,6 +104,16 @@ def test_peer_mla_layout_maps_every_key(tmp_path, capsys):
     assert m.tokenizer_name == "gpt2" and cfg.memory.vanilla_mode
     assert (m.use_peer, m.peer_start_layer, m.peer_config.num_experts, m.peer_config.product_key_dim,
             m.peer_config.query_dim, m.peer_config.log_freq) == (True, 1, 64, [8, 8], 16, 10)
+    assert (m.attention_type, m.mla_config.q_lora_rank, m.mla_config.kv_lora_rank, m.mla_config.qk_rope_head_dim,
+            m.mla_config.v_head_dim, m.mla_config.qk_nope_head_dim) == ("mla", 24, 16, 8, 16, 16)
+    import torch
+
+    from megamem.model import build_model
+
+    with torch.device("meta"):  # the converted model builds: MLA attention, PEER in layer 1, no memory
+        model = build_model(cfg)
+    assert type(model.blocks[1].mlp).__name__ == "PEER" and type(model.blocks[0].attn).__name__ != "MultiHeadAttention"
+    assert not model.banks
     hub, local = d.datasets
     assert (hub.name, hub.path, hub.streaming, hub.weight) == ("monology/pile-uncopyrighted", None, True, 0.7)
     assert (local.name, local.path, local.weight) == ("local", "data/corpus/kjv/train.jsonl", 0.3)
