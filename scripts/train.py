@@ -70,7 +70,6 @@ def train(cfg, ds_path) -> int:
     from megamem.data import build_loader, load_tokenizer
     from megamem.parallel.distributed import rank_env
     from megamem.train.trainer import Trainer
-
     if not cfg.model.tokenizer_name:
         raise ConfigError("model.tokenizer_name is not set: point it at a tokenizer folder "
                           "(python tools/train_tokenizer.py makes one)")
@@ -135,6 +134,11 @@ def check(cfg, ds_path) -> int:
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    from megamem.config import ConfigError
+    from megamem.config.progressive import run_problem
+
+    if run_problem(cfg) and not args.dry_run:  # a progressive config runs phase by phase (tools/progressive.py)
+        raise ConfigError(run_problem(cfg))
     if args.check:
         return check(cfg, args.deepspeed)
     if args.dry_run:

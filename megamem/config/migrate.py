@@ -210,8 +210,26 @@ STACK_WISE: Dict[str, Rule] = {
     "training.learning_rate": "training.learning_rate",
     "training.batch_size": "training.batch_size",
     "training.max_steps": "training.max_steps",
-    "training.*": Refuse(f"progressive Stack-Wise training {LATER}; megamem trains every layer at once "
-                         "(training.init_from_new grows a model from saved weights)"),
+    **{f"training.{k}": f"training.{k}" for k in ("mode", "fusion_mode", "block_size", "total_blocks",
+                                                    "epochs_per_layer", "current_block_lr", "weight_decay")},
+    "training.epochs_per_block": "training.epochs_per_layer",
+    "training.seq_len": "training.max_length",
+    "training.log_interval": "training.logging_steps",
+    "training.save_interval": "training.save_steps",
+    "training.validation_interval": "training.eval_steps",
+    "training.progressive.enabled": Refuse(f"training.progressive {LATER}; tools/progressive.py runs the phases of "
+                                           "training.mode", allowed=(False,)),
+    "training.progressive.trunk_strategy": Refuse(f"dual LoRA on the trunk (trunk_strategy: qlora) {LATER}; "
+                                                  "training.fusion_mode: frozen | trainable", allowed=("frozen",)),
+    "training.progressive.*": Refuse(f"dual LoRA on the trunk {LATER}; training.fusion_mode: frozen | trainable"),
+    "training.qlora_*": Refuse(f"LoRA on the trunk {LATER}; training.fusion_mode: frozen | trainable",
+                               allowed=(False,)),
+    "training.quantization_*": Refuse(f"a quantized trunk {LATER}", allowed=(False,)),
+    "training.time_step_*": Refuse(f"time-step masking {LATER}; megamem trains causal LMs", allowed=(False,)),
+    "training.num_time_steps": Refuse(f"time-step masking {LATER}; megamem trains causal LMs"),
+    "training.*_mask_*": Refuse(f"progressive masking {LATER}; megamem trains causal LMs"),
+    "training.mask_schedule_type": Refuse(f"progressive masking {LATER}; megamem trains causal LMs"),
+    "training.*": Refuse(f"this Stack-Wise training key {LATER}; see docs/progressive.md for the keys megamem reads"),
     "data.*": Refuse("name the data in data.datasets entries (megamem's data section)"),
     "precision_options.*": Refuse("use training.mixed_precision (no, bf16, fp16)"),
 }

@@ -229,8 +229,17 @@ class TrainingConfig:
     resume_from_checkpoint: Optional[str] = None
     init_from: Optional[str] = None  # weights only (fresh optimizer, schedule, data): an export folder or any checkpoint
     init_from_new: Optional[List[str]] = None  # growth: globs of parameters this model adds (absent from init_from)
-    init_from_new_init: Literal["model", "zeros"] = "model"  # new parameters keep the model's own init, or start at 0
+    init_from_new_init: Literal["model", "zeros", "identity"] = "model"  # new: model init, 0, or output layers at 0
     seed: int = 42
+    # progressive (phase) training, run by tools/progressive.py: see docs/progressive.md
+    mode: Literal["full", "layerwise", "blockwise", "fused"] = "full"  # full: every layer trains in one run
+    block_size: Optional[int] = None  # layers per block (layerwise: 1)
+    total_blocks: Optional[int] = None  # blocks = phases; total_blocks * block_size = model.num_layers
+    steps_per_phase: Optional[int] = None  # each phase's max_steps (null: max_steps / num_epochs per phase)
+    epochs_per_layer: Optional[int] = None  # each phase's num_epochs (not with steps_per_phase)
+    fusion_mode: Literal["frozen", "trainable"] = "frozen"  # earlier blocks: frozen, or train at learning_rate
+    current_block_lr: Optional[float] = None  # the phase's block; null = learning_rate
+    phase: Optional[int] = None  # the phase this run trains (set by tools/progressive.py)
 
 
 @dataclass
@@ -326,6 +335,15 @@ RETIRED_KEYS = {
     ("training", "fsdp_sharding_strategy"): "megamem shards with DeepSpeed ZeRO: drop this key and "
     "launch with --deepspeed ds_configs/zero3.json (ZeRO-3 partitions parameters like FSDP FULL_SHARD)",
     ("memory", "memory_layer_custom"): "use memory.memory_layer_indices",
+    **{("training", k): f"{what} is not available in this version (docs/progressive.md)" for k, what in (
+        ("progressive", "dual LoRA on the trunk (training.progressive.*)"),
+        ("qlora_enabled", "LoRA on the trunk"), ("qlora_lr", "LoRA on the trunk"),
+        ("qlora_rank", "LoRA on the trunk"), ("qlora_alpha", "LoRA on the trunk"),
+        ("quantization_enabled", "a quantized trunk"), ("quantization_type", "a quantized trunk"),
+        ("time_step_masking", "time-step masking"), ("num_time_steps", "time-step masking"),
+        ("time_step_mask_fractions", "time-step masking"), ("min_mask_fraction", "progressive masking"),
+        ("max_mask_fraction", "progressive masking"), ("mask_schedule_type", "progressive masking"))},
+    ("training", "epochs_per_block"): "use training.epochs_per_layer (the epochs of each phase, whatever its size)",
 }
 
 # distributed_strategy values of the earlier trainer, and what replaces them.

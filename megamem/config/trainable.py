@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from typing import FrozenSet, Iterable, List, Optional, Set, Tuple
 
 from .load import ConfigError
+from .progressive import frozen_blocks
 from .schema import MegamemConfig
 
 
@@ -85,6 +86,7 @@ def trainable_policy(cfg: MegamemConfig) -> TrainablePolicy:
         memory = mem.use_memory_adapter and not mem.vanilla_mode
         base = not m.freeze_base_model
     parts = {p for p, on in (("memory", memory), ("lora", lora_enabled(cfg)), ("base", base)) if on}
+    frozen = t.frozen if t.frozen is not None else frozen_blocks(t, m.num_layers)  # a progressive phase's blocks
     return TrainablePolicy(frozenset(parts), tuple(t.trainable) if t.trainable is not None else None,
-                           tuple(t.frozen) if t.frozen is not None else None)
+                           tuple(frozen) if frozen is not None else None)
 

@@ -47,6 +47,8 @@ def init_from(model: nn.Module, cfg, zero_stage: int) -> None:
             hint = " (a model that adds parameters declares them in training.init_from_new)" if missing else ""
             raise ConfigError(f"training.init_from: {path} does not match this model config: missing "
                               f"{missing[:5]}, unexpected {sorted(unexpected)[:5]}{hint}")
+    if cfg.training.init_from_new_init == "identity":
+        zero_new_outputs(model, new)
     if cfg.training.init_from_new_init == "zeros":
         named = list(plain_named_parameters(model))
         loaded = {id(p) for name, p in named if name not in new}  # a shared module reached by a loaded name stays
@@ -54,6 +56,29 @@ def init_from(model: nn.Module, cfg, zero_stage: int) -> None:
             for name, p in named:
                 if name in new and id(p) not in loaded:
                     p.zero_()
+
+
+def zero_new_outputs(model: nn.Module, new: Set[str]) -> None:
+    """init_from_new_init: identity: every new block keeps the model's init, its residual branches' output
+    layers (attention o_proj, MLP down_proj, branch outputs such as memory W_o) at zero: the block is the
+    identity and still trains (each output layer gets a gradient on the first step)."""
+    if hasattr(model, "load_plain_state_dict"):
+        raise ConfigError("training.init_from_new_init: identity is not supported with pipeline parallelism; "
+                          "use a ZeRO-0/1/2 layout")
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    with torch.no_grad():
+        for block in model.blocks:
+            if not all(names[id(p)] in new for p in block.parameters()):
+                continue  # a block the source holds (its new memory branch, if any, starts at zero by wo_init_zero)
+            down = getattr(block.mlp, "down_proj", None)
+            if down is None:
+                raise ConfigError(f"training.init_from_new_init: identity needs an MLP with down_proj; layer "
+                                  f"{block.layer_idx} has {type(block.mlp).__name__} (use init_from_new_init: zeros)")
+            outputs = [block.attn.o_proj, down] + [m for _, b in block.branches() for m in b.output_layers()]
+            for module in outputs:
+                module.weight.zero_()
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
 
 
 def declared_new(cfg, state: Dict[str, torch.Tensor], path: str) -> Set[str]:
