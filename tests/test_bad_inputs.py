@@ -19,7 +19,8 @@ from conftest import ROOT, tiny_config
 
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.yaml")
 SCRIPTS = {"train": "scripts/train.py", "eval": "scripts/eval.py", "inference": "scripts/inference.py",
-           "convert": "tools/convert_to_hf.py", "preprocess": "tools/preprocess_data.py"}
+           "convert": "tools/convert_to_hf.py", "preprocess": "tools/preprocess_data.py",
+           "progressive": "tools/progressive.py"}
 _modules = {}
 
 
@@ -263,6 +264,30 @@ CASES = {
     "ddp with a sharding JSON": ("train", lambda f: [*DRY, "--training.distributed_strategy", "ddp", "--deepspeed",
                                                      os.path.join(ROOT, "ds_configs", "zero3.json")],
                                  "distributed_strategy: ddp means whole replicas per rank (ZeRO-0)"),
+    # ---- progressive training (docs/progressive.md)
+    "progressive blocks miss the layers": ("train", lambda f: [*DRY, "--training.mode", "blockwise",
+                                                               "--training.block_size", "3", "--training.total_blocks",
+                                                               "2"],
+                                           "training.total_blocks * training.block_size = 2 * 3 must equal "
+                                           "model.num_layers (4)"),
+    "layerwise with larger blocks": ("train", lambda f: [*DRY, "--training.mode", "layerwise", "--training.block_size",
+                                                         "2"], "layerwise trains one layer per phase (block_size 1)"),
+    "schedule key with mode full": ("train", lambda f: [*DRY, "--training.total_blocks", "2"],
+                                    "training.total_blocks is set but training.mode is full"),
+    "progressive with a trainable glob": ("train", lambda f: [*DRY, "--training.mode", "layerwise",
+                                                              "--training.trainable", "[banks.*]"],
+                                          "training.trainable: with training.mode: layerwise the phase decides"),
+    "progressive config given to train.py": ("train", lambda f: ["--config", TINY, "--training.mode", "layerwise"],
+                                             "training.mode: layerwise trains one phase per run: run python "
+                                             "tools/progressive.py"),
+    "time-step masking": ("train", lambda f: [*DRY, "--training.time_step_masking", "true"],
+                          "training.time_step_masking is not supported: time-step masking is not available"),
+    "quantized trunk": ("train", lambda f: [*DRY, "--training.quantization_type", "fp8"],
+                        "a quantized trunk is not available in this version"),
+    "dual LoRA on the trunk": ("train", lambda f: [*DRY, "--training.qlora_rank", "16"],
+                               "LoRA on the trunk is not available in this version"),
+    "phase tool on a full config": ("progressive", lambda f: ["--config", TINY],
+                                    "training.mode is full: nothing to run in phases"),
     # ---- CLI flags
     "train without --config": ("train", lambda f: ["--dry-run"], "the following arguments are required: --config"),
     "eval without --model": ("eval", lambda f: [], "the following arguments are required: --model"),

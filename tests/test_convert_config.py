@@ -185,20 +185,27 @@ evaluation: {benchmarks: [niah]}
 
 def test_stack_wise_layout(tmp_path):
     text = """
-model: {vocab_size: 512, d_model: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 96, attention_mode: causal,
+model: {vocab_size: 512, d_model: 64, n_layers: 4, n_heads: 4, n_kv_heads: 2, d_ff: 96, attention_mode: causal,
         attention_type: gqa, tie_embeddings: true}
-training: {mode: fused, fusion_mode: frozen, learning_rate: 5.0e-4, batch_size: 8, max_steps: 100}
+training: {mode: fused, fusion_mode: frozen, total_blocks: 2, block_size: 2, epochs_per_block: 3,
+           current_block_lr: 5.0e-4, learning_rate: 5.0e-4, batch_size: 8, max_steps: 100, qlora_enabled: false,
+           time_step_masking: true, progressive: {enabled: true, trunk_strategy: qlora}}
 """
     _, _, problems, _ = migrate(yaml.safe_load(text))
-    assert [p.split(":")[0] for p in problems] == ["training.mode", "training.fusion_mode"]
-    assert "progressive Stack-Wise training is not available" in problems[0]
-    _, data, problems, _ = migrate(yaml.safe_load(text), drop=["training.mode", "training.fusion_mode"])
+    assert [p.split(":")[0] for p in problems] == ["training.time_step_masking", "training.progressive.enabled",
+                                                   "training.progressive.trunk_strategy"]
+    assert "time-step masking is not available" in problems[0] and "dual LoRA on the trunk" in problems[2]
+    drop = ["training.time_step_masking", "training.progressive"]
+    _, data, problems, _ = migrate(yaml.safe_load(text), drop=drop)
     assert not problems
     out = str(tmp_path / "sw.yaml")
     open(out, "w").write(yaml.safe_dump(data))
-    m = load_config(out).model
+    cfg = load_config(out)
+    m, t = cfg.model, cfg.training
     assert (m.hidden_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.intermediate_dim, m.attention_type,
-            m.tie_embeddings) == (64, 2, 4, 2, 96, "gqa", True)
+            m.tie_embeddings) == (64, 4, 4, 2, 96, "gqa", True)
+    assert (t.mode, t.fusion_mode, t.total_blocks, t.block_size, t.epochs_per_layer, t.current_block_lr) == \
+        ("fused", "frozen", 2, 2, 3, 5.0e-4)
     _, _, problems, _ = migrate({"model": {"d_model": 8, "attention_mode": "bidirectional"}})
     assert problems == ["model.attention_mode: attention_mode 'bidirectional': megamem trains causal decoders only; "
                         "use attention_mode: causal"]

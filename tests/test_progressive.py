@@ -50,7 +50,7 @@ def test_each_phase_trains_its_block_at_its_rate(tmp_path, mode, extra, owns):
     for p, (r, current) in enumerate(zip(results, owns)):
         changed = {n for n in r["before"] if not torch.equal(r["before"][n], r["after"][n])}
         earlier = set(range(min(current)))
-        trains_earlier = "fusion_mode=trainable" in extra
+        trains_earlier = "training.fusion_mode=trainable" in extra
         for name in r["before"]:
             layer = _layer(name)
             if layer in current:
@@ -66,7 +66,8 @@ def test_each_phase_trains_its_block_at_its_rate(tmp_path, mode, extra, owns):
         assert groups["base"][0] == 0.01 and any(_layer(n) is None for n in base)
         assert all(lr == 0.02 for name, (lr, _) in groups.items() if name.startswith("memory"))
         in_groups = {n for _, names in groups.values() for n in names}
-        if trains_earlier:  # earlier blocks at their usual rates: base weights at learning_rate
+        if trains_earlier:  # earlier blocks train at their usual rates: base weights at learning_rate
+            assert all(n in changed for n in r["before"] if _layer(n) in earlier)
             assert {n for n in base if _layer(n) is not None} == {n for n in r["before"] if _layer(n) in earlier
                                                                   and ".memory." not in n}
         else:
