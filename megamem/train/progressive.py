@@ -103,6 +103,10 @@ def run_phases(cfg: MegamemConfig, config_dir: str, command: Callable[[str], Seq
                           "training.mode: layerwise | blockwise | fused")
     if t.phase is not None:
         raise ConfigError("training.phase is set per run by tools/progressive.py; remove it from the config")
+    if only is not None and not 0 <= only < total_blocks(cfg):
+        raise ConfigError(f"--phase {only}: the schedule has phases 0 to {total_blocks(cfg) - 1}")
+    if only and not phase_finished(cfg, only - 1):
+        raise ConfigError(f"--phase {only}: phase {only - 1} has not finished ({phase_dir(cfg, only - 1)}/final)")
     ran = []
     for p in range(total_blocks(cfg)):
         if only is not None and p != only:
