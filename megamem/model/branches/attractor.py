@@ -55,7 +55,7 @@ class AttractorBranch(ResidualBranch):
             self.q_proj = Linear(model.hidden_dim, self.width, bias=False)
             self.o_proj = Linear(self.d_state, model.hidden_dim, bias=False)
         if self.policy == "learned":
-            self.alpha_logit = nn.Parameter(torch.empty(()))
+            self.alpha_logit = nn.Parameter(torch.empty(1))  # 1-D: DeepSpeed cannot broadcast a 0-d one
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -70,7 +70,7 @@ class AttractorBranch(ResidualBranch):
     def log_alpha(self) -> torch.Tensor:
         """log α in float64 (a 0-d tensor; differentiable for the learned policy)."""
         if self.policy == "learned":
-            return F.logsigmoid(self.alpha_logit.double())
+            return F.logsigmoid(self.alpha_logit.double()[0])
         return torch.tensor(self.log_alpha_fixed, dtype=torch.float64)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
