@@ -146,7 +146,7 @@ PEER_MLA: Dict[str, Rule] = {
 }
 
 def _attractor(v: Any) -> Pairs:
-    """The same keys (megamem's attractor is causal, N of exp_c_over_N is model.max_seq_len: docs/attractor.md);
+    """The same keys (megamem's attractor is causal, N of exp_c_over_N is model.max_seq_len: docs/positions.md);
     a `custom` placement is its layer list."""
     if isinstance(v, dict) and v.get("inject_layers") == "custom":
         raise _Refused("inject_layers 'custom': give the layer list itself (model.attractor.inject_layers: [0, 3])")

@@ -58,7 +58,7 @@ class MLAConfig:
 
 @dataclass
 class AttractorConfig:
-    """`model.attractor`: a causal decayed state C_t = α·C_{t−1} + u_t ⊗ e_t read by later tokens (docs/attractor.md)."""
+    """`model.attractor`: a causal decayed state C_t = α·C_{t−1} + u_t ⊗ e_t read by later tokens (docs/positions.md)."""
 
     use_attractor: bool = False
     alpha_policy: Literal["exp_c_over_N", "fixed", "learned"] = "exp_c_over_N"  # α = exp(−c_value / model.max_seq_len) | alpha_value | learned from logit(alpha_value)

@@ -1,4 +1,4 @@
-"""model.attractor's checks (docs/attractor.md): each message names the key and what would be valid."""
+"""model.attractor's checks (docs/positions.md): each message names the key and what would be valid."""
 from __future__ import annotations
 
 from typing import List

@@ -7,7 +7,7 @@ or as a residual read C_{t−1}·q_t. Training runs chunks of CHUNK tokens: insi
 C_{t−1} = α^{t−t0}·C_{t0−1} + Σ_{t0≤s<t} α^{t−1−s} u_s ⊗ e_s is never materialised per position (the reads
 are contracted through it exactly); the state carries from chunk to chunk, so memory stays O(S·CHUNK).
 Decoding runs the same code with the state kept in the layer cache (O(1) per token). Formulas:
-docs/attractor.md.
+docs/positions.md.
 """
 from __future__ import annotations
 
