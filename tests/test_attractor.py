@@ -2,6 +2,7 @@
 loop over the recurrence C_t = α·C_{t−1} + u_t ⊗ e_t, the model's own full forward (causality, decoding,
 packed documents), the model without the branch (zero init) and a real training run."""
 import math
+import os
 
 import pytest
 import torch
@@ -211,3 +212,24 @@ def test_a_training_run_trains_the_attractor(tmp_path):
     assert result["moved"] and all(v > 0 for v in result["moved"].values())  # every attractor parameter trained
     memory = {n for g, names in result["groups"].items() if g.startswith("memory") for n in names}
     assert set(result["moved"]) <= memory  # param_group "memory": memory_lr
+
+
+def test_export_and_reload_keep_the_attractor(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megamem.hf.folder import write_megamem_folder
+    from megamem.hf.load import load_exported
+
+    over = ("model.attractor.alpha_policy=learned", "model.attractor.inject_layers=last_N",
+            "model.attractor.N_inject=2")
+    model, cfg = make(*over), tiny_config("memory.wo_init_zero=false", *ON, *over)
+    os.makedirs(tmp_path / "hf")
+    write_megamem_folder(str(tmp_path / "hf"), model.state_dict(), cfg, "fp32")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    ids = IDS % 58 + 3  # no pad token (0): HF generate would read it as padding
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert (hf(ids).logits - ref).abs().max() <= 1e-5
+        assert (load_exported(str(tmp_path / "hf"))[0](ids).logits - ref).abs().max() <= 1e-5
+    theirs = hf.generate(ids[:, :4], max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(theirs, model.generate(ids[:, :4], 8))
