@@ -2,12 +2,12 @@
 
     C_t = α·C_{t−1} + u_t ⊗ e_t        u_t = W_u·norm(h_t) ∈ R^d_state, e_t = π-spiral e_n of position t (width D)
 
-Position t reads C_{t−1} (its own document's earlier tokens only), by cross-attention over C's d_state rows
-or as a residual read C_{t−1}·q_t. Training runs chunks of CHUNK tokens: inside a chunk the closed form
-C_{t−1} = α^{t−t0}·C_{t0−1} + Σ_{t0≤s<t} α^{t−1−s} u_s ⊗ e_s is never materialised per position (the reads
-are contracted through it exactly); the state carries from chunk to chunk, so memory stays O(S·CHUNK).
-Decoding runs the same code with the state kept in the layer cache (O(1) per token). Formulas:
-docs/positions.md.
+Position t reads C_{t−1} (its own document's earlier tokens only), by cross-attention over C's
+d_state rows or as a residual read C_{t−1}·q_t. Training runs chunks of CHUNK tokens: inside a chunk
+the closed form C_{t−1} = α^{t−t0}·C_{t0−1} + Σ_{t0≤s<t} α^{t−1−s} u_s ⊗ e_s is never materialised per
+position (the reads are contracted through it exactly); the state carries from chunk to chunk, so
+memory grows linearly in S. Decoding runs the same code with the state kept in the layer cache (O(1)
+per token). Formulas: docs/positions.md#attractor-state-modelattractor.
 """
 from __future__ import annotations
 
@@ -103,11 +103,13 @@ class AttractorBranch(ResidualBranch):
         w = torch.where(inside, torch.exp(lag.clamp(min=0) * log_alpha), 0).to(h.dtype)  # α^{t−1−s}
         cw = torch.where(carry, torch.exp(idx * log_alpha), 0).to(h.dtype)  # α^{t−t0} on C_{t0−1}
         u = self.u_proj(h)  # [B, c, d_state]
-        out = self._cross(h, e, u, w, cw, state) if self.inject == "cross_attn" else self._residual(h, e, u, w, cw, state)
-        # C_{t1−1}: the last token's document only
-        end_w = torch.exp((c - 1 - idx) * log_alpha).to(h.dtype)[None, :] * (same[:, t1 - 1, t0:t1] if same is not None
-                                                                                else 1)
-        new = torch.einsum("bs,bsi,sd->bid", end_w.expand(B, c), u, e)
+        read = self._cross if self.inject == "cross_attn" else self._residual
+        out = read(h, e, u, w, cw, state)
+        # C_{t1−1} = Σ_s α^{t1−1−s} u_s ⊗ e_s over the last token's document (+ the carried state)
+        end_w = torch.exp((c - 1 - idx) * log_alpha).to(h.dtype).expand(B, c)
+        if same is not None:
+            end_w = end_w * same[:, t1 - 1, t0:t1]
+        new = torch.einsum("bs,bsi,sd->bid", end_w, u, e)
         if state is not None:
             new = new + (cw[:, -1] * torch.exp(log_alpha).to(h.dtype))[:, None, None] * state
         return out, new
