@@ -233,3 +233,12 @@ def test_export_and_reload_keep_the_attractor(tmp_path):
         assert (load_exported(str(tmp_path / "hf"))[0](ids).logits - ref).abs().max() <= 1e-5
     theirs = hf.generate(ids[:, :4], max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(theirs, model.generate(ids[:, :4], 8))
+
+
+def test_pipeline_stages_run_the_attractor(tmp_path):
+    """BlockPipe runs Block.forward with its ForwardContext: two stages train as the plain model does."""
+    from test_pipeline import STAGES, ZERO1, _check_against_plain, _plain_and_pipeline
+
+    extra = (*ON, "model.attractor.alpha_policy=learned", "model.attractor.attractor_inject=residual")
+    plain, pipe = _plain_and_pipeline(tmp_path, extra, ZERO1, STAGES)
+    _check_against_plain(plain, pipe, recompute=False)
