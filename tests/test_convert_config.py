@@ -163,16 +163,19 @@ experiment_name: spiral_small
 output_dir: ./outputs/spiral
 model:
   pos_encoding: {type: hybrid, irrational: phi, hybrid_K: 32, transition_width: 8}
-  attractor: {use_attractor: true}
+  attractor: {use_attractor: true, alpha_policy: fixed, alpha_value: 0.95, inject_layers: last_N, N_inject: 2,
+              attractor_inject: residual, d_state: 16}
 training: {batch_size: 2, learning_rate: 3.0e-4, lr_scheduler_type: linear, warmup_steps: 5, bf16: true, seed: 1}
 data: {max_seq_length: 64, dataloader_num_workers: 0}
 system: {num_gpus: 1, gradient_checkpointing: true, log_throughput: true, cpu_offload: false, window_size: 16}
 evaluation: {benchmarks: [niah]}
 """
     _, _, problems, _ = migrate(yaml.safe_load(text))
-    assert [p.split(":")[0] for p in problems] == ["model.attractor", "evaluation"]
+    assert [p.split(":")[0] for p in problems] == ["evaluation"]
     assert "not available in this version" in problems[0]
-    _, data, problems, _ = migrate(yaml.safe_load(text), drop=["model.attractor", "evaluation"])
+    custom = text.replace("inject_layers: last_N", "inject_layers: custom")
+    assert "give the layer list itself" in migrate(yaml.safe_load(custom))[2][0]
+    _, data, problems, _ = migrate(yaml.safe_load(text), drop=["evaluation"])
     assert not problems
     out = str(tmp_path / "lc.yaml")
     open(out, "w").write(yaml.safe_dump(data))
@@ -181,6 +184,9 @@ evaluation: {benchmarks: [niah]}
     assert (cfg.model.pos_encoding.type, cfg.training.wandb_run_name, cfg.training.scheduler,
             cfg.training.mixed_precision, cfg.training.max_length, cfg.data.num_workers, cfg.training.num_gpus,
             cfg.training.gradient_checkpointing) == ("hybrid", "spiral_small", "linear", "bf16", 64, 0, 1, True)
+    a = cfg.model.attractor
+    assert (a.use_attractor, a.alpha_policy, a.alpha_value, a.inject_layers, a.N_inject, a.attractor_inject,
+            a.d_state) == (True, "fixed", 0.95, "last_N", 2, "residual", 16)
 
 
 def test_stack_wise_layout(tmp_path):

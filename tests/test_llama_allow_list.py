@@ -11,7 +11,7 @@ import typing
 import pytest
 import torch
 
-from megamem.config import ConfigError, MemoryConfig, MLAConfig, ModelConfig, PeerConfig, PositionEncodingConfig
+from megamem.config import AttractorConfig, ConfigError, MemoryConfig, MLAConfig, ModelConfig, PeerConfig, PositionEncodingConfig
 from megamem.folders import export_model
 from megamem.hf.convert import convert_to_hf
 from megamem.hf.llama import (ANY, LLAMA_INERT_MEMORY_FIELDS, LLAMA_MODEL_FIELDS, llama_config,
@@ -30,7 +30,7 @@ LLAMA_EXAMPLES = {
 # non-default values Llama cannot express, for fields whose type allows Llama values besides the default
 NON_LLAMA = {"hidden_activation": "gelu", "use_rope": False, "mlp_type": "gelu",
              "pos_encoding": PositionEncodingConfig("learned"), "peer_config": PeerConfig(num_heads=2),
-             "mla_config": MLAConfig(kv_lora_rank=8)}
+             "mla_config": MLAConfig(kv_lora_rank=8), "attractor": AttractorConfig(use_attractor=True)}
 FIELDS = [("model", f.name) for f in dataclasses.fields(ModelConfig)] + \
          [("memory", f.name) for f in dataclasses.fields(MemoryConfig)]
 

@@ -3,6 +3,7 @@ from .aliases import mlp_type, position_type, rope_base
 from .load import (ConfigError, apply_overrides, config_from_dict, config_to_dict, dump_config, load_config,
                    parse_overrides, save_config)
 from .schema import (
+    AttractorConfig,
     DataConfig,
     DatasetSpec,
     EvaluationConfig,
@@ -18,6 +19,7 @@ from .schema import (
 from .validate import memory_problems, validate
 
 __all__ = [
+    "AttractorConfig",
     "ConfigError",
     "DataConfig",
     "DatasetSpec",

@@ -45,3 +45,14 @@ def peer_layers(model) -> List[int]:
     if model.peer_layer_placement is None and model.peer_start_layer is not None:
         k = model.num_layers - model.peer_start_layer
     return select_layers(placement, model.num_layers, k, model.peer_layer_n, model.peer_layer_indices)
+
+
+def attractor_layers(model) -> List[int]:
+    """Layers with an attractor branch: model.attractor's inject_layers (all, last_N or a list); none without
+    use_attractor or with attractor_inject: none."""
+    a = model.attractor
+    if not a.use_attractor or a.attractor_inject == "none":
+        return []
+    if isinstance(a.inject_layers, list):
+        return select_layers("custom", model.num_layers, indices=a.inject_layers)
+    return select_layers("last_k" if a.inject_layers == "last_N" else "all", model.num_layers, k=a.N_inject)

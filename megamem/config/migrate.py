@@ -145,6 +145,14 @@ PEER_MLA: Dict[str, Rule] = {
                                      allowed=(None, False)),
 }
 
+def _attractor(v: Any) -> Pairs:
+    """The same keys (megamem's attractor is causal, N of exp_c_over_N is model.max_seq_len: docs/positions.md);
+    a `custom` placement is its layer list."""
+    if isinstance(v, dict) and v.get("inject_layers") == "custom":
+        raise _Refused("inject_layers 'custom': give the layer list itself (model.attractor.inject_layers: [0, 3])")
+    return [("model.attractor", v)]
+
+
 LONG_CONTEXT: Dict[str, Rule] = {
     "experiment_name": "training.wandb_run_name",
     "run_name": "training.wandb_run_name",
@@ -159,7 +167,7 @@ LONG_CONTEXT: Dict[str, Rule] = {
     "pretrained.use_flash_attn": "model.use_flash_attention",
     "pretrained.device_map": Refuse("DeepSpeed places the model on the ranks' devices; remove device_map"),
     "model.pos_encoding": "model.pos_encoding",
-    "model.attractor": Refuse(f"the attractor state {LATER}; remove model.attractor"),
+    "model.attractor": _attractor,
     "training.batch_size": "training.batch_size",
     "training.gradient_accumulation_steps": "training.gradient_accumulation_steps",
     "training.num_epochs": "training.num_epochs",

@@ -57,6 +57,20 @@ class MLAConfig:
 
 
 @dataclass
+class AttractorConfig:
+    """`model.attractor`: a causal decayed state C_t = α·C_{t−1} + u_t ⊗ e_t read by later tokens (docs/positions.md)."""
+
+    use_attractor: bool = False
+    alpha_policy: Literal["exp_c_over_N", "fixed", "learned"] = "exp_c_over_N"  # α = exp(−c_value / model.max_seq_len) | alpha_value | learned from logit(alpha_value)
+    alpha_value: float = 0.99  # fixed: α; learned: α at init (0 < α < 1)
+    c_value: float = 3.141592653589793  # exp_c_over_N: c (α^max_seq_len = e^−c)
+    inject_layers: Union[Literal["all", "last_N"], List[int]] = "all"  # all | last_N (the last N_inject layers) | a list of 0-based layer indices (custom)
+    N_inject: int = 4  # last_N: how many layers
+    attractor_inject: Literal["cross_attn", "residual", "none"] = "cross_attn"  # how a layer reads C_{t−1}; none = no attractor branch
+    d_state: Optional[int] = None  # rows of C (width of u_t); null = model.hidden_dim
+
+
+@dataclass
 class ModelConfig:
     # architecture (from-scratch)
     hidden_dim: int = 768
@@ -71,6 +85,7 @@ class ModelConfig:
     mla_config: MLAConfig = field(default_factory=MLAConfig)  # multi-head latent attention (attention_type: mla)
     mlp_type: Optional[str] = None  # swiglu | gelu | gelu_tanh; null = hidden_activation's choice (swiglu by default)
     pos_encoding: PositionEncodingConfig = field(default_factory=PositionEncodingConfig)
+    attractor: AttractorConfig = field(default_factory=AttractorConfig)  # the causal attractor state branch
     # PEER: product-key expert retrieval replaces the MLP of the selected layers
     use_peer: bool = False
     peer_start_layer: Optional[int] = None  # PEER in every layer from this one on (the seed trainer's key)

@@ -8,6 +8,7 @@ from .aliases import alias_conflicts, position_type
 from .layer_selection import peer_placement
 from .progressive import progressive_problems
 from .schema import MegamemConfig, MLAConfig
+from .validate_attractor import validate_attractor
 
 
 def _positive(problems: List[str], section: str, obj, *names: str) -> None:
@@ -71,6 +72,7 @@ def _validate_model(cfg: MegamemConfig, problems: List[str]) -> None:
                         f"{m.hidden_dim // m.num_heads}")
     problems += alias_conflicts(m)
     _validate_positions(m, problems)
+    validate_attractor(m, problems)
     _validate_mla(m, problems)
     kv = m.num_kv_heads
     if kv is not None and kv > 0 and m.num_heads > 0 and m.num_heads % kv:

@@ -93,10 +93,11 @@ class MemoryTransformer(nn.Module):
             module.reset_parameters()
 
     def zero_init_ids(self) -> set:
-        """Output layers of every residual branch when wo_init_zero: each branch starts as identity."""
-        if not self.memory_config.wo_init_zero:
-            return set()
-        return {id(m) for block in self.blocks for _, branch in block.branches() for m in branch.output_layers()}
+        """Output layers of every residual branch when wo_init_zero (always for a branch with always_zero_init,
+        e.g. the attractor): each branch starts as identity."""
+        wo = self.memory_config.wo_init_zero
+        return {id(m) for block in self.blocks for _, branch in block.branches()
+                if wo or branch.always_zero_init for m in branch.output_layers()}
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,

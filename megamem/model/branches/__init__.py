@@ -5,6 +5,7 @@ whether layer layer_idx gets the branch; Block holds it under the registered nam
 """
 from .registry import BRANCHES
 from . import memory  # noqa: F401  (registers memory)
+from . import attractor  # noqa: F401  (registers attractor)
 from .base import ResidualBranch
 from .memory import MemoryBranch
 

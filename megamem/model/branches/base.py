@@ -14,13 +14,15 @@ class ResidualBranch(nn.Module):
 
     - slot: where in the block it runs (after the attention or after the MLP).
     - param_group: its parameters' optimizer group (megamem.train.optim).
-    - output_layers(): the layers identity-init zeroes (wo_init_zero), so the branch starts as a no-op.
+    - output_layers(): the layers identity-init zeroes (wo_init_zero), so the branch starts as a no-op;
+      always_zero_init: zeroed whatever wo_init_zero says (a branch that must start as identity).
     - decoding state: kept in ctx.layer_cache().state under the branch's own keys.
     - residual(x, ctx): x + delta; a branch with more than one residual step overrides it.
     """
 
     slot = "after_attention"
     param_group = "memory"
+    always_zero_init = False
 
     def output_layers(self) -> List[nn.Module]:
         return []

@@ -1,0 +1,33 @@
+"""model.attractor's checks (docs/positions.md): each message names the key and what would be valid."""
+from __future__ import annotations
+
+from typing import List
+
+
+def validate_attractor(m, problems: List[str]) -> None:
+    """Ranges of the attractor keys; the branch exists on from-scratch models only."""
+    a = m.attractor
+    if not a.use_attractor:
+        return
+    if m.base_model_name is not None:
+        problems.append("model.attractor.use_attractor applies to from-scratch models; an adapter run "
+                        "(model.base_model_name) has no attractor: set use_attractor: false")
+    if not 0.0 < a.alpha_value < 1.0:
+        problems.append(f"model.attractor.alpha_value must be in (0, 1), got {a.alpha_value}")
+    if not a.c_value > 0:
+        problems.append(f"model.attractor.c_value must be > 0, got {a.c_value}")
+    if a.d_state is not None and a.d_state <= 0:
+        problems.append(f"model.attractor.d_state must be > 0 or null, got {a.d_state}")
+    if a.inject_layers == "last_N" and not 0 < a.N_inject <= m.num_layers:
+        problems.append(f"model.attractor.N_inject must be in [1, {m.num_layers}] (model.num_layers) "
+                        f"for inject_layers: last_N, got {a.N_inject}")
+    if isinstance(a.inject_layers, list):
+        bad = [i for i in a.inject_layers if not 0 <= i < m.num_layers]
+        if bad or not a.inject_layers or len(set(a.inject_layers)) != len(a.inject_layers):
+            problems.append(f"model.attractor.inject_layers must list distinct layers in [0, {m.num_layers}), "
+                            f"got {a.inject_layers}")
+    if m.hidden_dim % 2:
+        problems.append(f"model.attractor needs an even model.hidden_dim (the π-spiral e_t), got {m.hidden_dim}")
+    if m.max_seq_len >= 2 ** 31:
+        problems.append(f"model.attractor: model.max_seq_len = {m.max_seq_len}; the π-spiral e_t is exact below "
+                        f"2^31 positions only")
