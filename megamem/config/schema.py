@@ -216,6 +216,7 @@ class TrainingConfig:
     save_total_limit: Optional[int] = 3
     save_best_model: bool = True
     eval_max_batches: Optional[int] = 50  # cap per evaluation (null = the whole eval split)
+    eval_long_context: bool = False  # each evaluation also runs evaluation.benchmarks' niah/ruler (rank 0)
     early_stopping: bool = False
     early_stopping_patience: int = 3
     early_stopping_threshold: float = 0.0
@@ -306,6 +307,9 @@ class EvaluationConfig:
     chat_template: Literal["auto", "on", "off"] = "auto"  # wrap prompts in the tokenizer's chat template
     evals: List[str] = field(default_factory=list)  # lm-evaluation-harness tasks (benchmarks: lm_eval)
     eval_batch_size: int = 1  # lm-eval batch size
+    # tools/ablate.py (not scripts/eval.py flags): one run per value of this dotted key or named mode
+    ablation_mode: Optional[str] = None
+    ablation_values: List[Union[bool, int, float, str]] = field(default_factory=list)
 
 
 @dataclass

@@ -291,6 +291,11 @@ def _validate_evaluation(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append("evaluation.temperature must be >= 0 and evaluation.top_p in (0, 1]")
     if "lm_eval" in e.benchmarks and not e.evals:
         problems.append("evaluation.benchmarks has lm_eval but evaluation.evals names no task (e.g. [arc_easy])")
+    if bool(e.ablation_mode) != bool(e.ablation_values):
+        problems.append("evaluation.ablation_mode and evaluation.ablation_values go together (the key or named mode "
+                        "tools/ablate.py varies, and its values)")
+    if cfg.training.eval_long_context and not {"niah", "ruler"} & set(e.benchmarks):
+        problems.append("training.eval_long_context: evaluation.benchmarks names neither niah nor ruler")
 
 
 def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
