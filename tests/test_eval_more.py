@@ -72,7 +72,7 @@ def test_trust_remote_code_only_for_megamem_folders_or_with_the_flag(tmp_path, m
     seen = []
     monkeypatch.setattr(lm_eval, "simple_evaluate",
                         lambda **kw: seen.append(kw["model_args"]) or {"results": {"megamem_mc": {}}})
-    _, megamem_hf, *_ = exported(tmp_path / "a")
+    _, megamem_hf, *_ = exported(tmp_path)
     foreign = tmp_path / "foreign"  # megamem's files, but with code megamem did not write
     foreign.mkdir()
     for name in os.listdir(megamem_hf):

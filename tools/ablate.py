@@ -53,7 +53,7 @@ def dotted_key(mode: str, config: str, overrides: List[str], value: str) -> str:
     try:
         load_config(config, [*overrides, f"--{key}={value}"])
     except ConfigError as e:
-        if mode in ("attractor", "alpha_policy") and "unknown" in str(e):
+        if mode in ("attractor", "alpha_policy") and "attractor" in str(e):
             raise ConfigError(f"--ablation-mode {mode}: not available, megamem has no attractor state yet "
                               f"({key} is not a config key)") from None
         raise ConfigError(f"--ablation-mode {mode} = {value}: {e}") from None

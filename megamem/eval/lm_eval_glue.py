@@ -77,7 +77,10 @@ def _lm(model: str, batch_size: int, dtype: str, trust_remote_code: bool):
     """(model, model_args) for lm_eval.simple_evaluate: "hf" + the folder, or a loaded megamem model."""
     if os.path.isfile(os.path.join(model, "config.json")):
         trust = bool(trust_remote_code or megamem_wrote(model))
-        return "hf", {"pretrained": model, "trust_remote_code": trust, "dtype": dtype}
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "hf", {"pretrained": model, "trust_remote_code": trust, "dtype": dtype, "device": device}
     import torch
     from lm_eval.models.huggingface import HFLM
 
