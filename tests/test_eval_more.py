@@ -156,9 +156,9 @@ def _long_context_run(out, data):
 
 def test_long_context_scores_are_logged_at_eval_steps(tmp_path):
     config = ablation_config(tmp_path)
-    text = open(config).read().replace("max_steps: 2", "max_steps: 4").replace("max_seq_len: 64", "max_seq_len: 96")
+    text = open(config).read().replace("max_steps: 2", "max_steps: 4").replace("max_seq_len: 64", "max_seq_len: 512")
     text = text.replace("evaluation: {ablation_mode: memory.num_memory_tokens, ablation_values: [4, 8]}",
-                        "evaluation: {benchmarks: [niah], niah_lengths: [96], niah_depths: [0.5], num_samples: 1,"
+                        "evaluation: {benchmarks: [niah], niah_lengths: [512], niah_depths: [0.5], num_samples: 1,"
                         " max_new_tokens: 4}\n")
     text = text.replace("save_steps: 2,", "save_steps: 2, eval_long_context: true,")
     (tmp_path / "lc.yaml").write_text(text)
@@ -167,11 +167,11 @@ def test_long_context_scores_are_logged_at_eval_steps(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4]
-    assert all("niah_96_0.5" in r and r["niah_mean"] == r["niah_96_0.5"] for r in evals)
+    assert all("niah_512_0.5" in r and r["niah_mean"] == r["niah_512_0.5"] for r in evals)
     # the last score equals scripts/eval.py's on the exported model (same weights, same samples)
     out = tmp_path / "e.json"
     assert script("eval").main(["--model", str(tmp_path / "run" / "final"), "--output", str(out)]) == 0
-    assert json.loads(out.read_text())["niah"]["grid"]["96"]["0.5"] == evals[-1]["niah_96_0.5"]
+    assert json.loads(out.read_text())["niah"]["grid"]["512"]["0.5"] == evals[-1]["niah_512_0.5"]
     with pytest.raises(ConfigError, match="training.eval_long_context: evaluation.benchmarks names neither"):
         from megamem.config import load_config
 
