@@ -178,6 +178,8 @@ training: {batch_size: 2, learning_rate: 3.0e-4, lr_scheduler_type: linear, warm
 data: {max_seq_length: 64, dataloader_num_workers: 0}
 system: {num_gpus: 1, gradient_checkpointing: true, log_throughput: true, cpu_offload: false, window_size: 16}
 evaluation: {benchmarks: [niah]}
+ablation_mode: hybrid_k
+ablation_values: [16, 32]
 """
     _, _, problems, _ = migrate(yaml.safe_load(text))
     assert [p.split(":")[0] for p in problems] == ["model.attractor", "evaluation"]
@@ -191,6 +193,7 @@ evaluation: {benchmarks: [niah]}
     assert (cfg.model.pos_encoding.type, cfg.training.wandb_run_name, cfg.training.scheduler,
             cfg.training.mixed_precision, cfg.training.max_length, cfg.data.num_workers, cfg.training.num_gpus,
             cfg.training.gradient_checkpointing) == ("hybrid", "spiral_small", "linear", "bf16", 64, 0, 1, True)
+    assert (cfg.evaluation.ablation_mode, cfg.evaluation.ablation_values) == ("hybrid_k", [16, 32])  # tools/ablate.py
 
 
 def test_stack_wise_layout(tmp_path):

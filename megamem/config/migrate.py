@@ -205,8 +205,8 @@ LONG_CONTEXT: Dict[str, Rule] = {
                                    allowed=(False,)),
     "system.log_memory": Refuse("megamem does not log device memory; remove log_memory", allowed=(False,)),
     "system.log_throughput": Refuse("megamem always logs tokens/s; remove log_throughput", allowed=(True, False)),
-    "ablation_mode": Refuse(f"the ablation runner {LATER}; run one config per value"),
-    "ablation_values": Refuse(f"the ablation runner {LATER}; run one config per value"),
+    "ablation_mode": "evaluation.ablation_mode",  # tools/ablate.py knows the named modes (irrational, hybrid_k, ...)
+    "ablation_values": "evaluation.ablation_values",
 }
 
 STACK_WISE: Dict[str, Rule] = {
