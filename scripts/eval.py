@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate a trained model: perplexity, chapter usage, long-context tasks (NIAH, RULER), lm-eval benchmarks.
+"""Evaluate a trained model: perplexity, chapter usage, long-context tasks (NIAH, RULER), lm-eval benchmarks,
+memory and throughput per context length (--benchmarks profile).
 
     python scripts/eval.py --model outputs/run/final                       # perplexity on the run's eval split
     python scripts/eval.py --model hf/run --config configs/x.yaml --training.eval_split test --max-batches 50
@@ -146,6 +147,25 @@ def long_context(args, ev, loaded, results) -> None:
             print(f"wrote {ruler['plot']}")
 
 
+def profile(args, ev, loaded, results) -> None:
+    from megamem.eval.profile import plot_profile, profile_model
+
+    import torch
+
+    model = loaded.megamem.to("cuda") if torch.cuda.is_available() and loaded.megamem is not None else loaded.megamem
+    res = profile_model(model, ev.profile_lengths, ev.profile_decode_tokens, ev.seed)
+    results["profile"] = res
+    for n, r in res["lengths"].items():
+        print(f"profile {n} tokens: prefill {r['prefill_tokens_per_s']:,.0f} tokens/s, decode "
+              f"{r['decode_tokens_per_s']:,.1f} tokens/s, cache {r['cache_bytes'] / 2**20:.2f} MiB, peak RSS "
+              f"+{r['peak_rss_bytes'] / 2**20:.1f} MiB" + (f", peak CUDA {r['peak_cuda_bytes'] / 2**20:.1f} MiB"
+                                                         if "peak_cuda_bytes" in r else ""))
+    print(f"decoding cache flat across lengths: {res['cache_flat']} (window_size {res['window_size']})")
+    if args.output:
+        res["plot"] = plot_profile(res, os.path.splitext(args.output)[0] + "_profile.png")
+        print(f"wrote {res['plot']}")
+
+
 def data_config(args, overrides, loaded):
     """The run's own config (export: config.yaml; checkpoint: the one saved with it), or --config."""
     from megamem.config import apply_overrides, load_config, parse_overrides
@@ -174,7 +194,7 @@ def main(argv=None) -> int:
     ev = evaluation_config(args, overrides, evaluation_source(args, overrides))
     results["evaluation"] = {"benchmarks": ev.benchmarks}
     loaded = None
-    if {"perplexity", "niah", "ruler"} & set(ev.benchmarks):
+    if {"perplexity", "niah", "ruler", "profile"} & set(ev.benchmarks):
         loaded = load_any(args.model, torch.float32, args.routing_strategy)
     if "perplexity" in ev.benchmarks:
         if loaded.tokenizer is None:
@@ -195,6 +215,8 @@ def main(argv=None) -> int:
                 print(f"wrote {plot}")
     if {"niah", "ruler"} & set(ev.benchmarks):
         long_context(args, ev, loaded, results)
+    if "profile" in ev.benchmarks:
+        profile(args, ev, loaded, results)
     if "lm_eval" in ev.benchmarks:
         from megamem.eval.lm_eval_glue import run_lm_eval
 

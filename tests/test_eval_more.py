@@ -176,3 +176,30 @@ def test_long_context_scores_are_logged_at_eval_steps(tmp_path):
         from megamem.config import load_config
 
         load_config(str(tmp_path / "lc.yaml"), ["--evaluation.benchmarks=[perplexity]"])
+
+
+# ---------------------------------------------------------------- memory / throughput profile
+def test_profile_cache_is_flat_with_a_window_and_grows_without(tmp_path):
+    got = {}
+    for name, extra in (("full", ()), ("window", ("model.window_size=16",))):
+        (tmp_path / name).mkdir()
+        final, _, model, cfg, _ = exported(tmp_path / name, "model.max_seq_len=256", *extra)
+        out = tmp_path / f"{name}.json"
+        assert script("eval").main(["--model", final, "--benchmarks", "profile", "--profile-lengths", "64", "128",
+                                    "--profile-decode-tokens", "4", "--output", str(out)]) == 0
+        res = json.loads(out.read_text())["profile"]
+        assert (tmp_path / f"{name}_profile.png").stat().st_size > 0
+        assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_rss_bytes"] >= 0
+                   for r in res["lengths"].values())
+        got[name] = (res, cfg)
+    res, cfg = got["full"]
+    m = cfg.model
+    per_token = m.num_layers * 2 * m.num_kv_heads * (m.hidden_dim // m.num_heads) * 4  # K and V, fp32, every layer
+    sizes = [res["lengths"][n]["cache_bytes"] for n in ("64", "128")]
+    assert sizes[1] - sizes[0] == 64 * per_token and not res["cache_flat"]  # room for n + 4 tokens each
+    res, cfg = got["window"]
+    assert res["cache_flat"] and res["window_size"] == 16
+    assert {r["cache_bytes"] for r in res["lengths"].values()} == {sizes[0] - (64 + 4 - 16) * per_token}  # 16 slots
+    with pytest.raises(ConfigError, match="profile_lengths 256: with 4 decoded tokens it passes"):
+        script("eval").main(["--model", str(tmp_path / "full" / "final"), "--benchmarks", "profile",
+                             "--profile-lengths", "256", "--profile-decode-tokens", "4"])

@@ -279,8 +279,8 @@ def _lora_modes(cfg: MegamemConfig, memory_on: bool, problems: List[str]) -> Non
 def _validate_evaluation(cfg: MegamemConfig, problems: List[str]) -> None:
     e = cfg.evaluation
     _positive(problems, "evaluation", e, "ruler_max_length", "num_samples", "max_new_tokens", "eval_batch_size",
-              "top_k")
-    for name in ("niah_lengths", "ruler_lengths"):
+              "top_k", "profile_decode_tokens")
+    for name in ("niah_lengths", "ruler_lengths", "profile_lengths"):
         bad = [n for n in getattr(e, name) or [] if n <= 0]
         if bad:
             problems.append(f"evaluation.{name} {bad}: lengths are token counts > 0")
