@@ -102,11 +102,15 @@ def run_lm_eval(model: str, tasks: List[str], limit: Optional[int] = None, batch
         import lm_eval
     except ImportError:
         raise ConfigError("--lm-eval-tasks needs lm-evaluation-harness: pip install 'megamem[eval]'") from None
+    from lm_eval.tasks import TaskManager
+
     specs = [task_spec(t) for t in tasks]
     lm, model_args = _lm(model, batch_size, dtype, trust_remote_code)
+    # local tasks alone need no index of lm-eval's thousands of registry tasks
+    manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
     try:
         results = lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=specs, limit=limit,
-                                          batch_size=batch_size)
+                                          batch_size=batch_size, task_manager=manager)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many kinds; the data ones are translated
