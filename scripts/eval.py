@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Evaluate a trained model: perplexity, chapter usage, long-context tasks (NIAH, RULER), lm-eval benchmarks.
+"""Evaluate a trained model: perplexity, chapter usage, long-context tasks (NIAH, RULER), lm-eval benchmarks,
+memory and throughput per context length (--benchmarks profile).
 
     python scripts/eval.py --model outputs/run/final                       # perplexity on the run's eval split
     python scripts/eval.py --model hf/run --config configs/x.yaml --training.eval_split test --max-batches 50
     python scripts/eval.py --model outputs/run/final --benchmarks niah ruler --niah-lengths 1024 2048 \
         --niah-depths 0.1 0.5 0.9 --output results.json                   # JSON, heatmap and plot beside it
-    python scripts/eval.py --model hf/run --lm-eval-tasks arc_easy,hellaswag --lm-eval-limit 200
+    python scripts/eval.py --model outputs/run/final --no-perplexity --lm-eval-tasks megamem_mc   # shipped, offline
+    python scripts/eval.py --model hf/run --lm-eval-tasks my_task.yaml,hellaswag --lm-eval-limit 200
 
 Every key of the config's `evaluation:` section is also a flag named after it (--niah-lengths,
 --ruler-tasks, --max-new-tokens, ...); flags win over the config.
@@ -37,15 +39,21 @@ def parse_args(argv):
     p.add_argument("--routing-strategy", choices=["sequence", "rolling", "token"])
     p.add_argument("--plot", help="chapter-usage plot (PNG); default <output>.png when --output is given")
     p.add_argument("--output", help="write the results as JSON here too")
-    p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks (Hugging Face folders)")
+    p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks: megamem_mc (shipped), "
+                   "a task YAML with local data, or a registry name (data from the hub)")
     p.add_argument("--lm-eval-limit", type=int, help="examples per task")
     p.add_argument("--lm-eval-batch-size", type=int, help="lm-eval batch size (default: evaluation.eval_batch_size)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let lm-eval run the code of an HF folder megamem did not write (megamem's own always load)")
     add_evaluation_flags(p)
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-") and "." not in o.split("=")[0]]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --data.eval_split=test)")
     return args, overrides
+
+
+ABLATION_KEYS = ("ablation_mode", "ablation_values")  # tools/ablate.py's, not flags here
 
 
 def add_evaluation_flags(p) -> None:
@@ -57,6 +65,8 @@ def add_evaluation_flags(p) -> None:
 
     hints = typing.get_type_hints(EvaluationConfig)
     for f in dataclasses.fields(EvaluationConfig):
+        if f.name in ABLATION_KEYS:
+            continue
         flag, tp = "--" + f.name.replace("_", "-"), hints[f.name]
         if typing.get_origin(tp) is typing.Union:  # Optional[X] → X
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
@@ -81,7 +91,7 @@ def evaluation_config(args, overrides, cfg=None):
     base = cfg if cfg is not None else MegamemConfig()
     section = dataclasses.replace(getattr(base, "evaluation", None) or EvaluationConfig())
     for f in dataclasses.fields(section):
-        value = getattr(args, f"eval_{f.name}")
+        value = getattr(args, f"eval_{f.name}", None)
         if value is not None:
             setattr(section, f.name, value)
     if args.lm_eval_tasks:
@@ -137,6 +147,25 @@ def long_context(args, ev, loaded, results) -> None:
             print(f"wrote {ruler['plot']}")
 
 
+def profile(args, ev, loaded, results) -> None:
+    from megamem.eval.profile import plot_profile, profile_model
+
+    import torch
+
+    model = loaded.megamem.to("cuda") if torch.cuda.is_available() and loaded.megamem is not None else loaded.megamem
+    res = profile_model(model, ev.profile_lengths, ev.profile_decode_tokens, ev.seed)
+    results["profile"] = res
+    for n, r in res["lengths"].items():
+        print(f"profile {n} tokens: prefill {r['prefill_tokens_per_s']:,.0f} tokens/s, decode "
+              f"{r['decode_tokens_per_s']:,.1f} tokens/s, cache {r['cache_bytes'] / 2**20:.2f} MiB, peak RSS "
+              f"+{r['peak_rss_bytes'] / 2**20:.1f} MiB" + (f", peak CUDA {r['peak_cuda_bytes'] / 2**20:.1f} MiB"
+                                                         if "peak_cuda_bytes" in r else ""))
+    print(f"decoding cache flat across lengths: {res['cache_flat']} (window_size {res['window_size']})")
+    if args.output:
+        res["plot"] = plot_profile(res, os.path.splitext(args.output)[0] + "_profile.png")
+        print(f"wrote {res['plot']}")
+
+
 def data_config(args, overrides, loaded):
     """The run's own config (export: config.yaml; checkpoint: the one saved with it), or --config."""
     from megamem.config import apply_overrides, load_config, parse_overrides
@@ -165,7 +194,7 @@ def main(argv=None) -> int:
     ev = evaluation_config(args, overrides, evaluation_source(args, overrides))
     results["evaluation"] = {"benchmarks": ev.benchmarks}
     loaded = None
-    if {"perplexity", "niah", "ruler"} & set(ev.benchmarks):
+    if {"perplexity", "niah", "ruler", "profile"} & set(ev.benchmarks):
         loaded = load_any(args.model, torch.float32, args.routing_strategy)
     if "perplexity" in ev.benchmarks:
         if loaded.tokenizer is None:
@@ -186,11 +215,14 @@ def main(argv=None) -> int:
                 print(f"wrote {plot}")
     if {"niah", "ruler"} & set(ev.benchmarks):
         long_context(args, ev, loaded, results)
+    if "profile" in ev.benchmarks:
+        profile(args, ev, loaded, results)
     if "lm_eval" in ev.benchmarks:
         from megamem.eval.lm_eval_glue import run_lm_eval
 
         results["lm_eval"] = run_lm_eval(args.model, ev.evals, args.lm_eval_limit,
-                                         args.lm_eval_batch_size or ev.eval_batch_size)
+                                         args.lm_eval_batch_size or ev.eval_batch_size,
+                                         trust_remote_code=args.trust_remote_code)
         for task, metrics in results["lm_eval"].items():
             print(task, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     if args.output:

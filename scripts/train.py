@@ -86,8 +86,13 @@ def train(cfg, ds_path) -> int:
         has_eval = False
         if rank == 0:
             print(f"warning: evaluation disabled: {e}", file=sys.stderr)
+    extra_eval = None
+    if cfg.training.eval_long_context:
+        from megamem.eval.during_training import long_context_eval
+
+        extra_eval = long_context_eval(cfg, tokenizer)
     trainer = Trainer(cfg, ds_path, lambda split, r, w: build_loader(cfg, tokenizer, split, r, w),
-                      tokenizer=tokenizer, has_eval=has_eval)
+                      tokenizer=tokenizer, has_eval=has_eval, extra_eval=extra_eval)
     trainer.stop_requested = trainer.stop_requested or bool(EARLY_STOP)
     result = trainer.fit()
     if hasattr(signal, "SIGUSR1"):  # the run is over: a late or repeated notice has nothing left to stop

@@ -124,20 +124,30 @@ def test_peer_mla_layout_maps_every_key(tmp_path, capsys):
 
 def test_keys_without_meaning_are_refused_together_with_what_to_use(tmp_path, capsys):
     text = PEER_MLA.replace('  project: "llm-research"', "  project: p\n  entity: me")
-    src = write(tmp_path, text + "eval_config:\n  evals: [hellaswag]\n  eval_batch_size: 16\n")
+    src = write(tmp_path, text + "eval_config:\n  evals: [hellaswag, humaneval]\n  evals_registry_path: r/\n")
     out = tmp_path / "mine.yaml"
     with pytest.raises(SystemExit) as e:
         sys_exit(tool().run_cli, lambda: tool().main([src, "--output", str(out)]))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
-    assert "eval_config.evals: benchmarks run on an exported folder: python scripts/eval.py" in err[0]
-    assert "--lm-eval-tasks" in err[0] and "wandb_config.entity: set WANDB_ENTITY" in err[0]
-    assert "eval_config.eval_batch_size: use scripts/eval.py --lm-eval-batch-size" in err[0]
+    assert "eval_config.evals: humaneval executes the generated code" in err[0]
+    assert "eval_config.evals_registry_path: OpenAI Evals registries are not read" in err[0]
+    assert "wandb_config.entity: set WANDB_ENTITY" in err[0]
     assert not out.exists()
     # leaving them out on purpose converts the rest
     assert tool().main([src, "--output", str(out), "--drop", "eval_config", "wandb_config.entity"]) == 0
     assert load_config(str(out)).training.wandb_project == "p"
+
+
+def test_eval_config_evals_become_lm_eval_tasks(tmp_path):
+    src = write(tmp_path, PEER_MLA + "eval_config:\n  evals: [hellaswag, mmlu, truthfulqa, gsm8k]\n"
+                "  eval_batch_size: 16\n")
+    out = tmp_path / "mine.yaml"
+    assert tool().main([src, "--output", str(out)]) == 0
+    ev = load_config(str(out)).evaluation
+    assert ev.evals == ["hellaswag", "mmlu", "truthfulqa_mc2", "gsm8k"]
+    assert ev.benchmarks == ["perplexity", "lm_eval"] and ev.eval_batch_size == 16
 
 
 def sys_exit(run_cli, main):
@@ -169,6 +179,8 @@ training: {batch_size: 2, learning_rate: 3.0e-4, lr_scheduler_type: linear, warm
 data: {max_seq_length: 64, dataloader_num_workers: 0}
 system: {num_gpus: 1, gradient_checkpointing: true, log_throughput: true, cpu_offload: false, window_size: 16}
 evaluation: {benchmarks: [niah]}
+ablation_mode: hybrid_k
+ablation_values: [16, 32]
 """
     _, _, problems, _ = migrate(yaml.safe_load(text))
     assert [p.split(":")[0] for p in problems] == ["evaluation"]
@@ -187,6 +199,7 @@ evaluation: {benchmarks: [niah]}
     a = cfg.model.attractor
     assert (a.use_attractor, a.alpha_policy, a.alpha_value, a.inject_layers, a.N_inject, a.attractor_inject,
             a.d_state) == (True, "fixed", 0.95, "last_N", 2, "residual", 16)
+    assert (cfg.evaluation.ablation_mode, cfg.evaluation.ablation_values) == ("hybrid_k", [16, 32])  # tools/ablate.py
 
 
 def test_stack_wise_layout(tmp_path):

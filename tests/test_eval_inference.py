@@ -104,12 +104,12 @@ def test_eval_chapter_usage_and_plot(tmp_path):
         assert got["chapter_usage"][str(layer)]["normalised_entropy"] == pytest.approx(entropy)
 
 
-def test_lm_eval_needs_a_hf_folder_and_the_package(tmp_path, monkeypatch):
+def test_lm_eval_needs_a_model_folder_and_the_package(tmp_path, monkeypatch):
     from megamem.eval.lm_eval_glue import run_lm_eval
 
-    with pytest.raises(ConfigError, match="needs a Hugging Face folder; convert"):
-        run_lm_eval(str(tmp_path), ["arc_easy"])
+    with pytest.raises(ConfigError, match="neither an export folder"):  # exports, checkpoints, HF folders
+        run_lm_eval(str(tmp_path), ["megamem_mc"])
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # lm-eval absent, whether or not this machine has it
-    with pytest.raises(ConfigError, match="pip install lm-eval"):
+    with pytest.raises(ConfigError, match=r"pip install 'megamem\[eval\]'"):
         run_lm_eval(str(tmp_path), ["arc_easy"])

@@ -90,6 +90,20 @@ class _Refused(Exception):
     pass
 
 
+# eval_config.evals names of the PEER + MLA trainer → lm-evaluation-harness task names
+LM_EVAL_NAMES = {"hellaswag": "hellaswag", "mmlu": "mmlu", "truthfulqa": "truthfulqa_mc2", "gsm8k": "gsm8k"}
+
+
+def _evals(v: Any) -> Pairs:
+    """eval_config.evals → evaluation.evals (lm-eval names) with benchmarks perplexity + lm_eval."""
+    names = [v] if isinstance(v, str) else list(v or [])
+    if "humaneval" in names:
+        raise _Refused("humaneval executes the generated code, which megamem never runs; "
+                       "drop it (or run lm-eval's humaneval yourself)")
+    return [("evaluation.evals", [LM_EVAL_NAMES.get(n, n) for n in names]),
+            ("evaluation.benchmarks", ["perplexity", "lm_eval"] if names else ["perplexity"])]
+
+
 LATER = "is not available in this version of megamem"
 
 PEER_MLA: Dict[str, Rule] = {
@@ -132,9 +146,8 @@ PEER_MLA: Dict[str, Rule] = {
     "dataset_config.datasets": _datasets,
     "dataset_config.tokenizer_name": "model.tokenizer_name",
     "dataset_config.max_seq_length": "training.max_length",
-    "eval_config.evals": Refuse("benchmarks run on an exported folder: python scripts/eval.py --model "
-                                "OUTPUT_DIR/final --lm-eval-tasks hellaswag,mmlu,... (lm-evaluation-harness)"),
-    "eval_config.eval_batch_size": Refuse("use scripts/eval.py --lm-eval-batch-size"),
+    "eval_config.evals": _evals,
+    "eval_config.eval_batch_size": "evaluation.eval_batch_size",
     "eval_config.evals_registry_path": Refuse("OpenAI Evals registries are not read; use lm-evaluation-harness "
                                               "tasks with scripts/eval.py --lm-eval-tasks"),
     "wandb_config": _wandb,
@@ -200,8 +213,8 @@ LONG_CONTEXT: Dict[str, Rule] = {
                                    allowed=(False,)),
     "system.log_memory": Refuse("megamem does not log device memory; remove log_memory", allowed=(False,)),
     "system.log_throughput": Refuse("megamem always logs tokens/s; remove log_throughput", allowed=(True, False)),
-    "ablation_mode": Refuse(f"the ablation runner {LATER}; run one config per value"),
-    "ablation_values": Refuse(f"the ablation runner {LATER}; run one config per value"),
+    "ablation_mode": "evaluation.ablation_mode",  # tools/ablate.py knows the named modes (irrational, hybrid_k, ...)
+    "ablation_values": "evaluation.ablation_values",
 }
 
 STACK_WISE: Dict[str, Rule] = {

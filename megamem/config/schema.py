@@ -231,6 +231,7 @@ class TrainingConfig:
     save_total_limit: Optional[int] = 3
     save_best_model: bool = True
     eval_max_batches: Optional[int] = 50  # cap per evaluation (null = the whole eval split)
+    eval_long_context: bool = False  # each evaluation also runs evaluation.benchmarks' niah/ruler (rank 0)
     early_stopping: bool = False
     early_stopping_patience: int = 3
     early_stopping_threshold: float = 0.0
@@ -309,7 +310,7 @@ class DataConfig:
 class EvaluationConfig:
     """What scripts/eval.py runs (each key is also its flag: --niah-lengths 1024 4096, ...)."""
 
-    benchmarks: List[Literal["perplexity", "niah", "ruler", "lm_eval"]] = field(default_factory=lambda: ["perplexity"])
+    benchmarks: List[Literal["perplexity", "niah", "ruler", "lm_eval", "profile"]] = field(default_factory=lambda: ["perplexity"])
     niah_lengths: List[int] = field(default_factory=lambda: [1024, 2048])  # context lengths in tokens (prompt + answer)
     niah_depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depth fractions
     niah_task: str = "niah_single_1"  # which needle task the grid uses (the RULER niah_* names)
@@ -330,6 +331,11 @@ class EvaluationConfig:
     chat_template: Literal["auto", "on", "off"] = "auto"  # wrap prompts in the tokenizer's chat template
     evals: List[str] = field(default_factory=list)  # lm-evaluation-harness tasks (benchmarks: lm_eval)
     eval_batch_size: int = 1  # lm-eval batch size
+    profile_lengths: List[int] = field(default_factory=lambda: [512, 1024, 2048])  # benchmarks: [profile]
+    profile_decode_tokens: int = 32  # greedy steps timed after each prefill
+    # tools/ablate.py (not scripts/eval.py flags): one run per value of this dotted key or named mode
+    ablation_mode: Optional[str] = None
+    ablation_values: List[Union[bool, int, float, str]] = field(default_factory=list)
 
 
 @dataclass

@@ -282,8 +282,8 @@ def _lora_modes(cfg: MegamemConfig, memory_on: bool, problems: List[str]) -> Non
 def _validate_evaluation(cfg: MegamemConfig, problems: List[str]) -> None:
     e = cfg.evaluation
     _positive(problems, "evaluation", e, "ruler_max_length", "num_samples", "max_new_tokens", "eval_batch_size",
-              "top_k")
-    for name in ("niah_lengths", "ruler_lengths"):
+              "top_k", "profile_decode_tokens")
+    for name in ("niah_lengths", "ruler_lengths", "profile_lengths"):
         bad = [n for n in getattr(e, name) or [] if n <= 0]
         if bad:
             problems.append(f"evaluation.{name} {bad}: lengths are token counts > 0")
@@ -294,6 +294,11 @@ def _validate_evaluation(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append("evaluation.temperature must be >= 0 and evaluation.top_p in (0, 1]")
     if "lm_eval" in e.benchmarks and not e.evals:
         problems.append("evaluation.benchmarks has lm_eval but evaluation.evals names no task (e.g. [arc_easy])")
+    if bool(e.ablation_mode) != bool(e.ablation_values):
+        problems.append("evaluation.ablation_mode and evaluation.ablation_values go together (the key or named mode "
+                        "tools/ablate.py varies, and its values)")
+    if cfg.training.eval_long_context and not {"niah", "ruler"} & set(e.benchmarks):
+        problems.append("training.eval_long_context: evaluation.benchmarks names neither niah nor ruler")
 
 
 def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:

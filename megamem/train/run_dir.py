@@ -27,7 +27,8 @@ NEUTRAL_MODEL_KEYS = {"model.tokenizer_name", "model.use_flash_attention", "memo
                       "memory.routing_strategy_inference", "memory.rolling_interval", "memory.rolling_window"}
 POLICY_KEYS = ("training.trainable", "training.frozen")  # which parameters the optimizer holds: fixed for a run
 NEUTRAL_TRAINING_KEYS = {"resume_from_checkpoint", "output_dir", "logging_steps", "log_to_wandb", "wandb_project",
-                         "wandb_run_name", "save_steps", "save_total_limit", "eval_steps", "eval_max_batches"}
+                         "wandb_run_name", "save_steps", "save_total_limit", "eval_steps", "eval_max_batches",
+                         "eval_long_context"}
 
 
 def describe_run(output_dir: str) -> Optional[str]:

@@ -32,10 +32,13 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: MegamemConfig, ds_config_path: Optional[str], loaders: LoaderFactory,
-                 tokenizer=None, has_eval: bool = True):
+                 tokenizer=None, has_eval: bool = True,
+                 extra_eval: Optional[Callable[[torch.nn.Module], Dict[str, float]]] = None):
+        """extra_eval(model) → more scores for each evaluation (long-context benchmarks), run on rank 0."""
         import deepspeed
 
         self.cfg, self.t, self.tokenizer, self.loaders, self.has_eval = cfg, cfg.training, tokenizer, loaders, has_eval
+        self.extra_eval = extra_eval
         self.rank, self.local_rank, self.world = init_distributed()
         self.ds = resolve_ds_config(ds_config_path, cfg, self.world)
         self.output_dir = self.t.output_dir
@@ -73,6 +76,9 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds, dist_init_required=False)
         self.model = model
+        if extra_eval is not None and (self.pipeline or zero_stage(self.ds) == 3):
+            raise ConfigError("training.eval_long_context needs the whole model on rank 0: not with ZeRO-3 or "
+                              "pipeline parallelism; evaluate the exports with scripts/eval.py instead")
         # DeepSpeed reports no gradient norm for ZeRO-0 without bf16/fp16 (plain fp32 optimizer): megamem measures it
         self.own_grad_norm = (zero_stage(self.ds) == 0 and not self.pipeline
                               and not (self.ds.get("bf16", {}).get("enabled") or self.ds.get("fp16", {}).get("enabled")))
@@ -219,7 +225,14 @@ class Trainer:
         if total[1] == 0:
             return None
         loss = (total[0] / total[1]).item()
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": int(total[1])}
+        result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": int(total[1])}
+        if self.extra_eval is not None:  # rank 0 alone (checked in __init__: the model is whole on each rank)
+            if self.rank == 0:
+                self.engine.eval()
+                result.update(self.extra_eval(self.engine.module))
+                self.engine.train()
+            barrier()
+        return result
 
     def fit(self) -> Dict[str, Any]:
         log = MetricsLogger(self.cfg, self.output_dir, self.rank, self.total_steps, self.step)
