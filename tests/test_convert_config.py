@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-from megamem.config import load_config
+from megamem.config import ConfigError, load_config
 from megamem.config.migrate import migrate
 
 from conftest import ROOT
@@ -178,16 +178,19 @@ model:
 training: {batch_size: 2, learning_rate: 3.0e-4, lr_scheduler_type: linear, warmup_steps: 5, bf16: true, seed: 1}
 data: {max_seq_length: 64, dataloader_num_workers: 0}
 system: {num_gpus: 1, gradient_checkpointing: true, log_throughput: true, cpu_offload: false, window_size: 16}
-evaluation: {benchmarks: [niah]}
+evaluation: {benchmarks: [niah, ruler, infinitebench], niah_lengths: [1024, 2048], niah_depths: [0.1, 0.5, 0.9],
+             ruler_tasks: [vt, cwe], ruler_max_length: 4096, max_new_tokens: 16, do_sample: false,
+             metrics: [accuracy]}
 ablation_mode: hybrid_k
 ablation_values: [16, 32]
 """
     _, _, problems, _ = migrate(yaml.safe_load(text))
-    assert [p.split(":")[0] for p in problems] == ["evaluation"]
-    assert "not available in this version" in problems[0]
+    assert [p.split(":")[0] for p in problems] == ["evaluation.benchmarks", "evaluation.metrics"]
+    assert "InfiniteBench needs its data files" in problems[0] and "string_match_all" in problems[1]
+    text = text.replace(", infinitebench]", "]").replace("metrics: [accuracy]", "metrics: [string_match_part]")
     custom = text.replace("inject_layers: last_N", "inject_layers: custom")
     assert "give the layer list itself" in migrate(yaml.safe_load(custom))[2][0]
-    _, data, problems, _ = migrate(yaml.safe_load(text), drop=["evaluation"])
+    _, data, problems, _ = migrate(yaml.safe_load(text))
     assert not problems
     out = str(tmp_path / "lc.yaml")
     open(out, "w").write(yaml.safe_dump(data))
@@ -196,6 +199,14 @@ ablation_values: [16, 32]
     assert (cfg.model.pos_encoding.type, cfg.training.wandb_run_name, cfg.training.scheduler,
             cfg.training.mixed_precision, cfg.training.max_length, cfg.data.num_workers, cfg.training.num_gpus,
             cfg.training.gradient_checkpointing) == ("hybrid", "spiral_small", "linear", "bf16", 64, 0, 1, True)
+    e = cfg.evaluation
+    assert (e.benchmarks, e.niah_lengths, e.niah_depths, e.ruler_tasks, e.ruler_max_length, e.max_new_tokens,
+            e.metrics) == (["niah", "ruler"], [1024, 2048], [0.1, 0.5, 0.9], ["vt", "cwe"], 4096, 16,
+                           ["string_match_part"])
+    bad = text.replace("ruler_tasks: [vt, cwe]", "ruler_tasks: [counting, multi_hop]")
+    open(out, "w").write(yaml.safe_dump(migrate(yaml.safe_load(bad))[1]))
+    with pytest.raises(ConfigError, match=r"evaluation.ruler_tasks \['counting', 'multi_hop'\]: valid tasks are"):
+        load_config(out)
     a = cfg.model.attractor
     assert (a.use_attractor, a.alpha_policy, a.alpha_value, a.inject_layers, a.N_inject, a.attractor_inject,
             a.d_state) == (True, "fixed", 0.95, "last_N", 2, "residual", 16)

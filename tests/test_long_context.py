@@ -160,3 +160,9 @@ def test_chat_template_puts_the_answer_prefix_in_the_reply(tmp_path):
     off = text_model(loaded, 4, chat_template="off")
     assert off.count(prompt) == len(tok("Where is the key? The key is")["input_ids"])
     assert on.max_length == cfg.model.max_seq_len
+
+
+def test_the_config_knows_every_generated_task():
+    from megamem.config.schema import RULER_TASKS
+
+    assert tuple(RULER_TASKS) == TASKS and tuple(RULER_TASKS[:8]) == tuple(NIAH)

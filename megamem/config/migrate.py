@@ -158,6 +158,23 @@ PEER_MLA: Dict[str, Rule] = {
                                      allowed=(None, False)),
 }
 
+def _benchmarks(v: Any) -> Pairs:
+    """niah and ruler run as megamem's NIAH grid and RULER synthetic tasks; InfiniteBench needs its data."""
+    bad = [b for b in v or [] if b not in ("niah", "ruler", "perplexity")]
+    if bad:
+        raise _Refused(f"benchmarks {bad}: megamem runs niah, ruler and perplexity (InfiniteBench needs its data "
+                       "files and is not generated); remove the others")
+    return [("evaluation.benchmarks", list(v or []))]
+
+
+def _metrics(v: Any) -> Pairs:
+    bad = [m for m in v or [] if m not in ("string_match_all", "string_match_part")]
+    if bad:
+        raise _Refused(f"metrics {bad}: NIAH/RULER are scored by string_match_all and string_match_part; "
+                       "perplexity is a benchmark (evaluation.benchmarks)")
+    return [("evaluation.metrics", list(v or []))]
+
+
 def _attractor(v: Any) -> Pairs:
     """The same keys (megamem's attractor is causal, N of exp_c_over_N is model.max_seq_len: docs/positions.md);
     a `custom` placement is its layer list."""
@@ -201,8 +218,17 @@ LONG_CONTEXT: Dict[str, Rule] = {
     "data.max_seq_length": "training.max_length",
     "data.preprocessing_num_workers": Refuse("pre-tokenize with tools/preprocess_data.py --workers N"),
     "data.dataloader_num_workers": "data.num_workers",
-    "evaluation": Refuse(f"long-context evaluation (NIAH, RULER) {LATER}; scripts/eval.py measures perplexity "
-                         "and lm-eval tasks"),
+    "evaluation.benchmarks": _benchmarks,
+    "evaluation.niah_lengths": "evaluation.niah_lengths",
+    "evaluation.niah_depths": "evaluation.niah_depths",
+    "evaluation.ruler_tasks": "evaluation.ruler_tasks",  # RULER's names; others are refused by validation
+    "evaluation.ruler_max_length": "evaluation.ruler_max_length",
+    "evaluation.max_new_tokens": "evaluation.max_new_tokens",
+    "evaluation.temperature": "evaluation.temperature",
+    "evaluation.top_k": "evaluation.top_k",
+    "evaluation.top_p": "evaluation.top_p",
+    "evaluation.do_sample": "evaluation.do_sample",
+    "evaluation.metrics": _metrics,
     "system.device": Refuse("the launcher decides the devices (deepspeed/torchrun/srun); remove device"),
     "system.num_gpus": "training.num_gpus",
     "system.window_size": "model.window_size",
@@ -258,7 +284,7 @@ STACK_WISE: Dict[str, Rule] = {
 LAYOUTS = {"PEER + MLA trainer": PEER_MLA, "long-context trainer": LONG_CONTEXT, "Stack-Wise trainer": STACK_WISE}
 # keys whose value is a mapping converted as a whole (not walked key by key)
 WHOLE = {"model_config.peer_config", "model_config.mla_config", "model.pos_encoding", "dataset_config.datasets",
-         "model.attractor", "evaluation"}
+         "model.attractor"}
 
 
 def detect_layout(data: Dict[str, Any]) -> str:

@@ -306,6 +306,11 @@ class DataConfig:
     cache_dir: Optional[str] = None  # datasets cache for local files loaded as map-style; null = HF default
 
 
+# RULER's synthetic tasks megamem generates (megamem.eval.long_context.tasks builds each of them)
+RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+               "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
+
+
 @dataclass
 class EvaluationConfig:
     """What scripts/eval.py runs (each key is also its flag: --niah-lengths 1024 4096, ...)."""

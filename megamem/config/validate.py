@@ -7,7 +7,7 @@ from typing import List
 from .aliases import alias_conflicts, position_type
 from .layer_selection import peer_placement
 from .progressive import progressive_problems
-from .schema import MegamemConfig, MLAConfig
+from .schema import RULER_TASKS, MegamemConfig, MLAConfig
 from .validate_attractor import validate_attractor
 
 
@@ -281,6 +281,11 @@ def _lora_modes(cfg: MegamemConfig, memory_on: bool, problems: List[str]) -> Non
 
 def _validate_evaluation(cfg: MegamemConfig, problems: List[str]) -> None:
     e = cfg.evaluation
+    unknown = [t for t in e.ruler_tasks if t not in RULER_TASKS]
+    if unknown:
+        problems.append(f"evaluation.ruler_tasks {unknown}: valid tasks are {', '.join(RULER_TASKS)}")
+    if e.niah_task not in RULER_TASKS[:8]:
+        problems.append(f"evaluation.niah_task '{e.niah_task}': use a needle task ({', '.join(RULER_TASKS[:8])})")
     _positive(problems, "evaluation", e, "ruler_max_length", "num_samples", "max_new_tokens", "eval_batch_size",
               "top_k", "profile_decode_tokens")
     for name in ("niah_lengths", "ruler_lengths", "profile_lengths"):
