@@ -1,12 +1,14 @@
 """Memory cross-attention: queries from hidden states, keys/values from a memory bank."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
 
 from ..ops import Linear, sdpa
+from .diagnostics import dense_entropy
 
 if TYPE_CHECKING:  # the cache lives with the model; only its type is needed here
     from ..model.decoding_cache import LayerCache
@@ -67,6 +69,8 @@ class MemoryCrossAttention(nn.Module):
                 cache.state["memory_kv"] = kv
         k, v = kv
         q = self.q_proj(x).view(1, B * S, H, hd).transpose(1, 2)
+        if self.diagnose:
+            self.diag = dense_entropy(q, k, 1 / math.sqrt(hd))
         y = sdpa(q, k, v, enable_gqa=self.num_kv_heads != H)
         y = y.transpose(1, 2).reshape(B, S, H * hd)
         return self.dropout(self.o_proj(y))
