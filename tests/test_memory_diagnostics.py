@@ -88,9 +88,9 @@ def test_uniform_attention_gives_log_n_and_one_hot_gives_zero():
     got = forward_diagnostics(model)[1]
     assert abs(got["entropy"].item() - math.log(12)) < 1e-6 and abs(got["entropy_norm"].item() - 1) < 1e-6
     attn, dim = branch.attn, 32
-    with torch.no_grad():  # q = x, k = the bank's first 16 columns: row 0 far ahead of every other row
+    with torch.no_grad():  # q = x, k = the bank row: row 0 far ahead of every other row
         attn.q_proj.weight.copy_(torch.eye(dim))
-        attn.k_proj.weight.copy_(torch.eye(16, dim))
+        attn.k_proj.weight.copy_(torch.eye(dim))
         bank = torch.full((12, dim), -50.0)
         bank[0] = 50.0
         attn.diagnose = True
@@ -206,6 +206,7 @@ def test_ablate_memory_refuses_a_model_without_memory(tmp_path, capsys):
     from megamem.cli import run_cli
 
     final, *_ = exported(tmp_path, "memory.vanilla_mode=true")
+    capsys.readouterr()  # the export's progress bars
     assert run_cli(lambda: script("eval").main(["--model", final, "--ablate-memory"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --ablate-memory: this model has no memory layers (a vanilla model); nothing to ablate"]

@@ -35,7 +35,13 @@ class MemoryCrossAttention(nn.Module):
 
     The bank is projected to K/V once per call — not once per batch element: the batch is
     folded into the query length, so all sequences share one [1, kv_heads, N_m, head_dim] K/V.
+
+    diagnose: switched on for a forward by megamem.model.diagnostics; the forward then leaves its
+    attention entropy over the bank rows in `diag` (megamem.memory.diagnostics).
     """
+
+    diagnose = False
+    diag = None
 
     def __init__(self, dim: int, bank_dim: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0,
                  projection_rank: Optional[int] = None):
