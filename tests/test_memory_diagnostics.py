@@ -164,6 +164,10 @@ def test_training_logs_the_diagnostics_at_logging_steps(tmp_path):
         for k, v in a.items():
             if k.startswith("memory/"):
                 assert abs(b[k] - v) < 1e-4, k
+    z2 = run_ranks(_diag_run, str(tmp_path / "z2"), ZERO[2], world_size=2, tmp_path=tmp_path / "r2")
+    for r in z2[0]:  # two ranks, ZeRO-2: each holds half of every gradient; the full one is gathered
+        assert [r[f"memory/L{i}/rows_touched"] for i in (1, 3)] == [1.0, 1.0]
+        assert all(0 < r[f"memory/L{i}/entropy_norm"] <= 1 + 1e-6 for i in (1, 3))
 
 
 def test_ablate_memory_against_hand_zeroed_and_constant_banks(tmp_path, capsys):
