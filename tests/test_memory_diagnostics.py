@@ -267,4 +267,7 @@ def test_pipeline_reports_diagnostics_unavailable_in_one_line(capsys):
     assert capsys.readouterr().out.splitlines() == [PIPELINE_LINE]
     MemoryDiagnostics(_model("memory.vanilla_mode=true"), pipeline=True, rank=0)  # no memory: nothing to say
     assert capsys.readouterr().out == ""
+    stage = torch.nn.Linear(2, 2)  # rank 0's stage without a memory layer: the config says the model has some
+    MemoryDiagnostics(stage, pipeline=True, rank=0, cfg=tiny_config(*MEM))
+    assert capsys.readouterr().out.splitlines() == [PIPELINE_LINE]
     assert os.path.isfile(os.path.join(ROOT, "docs", "diagnostics.md"))

@@ -15,6 +15,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
+from ..config import MegamemConfig
+from ..memory.placement import memory_layers
 from ..model.diagnostics import bank_rows, forward_diagnostics, memory_branches, set_diagnostics, touched_fraction
 
 PIPELINE_LINE = ("memory diagnostics: unavailable under the pipeline (DeepSpeed's schedule runs forward, backward "
@@ -40,9 +42,11 @@ def touched(grad: Optional[torch.Tensor]) -> float:
 
 
 class MemoryDiagnostics:
-    def __init__(self, model: nn.Module, pipeline: bool, rank: int):
+    def __init__(self, model: nn.Module, pipeline: bool, rank: int, cfg: Optional[MegamemConfig] = None):
+        """cfg: tells a pipeline's rank 0 whether the model has memory (its own stage may hold none)."""
         self.model = model
-        has_memory = bool(memory_branches(model))
+        has_memory = bool(memory_branches(model)) or (
+            pipeline and cfg is not None and bool(memory_layers(cfg.memory, cfg.model.num_layers)))
         self.enabled = has_memory and not pipeline
         self.rows = bank_rows(model) if self.enabled else {}
         self.sums: Dict[str, torch.Tensor] = {}

@@ -79,7 +79,7 @@ class Trainer:
                               and not (self.ds.get("bf16", {}).get("enabled") or self.ds.get("fp16", {}).get("enabled")))
         self.grad_norm: Optional[float] = None
         self.banks = ChapterBanks(model, cfg, self.rank) if outside else None
-        self.diagnostics = MemoryDiagnostics(model, self.pipeline, self.rank)  # memory layers, on logging steps
+        self.diagnostics = MemoryDiagnostics(model, self.pipeline, self.rank, cfg)  # memory layers, on logging steps
         self.ckpt = CheckpointManager(self.output_dir, self.rank, self.world, self.t.save_total_limit)
         self.step, self.best_eval, self.bad_evals, self.skipped = 0, float("inf"), 0, 0
         self.stop_requested = False  # set by SIGUSR1 (e.g. SLURM --signal before the time limit)
