@@ -14,7 +14,6 @@ from test_eval_inference import exported, script
 from test_train import ZERO, make_cfg
 from test_train_features import _records
 
-from megamem.config import ConfigError
 from megamem.model import build_model
 from megamem.model.diagnostics import bank_rows, diagnosing, forward_diagnostics, memory_branches, touched_fraction
 
@@ -219,7 +218,6 @@ def test_ablate_memory_refuses_a_model_without_memory(tmp_path, capsys):
 def _twin_states(stage, seed, tmp):
     """State dicts of a vanilla and a memory model built for this ZeRO stage from one seed (and a memory
     model from another seed)."""
-    import deepspeed  # noqa: F401
     from megamem.parallel.zero import build_model_for_zero, gathered_state_dict
     from megamem.train.ds_config import resolve_ds_config
 

@@ -8,7 +8,6 @@ Forward hooks on the branch and bank objects, removed on exit; the model and its
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Dict, Iterable, Iterator, List, Optional
 
@@ -79,5 +78,5 @@ def ablate_memory(loaded, cfg, split: str = "eval", max_batches: Optional[int] =
 def ablation_table(rows: List[Dict[str, object]]) -> str:
     lines = [f"{'memory':<16}{'loss':>10}{'perplexity':>14}{'Δ loss vs on':>15}"]
     for r in rows:
-        lines.append(f"{r['name']:<16}{r['loss']:>10.4f}{min(r['ppl'], math.inf):>14.2f}{r['delta_loss']:>+15.4f}")
+        lines.append(f"{r['name']:<16}{r['loss']:>10.4f}{r['ppl']:>14.2f}{r['delta_loss']:>+15.4f}")
     return "\n".join(lines)
