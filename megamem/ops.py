@@ -44,3 +44,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
     if widen(q):
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def seeded_normal_(t: torch.Tensor, std: float, generator: "torch.Generator | None" = None) -> torch.Tensor:
+    """normal(0, std) in place; with a generator, drawn on the CPU from it (the same values on every device and
+    without advancing torch's global stream: memory init draws from its own generator)."""
+    if generator is None:
+        return torch.nn.init.normal_(t, std=std)
+    with torch.no_grad():
+        return t.copy_(torch.randn(t.shape, generator=generator) * std)

@@ -8,6 +8,7 @@ memory and throughput per context length (--benchmarks profile).
         --niah-depths 0.1 0.5 0.9 --output results.json                   # JSON, heatmap and plot beside it
     python scripts/eval.py --model outputs/run/final --no-perplexity --lm-eval-tasks megamem_mc   # shipped, offline
     python scripts/eval.py --model hf/run --lm-eval-tasks my_task.yaml,hellaswag --lm-eval-limit 200
+    python scripts/eval.py --model outputs/run/final --ablate-memory --max-batches 50   # is the memory used?
 
 Every key of the config's `evaluation:` section is also a flag named after it (--niah-lengths,
 --ruler-tasks, --max-new-tokens, ...); flags win over the config.
@@ -15,6 +16,8 @@ Every key of the config's `evaluation:` section is also a flag named after it (-
 --model: output_dir/final, a checkpoint, or a Hugging Face folder. The data comes from the model's
 config.yaml (exports and checkpoints) or --config, with dotted overrides (--data.x / --training.x).
 Chapter models also report how reads spread over chapters, and plot it (--plot).
+--ablate-memory: eval loss with the memory on, each memory layer off, all off, and each bank
+replaced by its mean row (megamem.eval.ablation; docs/diagnostics.md).
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def parse_args(argv):
                    help="eval: training.eval_split (or data.shards/validation); train: training.dataset_split")
     p.add_argument("--max-batches", type=int, help="stop after this many batches (default: the whole split)")
     p.add_argument("--no-perplexity", action="store_true")
+    p.add_argument("--ablate-memory", action="store_true",
+                   help="eval loss with memory on, each memory layer off, all off, and banks replaced by their mean row")
     p.add_argument("--routing-strategy", choices=["sequence", "rolling", "token"])
     p.add_argument("--plot", help="chapter-usage plot (PNG); default <output>.png when --output is given")
     p.add_argument("--output", help="write the results as JSON here too")
@@ -180,6 +185,22 @@ def data_config(args, overrides, loaded):
     raise ConfigError(f"{args.model} has no config.yaml saying which data to evaluate on; pass --config FILE")
 
 
+def ablation(args, overrides):
+    """The memory's contribution: one row per setting, printed as a table."""
+    import torch
+
+    from megamem.eval import load_any
+    from megamem.eval.ablation import ablate_memory, ablation_table, check_has_memory
+
+    loaded = load_any(args.model, torch.float32, args.routing_strategy)
+    check_has_memory(loaded.megamem)
+    if loaded.tokenizer is None:
+        raise ConfigError(f"{args.model}: no tokenizer saved with the model")
+    rows = ablate_memory(loaded, data_config(args, overrides, loaded), args.split, args.max_batches)
+    print(ablation_table(rows))
+    return rows
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -191,6 +212,8 @@ def main(argv=None) -> int:
         raise ConfigError(f"--max-batches {args.max_batches}: evaluate at least 1 batch (or leave it out for the "
                           "whole split)")
     results = {"model": args.model}
+    if args.ablate_memory:
+        results["ablate_memory"] = ablation(args, overrides)
     ev = evaluation_config(args, overrides, evaluation_source(args, overrides))
     results["evaluation"] = {"benchmarks": ev.benchmarks}
     loaded = None

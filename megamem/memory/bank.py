@@ -6,11 +6,13 @@ the model calls it once per forward pass per bank, however many layers share the
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import MemoryConfig
+from ..ops import seeded_normal_
 
 
 class MemoryBank(nn.Module):
@@ -25,8 +27,8 @@ class MemoryBank(nn.Module):
         self.init_std = init_std
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.memory, std=self.init_std)
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        seeded_normal_(self.memory, self.init_std, generator)
 
     def forward(self) -> torch.Tensor:
         return self.memory
@@ -49,11 +51,11 @@ class FactorizedMemoryBank(nn.Module):
         self.init_std = init_std
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         # entries of A·Bᵀ then have std init_std: var = r · σ_A² · σ_B²
         factor_std = math.sqrt(self.init_std / math.sqrt(self.rank))
-        nn.init.normal_(self.A, std=factor_std)
-        nn.init.normal_(self.B, std=factor_std)
+        seeded_normal_(self.A, factor_std, generator)
+        seeded_normal_(self.B, factor_std, generator)
 
     def forward(self) -> torch.Tensor:
         return self.A @ self.B.t()
@@ -97,9 +99,10 @@ class QuantizedMemoryBank(nn.Module):
         self.register_buffer("codes", codes)
         self.scales = nn.Parameter(scales)
 
-    def reset_parameters(self) -> None:
-        codes, scales = quantize_rows(torch.randn(self.num_tokens, self.dim, device=self.codes.device) * self.init_std,
-                                      self.bits)
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        rows = torch.randn(self.num_tokens, self.dim, generator=generator) if generator is not None else \
+            torch.randn(self.num_tokens, self.dim, device=self.codes.device)
+        codes, scales = quantize_rows(rows.to(self.codes.device) * self.init_std, self.bits)
         with torch.no_grad():
             self.codes.copy_(codes)
             self.scales.copy_(scales)
@@ -115,6 +118,13 @@ class QuantizedMemoryBank(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return dequantize_rows(self.codes, self.scales, self.bits)
+
+
+def row_parameter(bank: nn.Module) -> nn.Parameter:
+    """The parameter with one row per bank row (full/reduced: the rows; factorized: A; quantized: the scales):
+    a row whose slice of its gradient is non-zero received gradient."""
+    return bank.A if isinstance(bank, FactorizedMemoryBank) else \
+        bank.scales if isinstance(bank, QuantizedMemoryBank) else bank.memory
 
 
 def bank_dim(cfg: MemoryConfig, hidden_dim: int) -> int:

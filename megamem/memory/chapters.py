@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..config import MemoryConfig
 from .cross_attention import LowRankLinear, MemoryCrossAttention
+from .diagnostics import sequence_entropy, token_entropy
 from .routed_attention import merge_partials, pair_attention, routed_attention
 from .router import ChapterRouter, Routing, chapter_usage, router_losses
 from .sparse_rows import gather_chapters, keep_chapter_rows
@@ -125,6 +126,8 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         B, S, _ = x.shape
         H, hd = self.num_heads, self.head_dim
         q = self.q_proj(x).view(B, S, H, hd).transpose(1, 2)
+        if self.diagnose:  # entropy over the rows of the sequence's chapters (expert shards: not computed)
+            self.diag = sequence_entropy(q, k, bias if bias.requires_grad else None, self.chapter_len, 1 / math.sqrt(hd))
         if bias.requires_grad:  # gate as an extra q/k column: a mask with grad would force SDPA's math path
             col = (bias * math.sqrt(hd)).to(x.dtype).repeat_interleave(self.chapter_len, 1)
             k = torch.cat([k, col[:, None, :, None].expand(B, k.shape[1], -1, 1)], -1)
@@ -162,6 +165,8 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         chap, pair_bias, scale = chapters.flatten(), bias.flatten(), 1 / math.sqrt(hd)
         q = self.q_proj(h).view(N, H, hd)
         sparse = self.cfg.sparse_bank_grad
+        if self.diagnose and self.expert is None:  # entropy over the rows of each token's chapters
+            self.diag = token_entropy(self._absorb(q, self.k_proj), memory, chapters, bias, T, scale)
         if self.expert is None and not self._absorbed(N * m, chap):
             uniq, inv = torch.unique(chap, return_inverse=True)
             rows = gather_chapters(memory, uniq, T, sparse)
@@ -169,9 +174,8 @@ class ChapterMemoryAttention(MemoryCrossAttention):
             v = self.v_proj(rows).view(len(uniq), T, self.num_kv_heads, hd)
             return routed_attention(q, k, v, inv, pair_bias, scale).reshape(N, H * hd)
         r = H // self.num_kv_heads
-        wk = _weight(self.k_proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)  # [H, hd, d]
-        wv = _weight(self.v_proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)
-        q_abs = torch.einsum("nhe,hed->nhd", q, wk.to(q.dtype))
+        wv = _weight(self.v_proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)  # [H, hd, d]
+        q_abs = self._absorb(q, self.k_proj)
         if self.expert is None:  # the bank read in place: only touched chapters get gradients
             bank = memory.to(q.dtype)
             y = routed_attention(q_abs, bank, bank, chap, pair_bias, scale, rows=T, sparse=sparse)  # [N, H, d]
@@ -179,6 +183,12 @@ class ChapterMemoryAttention(MemoryCrossAttention):
             out, lse = self.expert(q_abs, memory, T, tok, chap, pair_bias, scale, sparse)
             y = merge_partials(out.view(N, m, H, -1), lse.view(N, m, H))  # [N, H, d]
         return torch.einsum("nhd,hed->nhe", y, wv.to(y.dtype)).reshape(N, H * hd)
+
+    def _absorb(self, q: torch.Tensor, proj: torch.nn.Module) -> torch.Tensor:
+        """q [N, H, hd] → q·W_k per head [N, H, d]: logits against raw bank rows."""
+        r, hd = self.num_heads // self.num_kv_heads, self.head_dim
+        wk = _weight(proj).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0)  # [H, hd, d]
+        return torch.einsum("nhe,hed->nhd", q, wk.to(q.dtype))
 
     def _absorbed(self, pairs: int, chap: torch.Tensor) -> bool:
         """Absorbed (4·P·H·T·d flops) or projected (4·U·T·d·kv·hd + 4·P·H·T·hd) — whichever is cheaper."""

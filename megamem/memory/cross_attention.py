@@ -1,12 +1,14 @@
 """Memory cross-attention: queries from hidden states, keys/values from a memory bank."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
 
 from ..ops import Linear, sdpa
+from .diagnostics import dense_entropy
 
 if TYPE_CHECKING:  # the cache lives with the model; only its type is needed here
     from ..model.decoding_cache import LayerCache
@@ -33,7 +35,13 @@ class MemoryCrossAttention(nn.Module):
 
     The bank is projected to K/V once per call — not once per batch element: the batch is
     folded into the query length, so all sequences share one [1, kv_heads, N_m, head_dim] K/V.
+
+    diagnose: switched on for a forward by megamem.model.diagnostics; the forward then leaves its
+    attention entropy over the bank rows in `diag` (megamem.memory.diagnostics).
     """
+
+    diagnose = False
+    diag = None
 
     def __init__(self, dim: int, bank_dim: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0,
                  projection_rank: Optional[int] = None):
@@ -67,6 +75,8 @@ class MemoryCrossAttention(nn.Module):
                 cache.state["memory_kv"] = kv
         k, v = kv
         q = self.q_proj(x).view(1, B * S, H, hd).transpose(1, 2)
+        if self.diagnose:
+            self.diag = dense_entropy(q, k, 1 / math.sqrt(hd))
         y = sdpa(q, k, v, enable_gqa=self.num_kv_heads != H)
         y = y.transpose(1, 2).reshape(B, S, H * hd)
         return self.dropout(self.o_proj(y))

@@ -13,12 +13,13 @@ all helped. Scores are computed in fp32 (bf16 flips top-k picks).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import MemoryConfig
+from ..ops import seeded_normal_
 
 
 @dataclass
@@ -42,8 +43,8 @@ class ChapterRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_chapters - num_shared, hidden_dim))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.02)
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        seeded_normal_(self.weight, 0.02, generator)
 
     def forward(self, h: torch.Tensor) -> Routing:
         """h [n, hidden] (a token's normed hidden state, or a sequence's mean) → Routing."""

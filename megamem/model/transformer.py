@@ -4,6 +4,7 @@ Defined once, without parallelism; ZeRO, expert and pipeline parallelism wrap it
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List, Optional
 
 import torch
@@ -13,7 +14,7 @@ from ..config import MemoryConfig, ModelConfig
 from ..memory.bank import build_bank
 from ..memory.chapters import routing_stats
 from ..memory.placement import bank_assignment, memory_layers, num_banks
-from ..ops import Linear
+from ..ops import Linear, seeded_normal_
 from .block import Block
 from .context import forward_context
 from .decoding_cache import DecodingCache
@@ -21,6 +22,9 @@ from .layers import make_norm
 from .loss import causal_lm_loss
 from .positions import build_positions
 from .sampling import select_next_token
+
+
+MEMORY_SEED_OFFSET = 0x6D656D  # memory init: seed + this, so it never reuses the base weights' stream
 
 
 class CausalLMOutput(dict):
@@ -54,43 +58,66 @@ class MemoryTransformer(nn.Module):
         self.memory_layers: List[int] = memory_layers(memory, model.num_layers)
         self.bank_of_layer: Dict[int, int] = bank_assignment(memory, self.memory_layers)
 
-        self.tok_embeddings = nn.Embedding(model.vocab_size, model.hidden_dim)
-        # the positional encoding (model.pos_encoding.type); named as learned positions' checkpoint key
-        self.pos_embeddings = build_positions(model)
-        self.dropout = nn.Dropout(model.dropout)
-        self.banks = nn.ModuleList(build_bank(memory, model.hidden_dim) for _ in range(num_banks(self.bank_of_layer)))
-        self.blocks = nn.ModuleList(Block(model, memory, i) for i in range(model.num_layers))
-        self.norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
-        self.lm_head = Linear(model.hidden_dim, model.vocab_size, bias=False)
-        if memory.use_chapters and memory.shared_router and self.memory_layers:
-            router = self.blocks[self.memory_layers[0]].memory.attn.router
-            for i in self.memory_layers[1:]:
-                self.blocks[i].memory.attn.router = router
+        # construction draws from the global stream; undone, so reset_parameters draws what it would alone
+        with torch.random.fork_rng(devices=[]):
+            self.tok_embeddings = nn.Embedding(model.vocab_size, model.hidden_dim)
+            # the positional encoding (model.pos_encoding.type); named as learned positions' checkpoint key
+            self.pos_embeddings = build_positions(model)
+            self.dropout = nn.Dropout(model.dropout)
+            self.banks = nn.ModuleList(build_bank(memory, model.hidden_dim) for _ in range(num_banks(self.bank_of_layer)))
+            self.blocks = nn.ModuleList(Block(model, memory, i) for i in range(model.num_layers))
+            self.norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
+            self.lm_head = Linear(model.hidden_dim, model.vocab_size, bias=False)
+            if memory.use_chapters and memory.shared_router and self.memory_layers:
+                router = self.blocks[self.memory_layers[0]].memory.attn.router
+                for i in self.memory_layers[1:]:
+                    self.blocks[i].memory.attn.router = router
         self.reset_parameters()
         if model.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
 
-    def reset_parameters(self) -> None:
-        zero_ids = self.zero_init_ids()
+    def reset_parameters(self, seed: Optional[int] = None) -> None:
+        """Non-memory weights from torch's global stream, memory weights from memory_generator(seed): a vanilla
+        twin built from the same seed gets bitwise the same non-memory weights. seed: default torch.initial_seed()."""
+        zero_ids, memory_ids, generator = self.zero_init_ids(), self.memory_module_ids(), self.memory_generator(seed)
         for module in self.modules():
-            self.init_module(module, zero_ids)
+            self.init_module(module, zero_ids, generator if id(module) in memory_ids else None)
 
-    def init_module(self, module: nn.Module, zero_ids: set) -> None:
+    @staticmethod
+    def memory_generator(seed: Optional[int] = None) -> torch.Generator:
+        """The memory's own CPU generator, seeded from the run seed (never advancing the global stream)."""
+        return torch.Generator().manual_seed((torch.initial_seed() if seed is None else seed) + MEMORY_SEED_OFFSET)
+
+    def memory_module_ids(self) -> set:
+        """Modules initialised from the memory generator: the banks and every memory-group branch."""
+        modules = list(self.banks.modules())
+        for block in self.blocks:
+            modules += [m for _, branch in block.branches() if branch.param_group == "memory" for m in branch.modules()]
+        return {id(m) for m in modules}
+
+    def init_module(self, module: nn.Module, zero_ids: set, generator: Optional[torch.Generator] = None) -> None:
         """Initialise one module's own parameters (ZeRO-3 calls this per module, gathered).
 
         Linear and embedding weights: normal(initializer_range), or zeros for memory outputs when
         wo_init_zero. Other modules with their own reset_parameters (banks, routers, LayerNorm) use it.
+        generator: memory modules draw from it (megamem.ops.seeded_normal_), not from the global stream.
         """
         if isinstance(module, (nn.Linear, nn.Embedding)):
             if id(module) in zero_ids:
                 nn.init.zeros_(module.weight)
             else:
-                nn.init.normal_(module.weight, std=self.model_config.initializer_range)
+                seeded_normal_(module.weight, self.model_config.initializer_range, generator)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
         elif callable(getattr(module, "reset_parameters", None)) and next(module.parameters(recurse=False), None) \
                 is not None:
-            module.reset_parameters()
+            if generator is not None and "generator" in inspect.signature(module.reset_parameters).parameters:
+                module.reset_parameters(generator=generator)
+            elif generator is not None:  # a memory module without a generator: it must not shift the global stream
+                with torch.random.fork_rng(devices=[]):
+                    module.reset_parameters()
+            else:
+                module.reset_parameters()
 
     def zero_init_ids(self) -> set:
         """Output layers of every residual branch when wo_init_zero (always for a branch with always_zero_init,

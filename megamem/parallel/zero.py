@@ -17,14 +17,16 @@ def build_model_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_sta
 
     Custom initialisation (normal init, zero-init memory outputs, bank init) then runs module by
     module on gathered parameters with rank 0's values broadcast, so ZeRO-3 starts from exactly
-    the weights a 1-rank run with the same seed starts from: both re-seed right before the init.
+    the weights a 1-rank run with the same seed starts from: both re-seed right before the init, and
+    both draw the memory's weights from `model.memory_generator(seed)` (fair twins: a vanilla model
+    from the same seed has bitwise the same non-memory weights).
     """
     if cfg.model.base_model_name is not None:
         return build_adapter_for_zero(cfg, ds_config, zero_stage, seed)
     if zero_stage < 3:
         model = build_model(cfg)
         torch.manual_seed(seed)
-        model.reset_parameters()
+        model.reset_parameters(seed)
         return model
     import deepspeed
 
@@ -44,13 +46,13 @@ def build_model_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_sta
         # other modules name the child weights they read directly (MLA's absorbed decoding: kv_b_proj)
         for p in getattr(module, "external_parameters", lambda: [])():
             deepspeed.zero.register_external_parameter(module, p)
-    zero_ids = model.zero_init_ids()
+    zero_ids, memory_ids, generator = model.zero_init_ids(), model.memory_module_ids(), model.memory_generator(seed)
     torch.manual_seed(seed)
-    for module in model.modules():
+    for module in model.modules():  # the order reset_parameters takes: memory from its own generator
         own = list(module.parameters(recurse=False))
         if own:
             with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
-                model.init_module(module, zero_ids)
+                model.init_module(module, zero_ids, generator if id(module) in memory_ids else None)
     return model
 
 

@@ -2,7 +2,9 @@
 
 metrics.jsonl has one JSON object per line; training records carry
     {"kind": "train", "step", "loss", "lm_loss", <aux loss names>, "lr" (first group), "lr_<group>",
-     "grad_norm", "tokens_per_s", "mfu", "step_time_s", "skipped_nonfinite"}
+     "grad_norm", "tokens_per_s", "mfu", "step_time_s", "skipped_nonfinite",
+     memory models: "memory/L<layer>/rel_norm", "…/entropy", "…/entropy_norm", "…/rows_touched"
+     (megamem.train.diagnostics, docs/diagnostics.md)}
 evaluation records {"kind": "eval", "step", "eval_loss", "eval_ppl", "eval_tokens"}, and with PEER
 (model.peer_config.log_expert_usage, every log_freq steps) {"kind": "experts", "step",
 "peer<layer>_usage", "peer<layer>_unevenness", "peer<layer>_hot_experts", "peer<layer>_hot_fraction"}.

@@ -18,6 +18,7 @@ from ..parallel.zero import build_model_for_zero, gathered_state_dict
 from .chapter_banks import ChapterBanks, banks_outside_engine
 from .checkpoint import CheckpointManager, resolve_resume
 from .ds_config import pipeline_stages, resolve_ds_config, zero_stage
+from .diagnostics import MemoryDiagnostics
 from .metrics import MetricsLogger, flops_per_token, measure_peak_flops, mfu
 from .optim import build_optimizer, build_scheduler, parameter_groups
 from .run_dir import check_output_dir, check_resume, layout_of, report_changes, truncate_metrics
@@ -84,6 +85,7 @@ class Trainer:
                               and not (self.ds.get("bf16", {}).get("enabled") or self.ds.get("fp16", {}).get("enabled")))
         self.grad_norm: Optional[float] = None
         self.banks = ChapterBanks(model, cfg, self.rank) if outside else None
+        self.diagnostics = MemoryDiagnostics(model, self.pipeline, self.rank, cfg)  # memory layers, on logging steps
         self.ckpt = CheckpointManager(self.output_dir, self.rank, self.world, self.t.save_total_limit)
         self.step, self.best_eval, self.bad_evals, self.skipped = 0, float("inf"), 0, 0
         self.stop_requested = False  # set by SIGUSR1 (e.g. SLURM --signal before the time limit)
@@ -160,6 +162,7 @@ class Trainer:
         if self.pipeline:
             return self._pipeline_step(batches)
         losses, aux, micro, in_a_row = [], {}, 0, 0
+        diagnose = self.diagnostics.begin(self._logging_step(self.step + 1))
         while micro < self.t.gradient_accumulation_steps:
             out = self._forward(next(batches))
             loss = out.loss + sum(out.aux_losses.values()) if out.aux_losses else out.loss
@@ -173,7 +176,11 @@ class Trainer:
                         "Lower the learning rate, check the data, or use bf16/fp32")
                 continue
             in_a_row = 0
+            if diagnose:
+                self.diagnostics.after_forward()
             self.engine.backward(loss)
+            if diagnose and self.engine.is_gradient_accumulation_boundary():
+                self.diagnostics.before_step()
             # the banks outside the engine step with the learning rate the engine's schedule gives this step
             bank_lr = self._lr_factor() if self.banks is not None and self.engine.is_gradient_accumulation_boundary() \
                 else None
@@ -189,7 +196,12 @@ class Trainer:
         lm = self._all_reduce(torch.stack(losses).mean().reshape(1)).item() / self.world
         record = {"lm_loss": lm, **{k: self._all_reduce(v.reshape(1)).item() / self.world for k, v in aux.items()}}
         record["loss"] = lm + sum(v for k, v in record.items() if k != "lm_loss")
+        if diagnose:
+            record.update(self.diagnostics.end(self._all_reduce, self.world))
         return record
+
+    def _logging_step(self, step: int) -> bool:
+        return step % self.t.logging_steps == 0 or step == self.total_steps
 
     def _pipeline_step(self, batches) -> Dict[str, float]:
         """DeepSpeed's pipeline schedule runs the micro-batches; router losses arrive per name from the last stage."""
@@ -247,7 +259,7 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 history.append(record["loss"])
                 log.step(record["loss"])
-                if self.step % self.t.logging_steps == 0 or self.step == self.total_steps:
+                if self._logging_step(self.step):
                     log.log(self._train_record(record, elapsed))
                 self._log_expert_usage(log)
                 saved = False

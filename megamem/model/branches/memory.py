@@ -23,10 +23,18 @@ from .base import ResidualBranch
 
 
 class MemoryBranch(ResidualBranch):
-    """Everything memory adds to a block; reads the bank `bank_index` from ctx.banks."""
+    """Everything memory adds to a block; reads the bank `bank_index` from ctx.banks.
+
+    diagnose: switched on for a forward by megamem.model.diagnostics; the forward then leaves
+    ‖delta‖/‖x‖ (mean over tokens) in `diag_rel_norm`.
+    """
+
+    diagnose = False
+    diag_rel_norm = None
 
     def __init__(self, model: ModelConfig, mem: MemoryConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.bank_index = bank_assignment(mem, memory_layers(mem, model.num_layers))[layer_idx]
         heads = mem.memory_num_heads or model.num_heads
         self.norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
@@ -55,8 +63,13 @@ class MemoryBranch(ResidualBranch):
         """The memory read (layout B's MLP is applied by residual(), after it)."""
         memory, cache = ctx.banks.get(self.bank_index), ctx.layer_cache()
         if self.checkpointed and self.training and torch.is_grad_enabled():
-            return checkpoint(self._read, x, memory, cache, use_reentrant=False)
-        return self._read(x, memory, cache)
+            delta = checkpoint(self._read, x, memory, cache, use_reentrant=False)
+        else:
+            delta = self._read(x, memory, cache)
+        if self.diagnose:
+            with torch.no_grad():
+                self.diag_rel_norm = (delta.float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-30)).mean()
+        return delta
 
     def residual(self, x: torch.Tensor, ctx) -> torch.Tensor:
         x = x + self(x, ctx)
