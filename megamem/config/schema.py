@@ -42,6 +42,7 @@ class PeerConfig:
     log_expert_usage: bool = True  # count chosen experts; metrics.jsonl gets usage records
     log_freq: int = 100  # steps between usage records
     usage_threshold: float = 5.0  # an expert is hot when its count > usage_threshold × the mean count
+    sparse_tables: bool = False  # row-sparse table gradients + lazy AdamW outside the engine (ZeRO-1/2, fp32)
 
 
 @dataclass

@@ -84,6 +84,11 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
     message = message or layout_problem(cfg, stage, world_size, pipeline_stages(ds) > 1)
     if message:
         problems.append(message)
+    from .peer_tables import layout_problem as tables_problem
+
+    message = tables_problem(cfg, stage, pipeline_stages(ds) > 1)
+    if message:
+        problems.append(message)
     if cfg.model.base_model_name is not None and cfg.memory.use_chapters and stage == 3:
         problems.append("memory.use_chapters on an adapter model (model.base_model_name set) trains with ZeRO stage "
                         "0, 1 or 2 (ZeRO-3 is not wired for chapter branches added to an HF model); use "
