@@ -64,6 +64,10 @@ class Trainer:
             init_from(model, cfg, zero_stage(self.ds))
         if not self.pipeline:  # LoRA and freezing (train/trainable.py); pipelines refuse them in layout_problems
             apply_training_policy(model, cfg, self.t.seed)
+        if self.t.mixed_precision == "fp8":  # torchao float8 linears (float8.py); refused off CUDA ≥ 8.9 already
+            from .float8 import convert_to_float8
+
+            convert_to_float8(model, self.t.fp8_recipe)
         self.train_loader = loaders("train", self.data_rank, self.data_world)
         self.eval_loader = None
         self.total_steps = self._total_steps()
@@ -92,7 +96,7 @@ class Trainer:
         t = self.t
         self.tokens_per_step = t.batch_size * t.max_length * t.gradient_accumulation_steps * self.data_world
         self.flops_per_token = flops_per_token(model, self.t.max_length, self.t.batch_size)
-        self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision == "bf16" else torch.float32,
+        self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision in ("bf16", "fp8") else torch.float32,
                                              megamem_kernels=cfg.model.base_model_name is None)
 
     def _request_stop(self, *_) -> None:
