@@ -119,10 +119,12 @@ def test_warmup_ratio_overrides_steps():
     assert curve[5] == pytest.approx(0.5) and curve[10] == pytest.approx(1.0)
 
 
-def test_fp8_is_refused_off_cuda_89_and_without_torchao(tmp_path):
+def test_fp8_is_refused_off_cuda_89_and_without_torchao(tmp_path, monkeypatch):
     """One line before anything is built; the capability and torchao checks are pure functions of what they are given."""
+    from megamem.train import float8
     from megamem.train.float8 import float8_problem
 
+    monkeypatch.setattr(float8, "device_capability", lambda: None)  # what a CPU machine reports, on any machine
     cfg = tiny_config("training.mixed_precision=fp8")
     with pytest.raises(ConfigError, match=r"fp8 needs CUDA compute capability ≥ 8.9 \(found: cpu\)"):
         resolve_ds_config(write_json(tmp_path, {}), cfg, world_size=1)
