@@ -15,7 +15,8 @@ Every key of the config's `evaluation:` section is also a flag named after it (-
 
 --model: output_dir/final, a checkpoint, or a Hugging Face folder. The data comes from the model's
 config.yaml (exports and checkpoints) or --config, with dotted overrides (--data.x / --training.x).
-Chapter models also report how reads spread over chapters, and plot it (--plot).
+Chapter models also report how reads spread over chapters, and plot it (--plot); PEER models how
+selections spread over experts (--expert-plot).
 --ablate-memory: eval loss with the memory on, each memory layer off, all off, and each bank
 replaced by its mean row (megamem.eval.ablation; docs/diagnostics.md).
 """
@@ -43,6 +44,7 @@ def parse_args(argv):
                    help="eval loss with memory on, each memory layer off, all off, and banks replaced by their mean row")
     p.add_argument("--routing-strategy", choices=["sequence", "rolling", "token"])
     p.add_argument("--plot", help="chapter-usage plot (PNG); default <output>.png when --output is given")
+    p.add_argument("--expert-plot", help="PEER expert-usage plot (PNG); default <output>_experts.png with --output")
     p.add_argument("--output", help="write the results as JSON here too")
     p.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks: megamem_mc (shipped), "
                    "a task YAML with local data, or a registry name (data from the hub)")
@@ -201,6 +203,23 @@ def ablation(args, overrides):
     return rows
 
 
+def expert_report(args, loaded, experts, results) -> None:
+    """PEER models: per-layer expert usage over the evaluated tokens, printed, in the JSON, and plotted."""
+    from megamem.config.schema import PeerConfig
+    from megamem.eval.expert_stats import expert_summary, plot_expert_usage
+
+    summary = expert_summary(experts, loaded.cfg.model.peer_config.usage_threshold if loaded.cfg else
+                             PeerConfig().usage_threshold)
+    results["expert_usage"] = {str(k): v for k, v in summary.items()}
+    for layer, s in summary.items():
+        print(f"experts, layer {layer}: used {s['usage']:.3f}, unevenness {s['unevenness']:.3f}, "
+              f"hot {s['hot_experts']}, max share {s['max_share']:.4f}")
+    plot = args.expert_plot or (os.path.splitext(args.output)[0] + "_experts.png" if args.output else None)
+    if plot:
+        results["expert_plot"] = plot_expert_usage(experts, plot)
+        print(f"wrote {plot}")
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -224,7 +243,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"{args.model}: no tokenizer saved with the model")
         cfg = data_config(args, overrides, loaded)
         ppl = perplexity(loaded, cfg, args.split, args.max_batches)
-        usage = ppl.pop("chapter_usage")
+        usage, experts = ppl.pop("chapter_usage"), ppl.pop("expert_usage")
         results["perplexity"] = {"split": args.split, **ppl}
         print(f"{args.split}: loss {ppl['loss']:.4f}  perplexity {ppl['ppl']:.2f}  over {ppl['tokens']} tokens")
         if usage:
@@ -236,6 +255,8 @@ def main(argv=None) -> int:
             if plot:
                 results["chapter_plot"] = plot_usage(usage, plot)
                 print(f"wrote {plot}")
+        if experts:
+            expert_report(args, loaded, experts, results)
     if {"niah", "ruler"} & set(ev.benchmarks):
         long_context(args, ev, loaded, results)
     if "profile" in ev.benchmarks:

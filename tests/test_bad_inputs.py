@@ -269,6 +269,8 @@ CASES = {
     "top-k above the chapters": ("train", lambda f: [*DRY, "--memory.use_chapters", "true", "--memory.num_chapters",
                                                      "4", "--memory.top_k_chapters", "5"],
                                  "memory.top_k_chapters (5) must be <= memory.num_chapters (4)"),
+    "fp8 without CUDA 8.9": ("train", lambda f: [*DRY, "--training.mixed_precision", "fp8"],
+                             "needs CUDA compute capability ≥ 8.9 (found: cpu)"),
     "negative warmup": ("train", lambda f: [*DRY, "--training.warmup_steps", "-1"], "training.warmup_steps must be >= 0"),
     "retired distributed_strategy": ("train", lambda f: [*DRY, "--training.distributed_strategy", "fsdp"],
                                      "'fsdp' is not supported"),

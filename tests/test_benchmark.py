@@ -50,8 +50,16 @@ def test_every_sub_benchmark_reports_finite_ratios(quick):
     z, e = r["distributed"]["zero3"], r["distributed"]["expert_parallel"]
     for x in (z["speedup_2_ranks_zero3"], z["zero3_over_zero0"], z["bank_gather_fraction_of_zero3_step"], e["ep2_over_ep1"]):
         assert _positive(x)
+    peer, mla = r["peer_mla"]["peer"], r["peer_mla"]["mla"]
+    assert [v["model"] for v in peer["rows"]] == ["dense_mlp", "peer", "peer_sparse"]
+    assert peer["rows"][0]["vs_dense_mlp"] == 1.0 and all(_positive(v["vs_dense_mlp"]) for v in peer["rows"])
+    assert peer["rows"][1]["final_loss"] == pytest.approx(peer["rows"][2]["final_loss"], abs=0.05)  # lazy Adam ≈ Adam
+    assert peer["active_neurons"] == 2 * 4 and peer["experts"] == 64
+    for v in mla["rows"]:  # MLA caches (d_c + d_r) values per layer, GQA 2 · kv_heads · head_dim, fp32
+        assert v["mla_cache_bytes_per_token"] == 2 * (16 + 4) * 4 and v["gqa_cache_bytes_per_token"] == 2 * 2 * 2 * 8 * 4
+        assert _positive(v["mla_over_gqa_tokens_per_s"])
     table = benchmark.table(quick)
-    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4  # one row per measured ratio
+    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4 + 2 + 4  # one row per measured ratio
 
 
 def test_cli_writes_json_and_refuses_bad_arguments(tmp_path, capsys):

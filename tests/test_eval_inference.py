@@ -129,3 +129,40 @@ def test_lm_eval_needs_a_model_folder_and_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # lm-eval absent, whether or not this machine has it
     with pytest.raises(ConfigError, match=r"pip install 'megamem\[eval\]'"):
         run_lm_eval(str(tmp_path), ["arc_easy"])
+
+
+def test_eval_expert_usage_and_plot(tmp_path, capsys):
+    """PEER: selections counted over the eval split (even with log_expert_usage off) equal a brute-force top-k
+    over all N expert scores of each PEER layer's inputs; summary, JSON and plot from those counts."""
+    import itertools
+
+    from megamem.data import build_loader
+    from megamem.model.mlp.peer import peer_modules, usage_stats
+
+    final, _, model, cfg, tok = exported(
+        tmp_path, "model.use_peer=true", "model.peer_layer_placement=all", "model.peer_config.product_key_dim=[4, 5]",
+        "model.peer_config.num_experts=20", "model.peer_config.num_experts_per_tok=3", "model.peer_config.num_heads=2",
+        "model.peer_config.query_dim=8", "model.peer_config.batch_norm_query=false",
+        "model.peer_config.log_expert_usage=false")
+    peers, inputs = peer_modules(model), {}
+    for layer, peer in peers.items():
+        peer.register_forward_pre_hook(lambda m, a, layer=layer: inputs.setdefault(layer, []).append(a[0]))
+    with torch.no_grad():
+        for batch in build_loader(cfg, tok, "eval"):
+            model(batch["input_ids"], document_ids=batch.get("document_ids"))
+        counts = {}
+        for layer, peer in peers.items():
+            keys = torch.stack([torch.cat([k[i] for k, i in zip(peer.sub_keys(), idx)])
+                                for idx in itertools.product(range(4), range(5))])  # [N, query_dim], ravel order
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[layer]])
+            q = peer.query_norm(peer.query(x).view(-1, 2, 8))
+            chosen = torch.einsum("thc,nc->thn", q, keys).topk(3, dim=-1).indices
+            counts[layer] = torch.bincount(chosen.flatten(), minlength=20).double()
+    assert script("eval").main(["--model", final, "--output", str(tmp_path / "r.json")]) == 0
+    got = json.load(open(tmp_path / "r.json"))
+    assert os.path.getsize(got["expert_plot"]) > 0 and got["expert_plot"].endswith("r_experts.png")
+    assert sorted(got["expert_usage"]) == [str(layer) for layer in sorted(peers)] and len(peers) == 4
+    for layer, c in counts.items():
+        want = {**usage_stats(c, 5.0), "max_share": (c.max() / c.sum()).item()}
+        assert got["expert_usage"][str(layer)] == pytest.approx(want)
+    assert f"experts, layer 0: used {got['expert_usage']['0']['usage']:.3f}" in capsys.readouterr().out

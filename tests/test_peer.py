@@ -116,6 +116,71 @@ def test_gradients_equal_the_dense_gradients_and_tables_get_only_chosen_rows(bn)
     assert torch.equal(peer.expert_counts, torch.bincount(chosen.flatten(), minlength=20))
 
 
+def _sparse_and_dense(bn):
+    """The same PEER twice, dense and row-sparse tables (model.peer_config.sparse_tables)."""
+    dense = make_peer(sizes=(4, 5), k=3, he=2, bn=bn)
+    torch.manual_seed(0)
+    sparse = PEER(peer_cfg((4, 5), 3, 2, 2, 6, bn, "model.peer_config.sparse_tables=true").model, 0)
+    sparse.load_state_dict(dense.state_dict())
+    return dense, sparse
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_sparse_tables_gradients_equal_the_dense_ones_on_the_chosen_rows(bn):
+    dense, sparse = _sparse_and_dense(bn)
+    x, target = torch.randn(7, 32), torch.randn(7, 32)
+    _, chosen = dense_peer(dense, x, 3)
+    for peer in (dense, sparse):
+        (peer(x) * target).sum().backward()
+    rows = (chosen.unique()[:, None] * 2 + torch.arange(2)).flatten()  # he = 2 rows per expert
+    for name, p in sparse.named_parameters():
+        ref = dict(dense.named_parameters())[name].grad
+        if "expert_" in name:
+            assert p.grad.is_sparse and torch.equal(p.grad.coalesce().indices()[0], rows), name
+            assert torch.allclose(p.grad.to_dense(), ref, atol=1e-6, rtol=0), name
+        else:
+            assert not p.grad.is_sparse and torch.allclose(p.grad, ref, atol=1e-6, rtol=0), name
+
+
+def test_sparse_tables_row_sparse_adamw_is_adamw_on_the_chosen_rows():
+    """Three steps on one batch (same rows chosen): torch's AdamW on dense gradients moves exactly the chosen
+    rows as RowSparseAdamW does on the sparse ones; the other rows stay bitwise the same (no decay)."""
+    from megamem.train.sparse_adamw import RowSparseAdamW
+
+    dense, sparse = _sparse_and_dense(False)
+    x, target = torch.randn(7, 32), torch.randn(7, 32)
+    _, chosen = dense_peer(dense, x, 3)
+    rows = (chosen.unique()[:, None] * 2 + torch.arange(2)).flatten()
+    rest = torch.ones(40, dtype=torch.bool)
+    rest[rows] = False
+    ref_opt = torch.optim.AdamW([dense.expert_down, dense.expert_up], lr=0.05, weight_decay=0.0)
+    opt = RowSparseAdamW([sparse.expert_down, sparse.expert_up], lr=0.05, weight_decay=0.0)
+    before = sparse.expert_up.detach().clone()
+    for _ in range(3):
+        for peer, o in ((dense, ref_opt), (sparse, opt)):
+            peer.zero_grad(set_to_none=True)
+            (peer(x) * target).sum().backward()
+            o.step()
+        for a, b in ((dense.expert_down, sparse.expert_down), (dense.expert_up, sparse.expert_up)):
+            assert torch.allclose(a[rows], b[rows], atol=1e-6, rtol=0)
+    assert not torch.equal(sparse.expert_up[rows], before[rows])
+    assert torch.equal(sparse.expert_up[rest], before[rest]) and opt.state[sparse.expert_up]["exp_avg"][rest].eq(0).all()
+
+
+def test_sparse_tables_refuse_layouts_they_cannot_train():
+    from megamem.config import ConfigError
+    from megamem.train.ds_config import resolve_ds_config
+
+    cfg = peer_cfg((4, 4), 2, 2, 1, 8, False, "model.peer_config.sparse_tables=true", "training.mixed_precision=no")
+    for stage in (1, 2):
+        resolve_ds_config(ZERO[stage], cfg, 2)
+    for stage in (0, 3):
+        with pytest.raises(ConfigError, match="sparse_tables: true trains the expert tables outside"):
+            resolve_ds_config(ZERO[stage], cfg, 2)
+    with pytest.raises(ConfigError, match="mixed_precision: no"):
+        resolve_ds_config(ZERO[2], peer_cfg((4, 4), 2, 2, 1, 8, False, "model.peer_config.sparse_tables=true"), 2)
+
+
 def test_usage_formulas_on_hand_made_counts():
     assert usage_stats(torch.tensor([1, 1, 1, 1]), 2.0) == {"usage": 1.0, "unevenness": 0.0, "hot_experts": 0,
                                                            "hot_fraction": 0.0}
@@ -225,3 +290,19 @@ def test_zero3_two_ranks_match_one_rank_with_peer(tmp_path):
     usage = [[r for r in map(json.loads, open(tmp_path / run / "metrics.jsonl")) if r["kind"] == "experts"]
              for run in ("one", "two")]
     assert len(usage[0]) == 3 and usage[0] == usage[1]
+
+
+def test_expert_usage_records_also_go_to_wandb(tmp_path):
+    """MetricsLogger sends every record (the experts ones included) to wandb at its step, as to metrics.jsonl."""
+    from megamem.train.metrics import MetricsLogger
+
+    log = MetricsLogger(peer_cfg(), str(tmp_path), 0, 10)
+    sent = []
+    log.wandb = type("Run", (), {"log": lambda self, values, step: sent.append((values, step)),
+                                 "finish": lambda self: None})()
+    record = {"kind": "experts", "step": 5, "peer2_usage": 0.25, "peer2_unevenness": 0.5, "peer2_hot_experts": 3,
+              "peer2_hot_fraction": 0.01}
+    log.log(record)
+    log.close()
+    assert sent == [({k: v for k, v in record.items() if k not in ("kind", "step")}, 5)]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == record

@@ -117,3 +117,36 @@ def test_warmup_ratio_overrides_steps():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     curve = lrs(build_scheduler(opt, cfg.training, 50), 12)
     assert curve[5] == pytest.approx(0.5) and curve[10] == pytest.approx(1.0)
+
+
+def test_fp8_is_refused_off_cuda_89_and_without_torchao(tmp_path, monkeypatch):
+    """One line before anything is built; the capability and torchao checks are pure functions of what they are given."""
+    from megamem.train import float8
+    from megamem.train.float8 import float8_problem
+
+    monkeypatch.setattr(float8, "device_capability", lambda: None)  # what a CPU machine reports, on any machine
+    cfg = tiny_config("training.mixed_precision=fp8")
+    with pytest.raises(ConfigError, match=r"fp8 needs CUDA compute capability ≥ 8.9 \(found: cpu\)"):
+        resolve_ds_config(write_json(tmp_path, {}), cfg, world_size=1)
+    assert "(found: 8.0)" in float8_problem((8, 0), True) and "(found: cpu)" in float8_problem(None, True)
+    assert "pip install torchao" in float8_problem((9, 0), False)
+    assert float8_problem((8, 9), True) is None and float8_problem((10, 0), True) is None
+
+
+def test_fp8_converts_the_linears_it_can_and_keeps_the_head_and_routers():
+    """The filter given to torchao's convert_to_float8_training: linear layers whose widths divide by 16, not the
+    LM head nor a router (chapter routers score in fp32 on purpose); the expected set is listed by hand."""
+    import torch.nn as nn
+
+    from megamem.model import build_model
+    from megamem.train.float8 import to_float8
+
+    model = build_model(tiny_config("model.num_kv_heads=null", "model.intermediate_dim=64", "model.vocab_size=64",
+                                    "model.tie_embeddings=false"))
+    picked = {n for n, m in model.named_modules() if to_float8(m, n)}
+    want = {f"blocks.{i}.{name}" for i in range(4) for name in
+            ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "memory.attn.q_proj",
+             "memory.attn.k_proj", "memory.attn.v_proj", "memory.attn.o_proj")}
+    assert picked == want and tuple(model.lm_head.weight.shape) == (64, 32)  # the head divides by 16, yet stays
+    assert not to_float8(nn.Linear(32, 24), "blocks.0.x") and to_float8(nn.Linear(32, 48), "blocks.0.x")
+    assert not to_float8(nn.Linear(32, 32), "blocks.0.memory.router") and not to_float8(nn.Conv1d(16, 16, 1), "c")

@@ -11,7 +11,8 @@ warm-up, with the same torch.set_num_threads for both sides; with one thread the
 Sub-benchmarks: vanilla (train tokens/s vs transformers Llama), memory (achieved FLOP/s of memory
 models vs vanilla), chapters (step time vs bank size), mfu (achieved FLOP/s over a matmul peak
 measured here), generation (generate() vs transformers generate()), distributed (2 gloo ranks:
-ZeRO-3, bank gather, expert-parallel all-to-all). Writes JSON (--json) and PNG plots (--plot-dir).
+ZeRO-3, bank gather, expert-parallel all-to-all), peer_mla (PEER vs a dense MLP of the same active
+neurons: step time and loss; MLA vs GQA: KV-cache bytes per token and decode tokens/s). Writes JSON (--json) and PNG plots (--plot-dir).
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ sys.path.insert(0, HERE)
 
 # model shapes: the performance targets' (vocab 8192, hidden 512, 8 heads, 4 kv heads, 6 layers); smaller batches by default
 MODEL = dict(vocab=8192, dim=512, inter=1376, layers=6, heads=8, kv_heads=4, seq=256)
+# PEER vs dense MLP (same active neurons: 4 heads × 16 experts) and MLA vs GQA decoding at 1k/4k context
+PEER_MLA = dict(dim=256, layers=4, heads=8, kv_heads=4, seq=128, batch=4, max_len=4128, lr=3e-3, steps=120,
+                peer=dict(keys=128, heads=4, k=16, he=1, query_dim=64), contexts=[1024, 4096], new_tokens=16,
+                mla=dict(kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32))
 SIZES = {
     "quick": dict(model=dict(vocab=256, dim=64, inter=96, layers=2, heads=4, kv_heads=2, seq=32, batch=2),
                   banks=[64, 256], gen=dict(new_tokens=4, gen_batch=1, prompt=8), gen_memory=64,
@@ -34,20 +39,23 @@ SIZES = {
                   chapter_banks=[256, 1024],
                   dist=dict(vocab=256, dim=64, inter=96, layers=2, heads=4, kv_heads=2, seq=32, batch=2,
                             memory_tokens=256, chapter_tokens=512, chapters=16, top_k=2),
+                  peer_mla=dict(dim=32, layers=2, heads=4, kv_heads=2, seq=16, batch=2, max_len=80, lr=3e-3, steps=3,
+                                peer=dict(keys=8, heads=2, k=4, he=1, query_dim=8), contexts=[32, 64], new_tokens=3,
+                                mla=dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)),
                   iters=1, warmup=1),
     "default": dict(model=dict(MODEL, batch=2, batch_bf16=1, batch_memory=1), banks=[1024, 4096, 16384],
                     gen=dict(new_tokens=64, gen_batch=1, prompt=32), gen_memory=4096,
                     chapters=None, chapter_banks=[16_384, 131_072, 1_048_576],
                     dist=dict(vocab=8192, dim=256, inter=688, layers=4, heads=8, kv_heads=4, seq=128, batch=2,
                               memory_tokens=4096, chapter_tokens=65_536, chapters=256, top_k=8),
-                    iters=3, warmup=1),
+                    peer_mla=PEER_MLA, iters=3, warmup=1),
     "full": dict(model=dict(MODEL, batch=8), banks=[1024, 4096, 16384],
                  gen=dict(new_tokens=128, gen_batch=1, prompt=64), gen_memory=16384,
                  chapters=None, chapter_banks=[16_384, 131_072, 1_048_576],
                  dist=dict(MODEL, batch=4, memory_tokens=16384, chapter_tokens=1_048_576, chapters=4096, top_k=8),
-                 iters=5, warmup=1),
+                 peer_mla=dict(PEER_MLA, steps=400, contexts=[1024, 4096, 16384], max_len=16416), iters=5, warmup=1),
 }
-ALL = ["vanilla", "memory", "chapters", "mfu", "generation", "distributed"]
+ALL = ["vanilla", "memory", "chapters", "mfu", "generation", "distributed", "peer_mla"]
 
 
 def machine() -> dict:
@@ -116,6 +124,10 @@ def run(only, level: str = "default", iters=None, warmup=None, threads: int = 1,
             from perf import distributed
 
             res = distributed.run(s["dist"], it, wu)
+        elif name == "peer_mla":
+            from perf import peer_mla
+
+            res = peer_mla.run(s["peer_mla"], it, wu)
         else:
             raise SystemExit(f"unknown sub-benchmark {name!r}; valid: {', '.join(ALL)}")
         out["results"][name] = res
@@ -169,6 +181,19 @@ def table(out: dict) -> str:
         rows.append(("bank all-gathers (fwd + bwd) / ZeRO-3 step time", z["bank_gather_fraction_of_zero3_step"], "", ""))
         rows.append((f"chapters, token routing fwd+bwd, ep_size 2 / ep_size 1 ({e['chapters']} chapters, "
                      f"{e['memory_tokens']:,} tokens)", e["ep2_over_ep1"], "", ""))
+    pm = r.get("peer_mla")
+    if pm:
+        p = pm["peer"]
+        for v in p["rows"][1:]:
+            sparse = ", sparse tables" if v["model"] == "peer_sparse" else ""
+            rows.append((f"step time, PEER{sparse} ({p['experts']:,} experts) / dense MLP of {p['active_neurons']} "
+                         f"neurons ({p['steps']} steps, {p['data']}; last-quarter loss {v['final_loss']:.3f} vs "
+                         f"{p['rows'][0]['final_loss']:.3f})", v["vs_dense_mlp"], "", ""))
+        for v in pm["mla"]["rows"]:
+            rows.append((f"decode tokens/s, MLA / GQA at {v['context']:,} context ({v['mla_tokens_per_s']:.1f} / "
+                         f"{v['gqa_tokens_per_s']:.1f})", v["mla_over_gqa_tokens_per_s"], "", ""))
+            rows.append((f"KV-cache bytes per token, MLA / GQA ({v['mla_cache_bytes_per_token']:.0f} / "
+                         f"{v['gqa_cache_bytes_per_token']:.0f})", v["mla_over_gqa_cache_bytes"], "", ""))
     lines = ["| measurement | ratio | target | met |", "|---|---|---|---|"]
     lines += [f"| {w} | {_fmt(x)} | {t} | {'yes' if m is True else 'no' if m is False else ''} |" for w, x, t, m in rows]
     return "\n".join(lines)

@@ -364,5 +364,5 @@ def _precision_default(data, layout: str, out, problems: List[str], notes: List[
         problems.append(f"{section}.fp16 and {section}.bf16 are both true; keep one (training.mixed_precision)")
     elif ("fp16" in src or "bf16" in src) and not src.get("fp16") and not src.get("bf16"):
         out.setdefault("training", {})["mixed_precision"] = "no"
-        notes.append("training.mixed_precision: no — fp16 and bf16 are off in the source (float8 through torchao "
-                     f"{LATER})")
+        notes.append("training.mixed_precision: no — fp16 and bf16 are off in the source (for float8 set "
+                     "training.mixed_precision: fp8: CUDA compute capability ≥ 8.9 and torchao)")

@@ -42,6 +42,7 @@ class PeerConfig:
     log_expert_usage: bool = True  # count chosen experts; metrics.jsonl gets usage records
     log_freq: int = 100  # steps between usage records
     usage_threshold: float = 5.0  # an expert is hot when its count > usage_threshold × the mean count
+    sparse_tables: bool = False  # row-sparse table gradients + lazy AdamW outside the engine (ZeRO-1/2, fp32)
 
 
 @dataclass
@@ -222,7 +223,8 @@ class TrainingConfig:
     decay_start_ratio: float = 0.8  # wsd: fraction of the steps before the decay starts
     bank_weight_decay: bool = False  # apply weight_decay to memory banks too
     # precision
-    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    mixed_precision: Literal["no", "fp16", "bf16", "fp8"] = "bf16"  # fp8: torchao float8 linears on bf16, CUDA ≥ 8.9
+    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"  # torchao float8 scaling (mixed_precision: fp8 only)
     save_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     # checkpoints and evaluation

@@ -1,4 +1,4 @@
-"""Row-sparse bank gradients: single-process autograd math, no optimiser and no collectives.
+"""Row-sparse bank (and PEER table) gradients: single-process autograd math, no optimiser and no collectives.
 
 With chapters a step reads a few chapters of a bank that may hold 1M rows; a dense gradient of the
 whole bank would then cost more than the step itself. With `memory.sparse_bank_grad`, chapter rows
@@ -9,6 +9,7 @@ megamem.train.sparse_adamw.RowSparseAdamW.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class _GatherChapters(torch.autograd.Function):
@@ -62,3 +63,9 @@ def gather_chapters(memory: torch.Tensor, ids: torch.Tensor, rows_per_chapter: i
     if sparse and torch.is_grad_enabled() and memory.requires_grad:
         return _GatherChapters.apply(memory, ids, rows_per_chapter)
     return memory.view(-1, rows_per_chapter, memory.shape[-1])[ids]
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """table [R, d] → [*rows.shape, d]; with sparse=True the table gets a row-sparse gradient (the read rows,
+    repeats summed when coalesced). PEER's expert tables are read this way."""
+    return F.embedding(rows, table, sparse=sparse and torch.is_grad_enabled() and table.requires_grad)

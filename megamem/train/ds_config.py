@@ -73,6 +73,14 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
     stage = zero_stage(ds)
     if cfg.training.mixed_precision == "fp16" and not on_cuda:
         problems.append("training.mixed_precision: fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or no")
+    if cfg.training.mixed_precision == "fp8":  # refused here, before any model is built (megamem/train/float8.py)
+        from .float8 import device_capability, float8_problem, torchao_available
+
+        message = float8_problem(device_capability(), torchao_available())
+        if message:
+            return [message]
+        if pipeline_stages(ds) > 1:
+            problems.append("training.mixed_precision: fp8 is not wired for pipeline stages; use bf16 or no pipeline")
     from .chapter_banks import layout_problem
 
     message = None
@@ -82,6 +90,11 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
         message = check_layout(cfg, stage)
     # one message per layout: check_layout's (ZeRO-3 + EP), else the chapter banks' own
     message = message or layout_problem(cfg, stage, world_size, pipeline_stages(ds) > 1)
+    if message:
+        problems.append(message)
+    from .peer_tables import layout_problem as tables_problem
+
+    message = tables_problem(cfg, stage, pipeline_stages(ds) > 1)
     if message:
         problems.append(message)
     if cfg.model.base_model_name is not None and cfg.memory.use_chapters and stage == 3:
@@ -152,7 +165,7 @@ def resolve_ds_config(path: Optional[str], cfg: MegamemConfig, world_size: int,
           "training.batch_size × gradient_accumulation_steps × data-parallel size (world size / pipeline stages)",
           where)
     _fill(ds, ["gradient_clipping"], float(t.max_grad_norm), "training.max_grad_norm", where)
-    _fill(ds, ["bf16", "enabled"], t.mixed_precision == "bf16", "training.mixed_precision", where)
+    _fill(ds, ["bf16", "enabled"], t.mixed_precision in ("bf16", "fp8"), "training.mixed_precision", where)
     _fill(ds, ["fp16", "enabled"], t.mixed_precision == "fp16", "training.mixed_precision", where)
     ds.setdefault("steps_per_print", 10**9)
     problems = layout_problems(cfg, ds, on_cuda, world_size)

@@ -21,6 +21,7 @@ from .ds_config import pipeline_stages, resolve_ds_config, zero_stage
 from .diagnostics import MemoryDiagnostics
 from .metrics import MetricsLogger, flops_per_token, measure_peak_flops, mfu
 from .optim import build_optimizer, build_scheduler, parameter_groups
+from .peer_tables import PeerTables, table_parameters, tables_outside_engine
 from .run_dir import check_output_dir, check_resume, layout_of, report_changes, truncate_metrics
 from .trainable import apply_training_policy, has_lora, plain_state
 
@@ -67,11 +68,17 @@ class Trainer:
             init_from(model, cfg, zero_stage(self.ds))
         if not self.pipeline:  # LoRA and freezing (train/trainable.py); pipelines refuse them in layout_problems
             apply_training_policy(model, cfg, self.t.seed)
+        if self.t.mixed_precision == "fp8":  # torchao float8 linears (float8.py); refused off CUDA ≥ 8.9 already
+            from .float8 import convert_to_float8
+
+            convert_to_float8(model, self.t.fp8_recipe)
         self.train_loader = loaders("train", self.data_rank, self.data_world)
         self.eval_loader = None
         self.total_steps = self._total_steps()
         outside = banks_outside_engine(cfg)  # chapter banks: expert shards or row-sparse (chapter_banks.py)
-        self.groups = parameter_groups(model, self.t, exclude=model.banks.parameters() if outside else ())
+        # PEER expert tables with row-sparse gradients: also outside the engine (peer_tables.py)
+        tables = table_parameters(model) if tables_outside_engine(cfg) else []
+        self.groups = parameter_groups(model, self.t, exclude=[*(model.banks.parameters() if outside else ()), *tables])
         optimizer = build_optimizer(self.groups, self.t)
         scheduler = build_scheduler(optimizer, self.t, self.total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -86,6 +93,7 @@ class Trainer:
         self.grad_norm: Optional[float] = None
         self.banks = ChapterBanks(model, cfg, self.rank) if outside else None
         self.diagnostics = MemoryDiagnostics(model, self.pipeline, self.rank, cfg)  # memory layers, on logging steps
+        self.tables = PeerTables(model, cfg, self.rank) if tables else None
         self.ckpt = CheckpointManager(self.output_dir, self.rank, self.world, self.t.save_total_limit)
         self.step, self.best_eval, self.bad_evals, self.skipped = 0, float("inf"), 0, 0
         self.stop_requested = False  # set by SIGUSR1 (e.g. SLURM --signal before the time limit)
@@ -96,7 +104,7 @@ class Trainer:
         t = self.t
         self.tokens_per_step = t.batch_size * t.max_length * t.gradient_accumulation_steps * self.data_world
         self.flops_per_token = flops_per_token(model, self.t.max_length, self.t.batch_size)
-        self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision == "bf16" else torch.float32,
+        self.peak_flops = measure_peak_flops(torch.bfloat16 if self.t.mixed_precision in ("bf16", "fp8") else torch.float32,
                                              megamem_kernels=cfg.model.base_model_name is None)
 
     def _request_stop(self, *_) -> None:
@@ -126,13 +134,21 @@ class Trainer:
             truncate_metrics(self.output_dir, state["step"])
         if self.banks is not None:
             self.banks.load(os.path.join(ckpt_dir, tag))
+        if self.tables is not None:
+            self.tables.load(os.path.join(ckpt_dir, tag))
         self.train_loader.load_state_dict(state["data"])
         self.step, self.best_eval = state["step"], state["best_eval"]
         self.bad_evals, self.skipped = state["bad_evals"], state["skipped"]
 
     def save(self, best: bool = False) -> str:
         return self.ckpt.save(self.engine, self.step, self._run_state(), dump_config(self.cfg), self.tokenizer, best,
-                              write_extra=self.banks.save if self.banks is not None else None)
+                              write_extra=self._write_extra if (self.banks, self.tables) != (None, None) else None)
+
+    def _write_extra(self, path: str) -> None:
+        """What trains outside the engine: chapter banks, PEER tables."""
+        for part in (self.banks, self.tables):
+            if part is not None:
+                part.save(path)
 
     # --------------------------------------------------------------- helpers
     def _all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -182,13 +198,15 @@ class Trainer:
             if diagnose and self.engine.is_gradient_accumulation_boundary():
                 self.diagnostics.before_step()
             # the banks outside the engine step with the learning rate the engine's schedule gives this step
-            bank_lr = self._lr_factor() if self.banks is not None and self.engine.is_gradient_accumulation_boundary() \
-                else None
+            outside = self.banks is not None or self.tables is not None
+            bank_lr = self._lr_factor() if outside and self.engine.is_gradient_accumulation_boundary() else None
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 self.grad_norm = self._engine_grad_norm()
             self.engine.step()
             if bank_lr is not None:
-                self.banks.step(bank_lr)
+                for part in (self.banks, self.tables):
+                    if part is not None:
+                        part.step(bank_lr)
             micro += 1
             losses.append(out.loss.detach().float())
             for name, value in out.aux_losses.items():

@@ -9,7 +9,9 @@ experts are small MLPs (expert_hidden_size neurons): out = Σ_h Σ_k softmax(s)_
 Tables U, V are plain parameters of shape [N·expert_hidden_size, hidden] read by row (under ZeRO-3
 they are partitioned like any parameter and gathered whole for this module's forward). U's rows are
 gathered once ([tokens, h·k·he, hidden]); V is read through embedding_bag with the gated activations
-as per-sample weights, so its rows are never materialised per token.
+as per-sample weights, so its rows are never materialised per token. With `sparse_tables` both reads
+return row-sparse COO gradients holding only the chosen rows (megamem.memory.sparse_rows.gather_rows);
+training then updates them with the lazy RowSparseAdamW outside the engine (megamem.train.peer_tables).
 
 BatchNorm on the query (batch_norm_query, as in the paper) normalises over every token of the batch
 in training mode, so a token's output then depends on the other tokens' queries; in eval mode it uses
@@ -25,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config import ModelConfig
+from ...memory.sparse_rows import gather_rows
 from ...ops import Linear
 from .registry import MLP
 
@@ -77,6 +80,7 @@ class PEER(nn.Module):
         self.expert_up = nn.Parameter(torch.empty(rows, model.hidden_dim))  # V
         self.dropout = nn.Dropout(model.dropout)
         self.log_usage = p.log_expert_usage
+        self.sparse_tables = p.sparse_tables  # tables get row-sparse gradients (the chosen rows only)
         self.register_buffer("expert_counts", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
         self.reset_parameters()
 
@@ -121,10 +125,12 @@ class PEER(nn.Module):
         gates = scores.softmax(dim=-1)  # [T, h, k]
         he = self.expert_hidden
         rows = (ids.unsqueeze(-1) * he + torch.arange(he, device=ids.device)).flatten(1)  # [T, h·k·he]
-        down = F.embedding(rows, self.expert_down.to(flat.dtype))  # [T, h·k·he, hidden]
+        sparse = self.sparse_tables and torch.is_grad_enabled()
+        down = gather_rows(self.expert_down.to(flat.dtype), rows, sparse)  # [T, h·k·he, hidden]
         act = F.gelu(torch.einsum("td,tmd->tm", flat, down))
         weights = act * gates.repeat_interleave(he, dim=-1).flatten(1).to(act.dtype)
-        out = F.embedding_bag(rows, self.expert_up.to(flat.dtype), per_sample_weights=weights, mode="sum")
+        out = F.embedding_bag(rows, self.expert_up.to(flat.dtype), per_sample_weights=weights, mode="sum",
+                              sparse=sparse)
         return self.dropout(out.view(shape))
 
 
