@@ -343,3 +343,31 @@ def test_pipeline_stages_match_the_plain_model(tmp_path):
 
     plain, pipe = _plain_and_pipeline(tmp_path, (*MLA, "training.learning_rate=0.01"), ZERO1, STAGES)
     _check_against_plain(plain, pipe, recompute=False)
+
+
+def test_peer_and_mla_with_memory_export_and_decode(tmp_path):
+    """The PEER + MLA trainer's model (configs/peer_mla_small.yaml's parts) with a memory bank: the HF
+    folder (remote code) gives the same logits and greedy tokens, and megamem reads it back."""
+    from transformers import AutoModelForCausalLM
+
+    from megamem.hf.load import load_exported
+    from test_hf_megamem import hf_folder
+
+    parts = (*MEMORY, "model.mla_config.q_lora_rank=16", "model.use_peer=true", "model.peer_layer_placement=custom",
+             "model.peer_layer_indices=[1, 2]", "model.peer_config.num_experts=64",
+             "model.peer_config.product_key_dim=[8, 8]", "model.peer_config.num_experts_per_tok=4",
+             "model.peer_config.num_heads=2", "model.peer_config.query_dim=16")
+    cfg = mla_cfg(*parts)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert type(model.blocks[1].mlp).__name__ == "PEER" and model.blocks[1].memory is not None
+    folder = hf_folder(model, cfg, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ids = torch.randint(3, 61, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert (hf(ids).logits - ref).abs().max() <= 1e-5
+        back, _, _ = load_exported(folder)
+        assert (back(ids).logits - ref).abs().max() <= 1e-5
+    theirs = hf.generate(ids[:, :4], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(theirs, model.generate(ids[:, :4], 6))
