@@ -129,7 +129,9 @@ def test_cached_generate_owns_its_state_and_equals_full_recompute(tmp_path, kind
             finally:
                 t.branch.attn.router.forward = router_forward
             unpinned = t.full(seq)[:, positions]  # routing on the whole sequence: other chapters, other logits
-            assert (unpinned - step_logits).abs().max() > 1e-3
+            whole = t.branch.attn.router(normed[0].mean(1)).chapters
+            if any(not torch.equal(whole, r.chapters) for _, r in routes):  # the pin mattered for this draw
+                assert (unpinned - step_logits).abs().max() > 1e-3
     assert (step_logits - reference).abs().max() <= 1e-5
     assert torch.equal(seq[:, P:], reference.argmax(-1))
     if strategy != "dense":  # the memory path really changes the result

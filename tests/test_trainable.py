@@ -182,7 +182,7 @@ def test_lora_under_zero3_exports_what_zero0_exports(tmp_path):
     zero3 = run_ranks(_export, str(tmp_path / "z3"), 3, extra, world_size=1, tmp_path=tmp_path / "r3")[0]
     assert zero0.keys() == zero3.keys() and not any("lora_" in k for k in zero0)
     for k in zero0:
-        torch.testing.assert_close(zero3[k], zero0[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(zero3[k], zero0[k], rtol=1e-4, atol=5e-5)  # fp32 reduction order, after Adam
 
 
 def test_dry_run_counts_after_the_policy(root, capsys):
