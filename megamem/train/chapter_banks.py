@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, MegamemConfig
+from .sparse_adamw import outside_engine_problem
 
 
 def banks_outside_engine(cfg: MegamemConfig) -> bool:
@@ -37,19 +38,7 @@ def layout_problem(cfg: MegamemConfig, stage: int, world_size: int, pipelined: b
     off = "parallel.ep_size: 1" if ep > 1 else "memory.sparse_bank_grad: false"
     if world_size % ep:
         return f"{what}: the world size ({world_size}) must be a multiple of ep_size"
-    if stage not in (1, 2):
-        return (f"{what} trains the banks outside the DeepSpeed engine (see the Chapters section), which needs "
-                f"ZeRO stage 1 or 2 (ZeRO-0 reduces and clips every parameter's gradient itself, ZeRO-3 "
-                f"partitions the banks); this config has stage {stage}: use ds_configs/zero1.json or zero2.json, "
-                f"or set {off}")
-    if cfg.training.mixed_precision != "no":
-        return (f"{what} updates the banks with megamem's row-sparse AdamW, which keeps no fp32 master copy: "
-                f"set training.mixed_precision: no, or {off}")
-    if cfg.training.optimizer == "sgd":
-        return f"{what} updates the banks with AdamW: set training.optimizer to adamw or adam, or {off}"
-    if pipelined:
-        return f"{what} is not supported with pipeline parallelism: set {off}"
-    return None
+    return outside_engine_problem(what, off, "banks", stage, cfg, pipelined, " (see the Chapters section)")
 
 
 class ChapterBanks:

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..config import ConfigError, MegamemConfig
 from ..model.mlp.peer import peer_modules
-from .sparse_adamw import RowSparseAdamW
+from .sparse_adamw import RowSparseAdamW, outside_engine_problem
 
 FILE = "peer_tables.safetensors"
 
@@ -36,18 +36,7 @@ def layout_problem(cfg: MegamemConfig, stage: int, pipelined: bool) -> Optional[
     if not tables_outside_engine(cfg):
         return None
     what, off = "model.peer_config.sparse_tables: true", "model.peer_config.sparse_tables: false"
-    if stage not in (1, 2):
-        return (f"{what} trains the expert tables outside the DeepSpeed engine, which needs ZeRO stage 1 or 2 "
-                f"(ZeRO-0 reduces every gradient itself, ZeRO-3 partitions the tables); this config has stage "
-                f"{stage}: use ds_configs/zero1.json or zero2.json, or set {off}")
-    if cfg.training.mixed_precision != "no":
-        return (f"{what} updates the tables with megamem's row-sparse AdamW, which keeps no fp32 master copy: "
-                f"set training.mixed_precision: no, or {off}")
-    if cfg.training.optimizer == "sgd":
-        return f"{what} updates the tables with AdamW: set training.optimizer to adamw or adam, or {off}"
-    if pipelined:
-        return f"{what} is not supported with pipeline parallelism: set {off}"
-    return None
+    return outside_engine_problem(what, off, "expert tables", stage, cfg, pipelined, "")
 
 
 def table_parameters(model: nn.Module) -> List[nn.Parameter]:

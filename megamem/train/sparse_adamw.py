@@ -131,3 +131,21 @@ def sparse_bank_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
     return RowSparseAdamW(model.banks.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                           block_rows=tokens_per_chapter(model.memory_config), group=group, world=world,
                           max_grad_norm=max_grad_norm, shard_group=expert_parallel_group(ep) if ep > 1 else None)
+
+
+def outside_engine_problem(what: str, off: str, params: str, stage: int, cfg, pipelined: bool,
+                           why_stage: str) -> Optional[str]:
+    """Why parameters updated by RowSparseAdamW outside the DeepSpeed engine (chapter banks, PEER tables)
+    cannot be here, with the fix; None if they can. params: what they are ("banks", "tables")."""
+    if stage not in (1, 2):
+        return (f"{what} trains the {params} outside the DeepSpeed engine{why_stage}, which needs ZeRO stage 1 "
+                f"or 2 (ZeRO-0 reduces and clips every parameter's gradient itself, ZeRO-3 partitions the {params}); "
+                f"this config has stage {stage}: use ds_configs/zero1.json or zero2.json, or set {off}")
+    if cfg.training.mixed_precision != "no":
+        return (f"{what} updates the {params} with megamem's row-sparse AdamW, which keeps no fp32 master copy: "
+                f"set training.mixed_precision: no, or {off}")
+    if cfg.training.optimizer == "sgd":
+        return f"{what} updates the {params} with AdamW: set training.optimizer to adamw or adam, or {off}"
+    if pipelined:
+        return f"{what} is not supported with pipeline parallelism: set {off}"
+    return None
