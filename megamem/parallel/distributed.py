@@ -61,10 +61,15 @@ def init_distributed(pin_cores: bool = True) -> tuple:
         if pin_cores and world > 1:
             pin_to_core(local)
     if not dist.is_initialized():
-        # MEGAMEM_INIT_METHOD (e.g. file:///tmp/x) replaces the TCP rendezvous: tests use it to avoid port races
+        # MEGAMEM_INIT_METHOD (e.g. file:///tmp/x) replaces the TCP rendezvous: tests use it to avoid port races;
+        # a single process rendezvouses through a private file (a free port can be taken before it is bound)
+        init_method = os.environ.get("MEGAMEM_INIT_METHOD")
+        if init_method is None and world == 1:
+            import tempfile
+
+            init_method = "file://" + os.path.join(tempfile.mkdtemp(prefix="megamem-pg-"), "store")
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", auto_mpi_discovery=False,
-                                   verbose=False, init_method=os.environ.get("MEGAMEM_INIT_METHOD"),
-                                   rank=rank, world_size=world)
+                                   verbose=False, init_method=init_method, rank=rank, world_size=world)
     if not on_cpu:
         torch.cuda.set_device(local)
     return rank, local, world
