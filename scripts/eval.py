@@ -187,14 +187,10 @@ def data_config(args, overrides, loaded):
     raise ConfigError(f"{args.model} has no config.yaml saying which data to evaluate on; pass --config FILE")
 
 
-def ablation(args, overrides):
+def ablation(args, overrides, loaded):
     """The memory's contribution: one row per setting, printed as a table."""
-    import torch
-
-    from megamem.eval import load_any
     from megamem.eval.ablation import ablate_memory, ablation_table, check_has_memory
 
-    loaded = load_any(args.model, torch.float32, args.routing_strategy)
     check_has_memory(loaded.megamem)
     if loaded.tokenizer is None:
         raise ConfigError(f"{args.model}: no tokenizer saved with the model")
@@ -231,13 +227,13 @@ def main(argv=None) -> int:
         raise ConfigError(f"--max-batches {args.max_batches}: evaluate at least 1 batch (or leave it out for the "
                           "whole split)")
     results = {"model": args.model}
-    if args.ablate_memory:
-        results["ablate_memory"] = ablation(args, overrides)
     ev = evaluation_config(args, overrides, evaluation_source(args, overrides))
     results["evaluation"] = {"benchmarks": ev.benchmarks}
     loaded = None
-    if {"perplexity", "niah", "ruler", "profile"} & set(ev.benchmarks):
-        loaded = load_any(args.model, torch.float32, args.routing_strategy)
+    if args.ablate_memory or {"perplexity", "niah", "ruler", "profile"} & set(ev.benchmarks):
+        loaded = load_any(args.model, torch.float32, args.routing_strategy)  # once, for every benchmark
+    if args.ablate_memory:
+        results["ablate_memory"] = ablation(args, overrides, loaded)
     if "perplexity" in ev.benchmarks:
         if loaded.tokenizer is None:
             raise ConfigError(f"{args.model}: no tokenizer saved with the model")
