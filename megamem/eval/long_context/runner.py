@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ...config import ConfigError
 from .scoring import METRICS, averages, effective_length
-from .tasks import ANSWER, NIAH, TASKS, make_sample
+from .tasks import ANSWER, NIAH, TASKS, Sample, make_sample
 
 
 @dataclass
@@ -80,6 +80,16 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="sample", leave=False)
 
 
+def _score(model: TextModel, samples: Sequence[Sample], metrics: Sequence[str], bar) -> Tuple[float, Dict[str, float]]:
+    """Answer every sample; (the task's own score, each extra metric's score)."""
+    preds = []
+    for s in samples:
+        preds.append(model.answer(s.prompt))
+        bar.update()
+    refs = [s.references for s in samples]
+    return METRICS[samples[0].metric](preds, refs), {m: METRICS[m](preds, refs) for m in metrics}
+
+
 def run_niah(model: TextModel, lengths: Sequence[int], depths: Sequence[float], num_samples: int, seed: int,
              max_new_tokens: int, task: str = "niah_single_1", haystack: Optional[str] = None,
              metrics: Sequence[str] = ()) -> Dict:
@@ -96,15 +106,11 @@ def run_niah(model: TextModel, lengths: Sequence[int], depths: Sequence[float], 
     for n in lengths:
         for d in depths:
             rng = random.Random(f"{seed}-{task}-{n}-{d}")
-            preds, refs = [], []
-            for _ in range(num_samples):
-                s = make_sample(task, n - max_new_tokens, model.count, rng, depth=d, haystack=haystack)
-                preds.append(model.answer(s.prompt))
-                refs.append(s.references)
-                bar.update()
-            grid.setdefault(str(n), {})[str(d)] = METRICS["string_match_all"](preds, refs)
-            for m in metrics:
-                extra[m].setdefault(str(n), {})[str(d)] = METRICS[m](preds, refs)
+            samples = [make_sample(task, n - max_new_tokens, model.count, rng, depth=d, haystack=haystack)
+                       for _ in range(num_samples)]
+            grid.setdefault(str(n), {})[str(d)], more = _score(model, samples, metrics, bar)
+            for m, v in more.items():
+                extra[m].setdefault(str(n), {})[str(d)] = v
     bar.close()
     return {"task": task, "grid": grid, **({"metrics": extra} if metrics else {})}
 
@@ -123,14 +129,9 @@ def run_ruler(model: TextModel, tasks: Sequence[str], lengths: Sequence[int], nu
         for n in lengths:
             rng = random.Random(f"{seed}-{task}-{n}")
             samples = [make_sample(task, n - max_new_tokens, model.count, rng) for _ in range(num_samples)]
-            preds = []
-            for s in samples:
-                preds.append(model.answer(s.prompt))
-                bar.update()
-            refs = [s.references for s in samples]
-            scores.setdefault(task, {})[n] = METRICS[samples[0].metric](preds, refs)
-            for m in metrics:
-                extra[m].setdefault(task, {})[n] = METRICS[m](preds, refs)
+            scores.setdefault(task, {})[n], more = _score(model, samples, metrics, bar)
+            for m, v in more.items():
+                extra[m].setdefault(task, {})[n] = v
     bar.close()
     avg = averages(scores)
     return {"scores": {t: {str(n): v for n, v in s.items()} for t, s in scores.items()},
