@@ -277,17 +277,12 @@ def test_flops_count_mla_widths():
     assert flops_per_token(mha, 40) - flops_per_token(mha, 24) == pytest.approx(16 * 6 / 2 * 4 * 2 * 32)
 
 
-def test_exports_in_the_megamem_format_not_as_llama(tmp_path):
+def assert_folder_equals_model(folder, model):
+    """The HF folder (remote code) and megamem's reader give the model's logits; HF generate its greedy tokens."""
     from transformers import AutoModelForCausalLM
 
-    from megamem.hf.llama import llama_incompatibilities
     from megamem.hf.load import load_exported
-    from test_hf_megamem import hf_folder
 
-    model = mla_model("model.mla_config.q_lora_rank=16")
-    cfg = mla_cfg(*MEMORY, "memory.vanilla_mode=true", "model.mla_config.q_lora_rank=16")
-    assert any(p.startswith("model.attention_type is 'mla'") for p in llama_incompatibilities(cfg))
-    folder = hf_folder(model, mla_cfg(*MEMORY, "model.mla_config.q_lora_rank=16"), tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     ids = torch.randint(3, 61, (2, 9))
     with torch.no_grad():
@@ -297,6 +292,17 @@ def test_exports_in_the_megamem_format_not_as_llama(tmp_path):
         assert (back(ids).logits - ref).abs().max() <= 1e-5
     theirs = hf.generate(ids[:, :4], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(theirs, model.generate(ids[:, :4], 6))
+
+
+def test_exports_in_the_megamem_format_not_as_llama(tmp_path):
+    from megamem.hf.llama import llama_incompatibilities
+    from test_hf_megamem import hf_folder
+
+    model = mla_model("model.mla_config.q_lora_rank=16")
+    cfg = mla_cfg(*MEMORY, "memory.vanilla_mode=true", "model.mla_config.q_lora_rank=16")
+    assert any(p.startswith("model.attention_type is 'mla'") for p in llama_incompatibilities(cfg))
+    folder = hf_folder(model, mla_cfg(*MEMORY, "model.mla_config.q_lora_rank=16"), tmp_path / "hf")
+    assert_folder_equals_model(folder, model)
 
 
 # --------------------------------------------------------------------------------------- training
@@ -348,9 +354,7 @@ def test_pipeline_stages_match_the_plain_model(tmp_path):
 def test_peer_and_mla_with_memory_export_and_decode(tmp_path):
     """The PEER + MLA trainer's model (configs/peer_mla_small.yaml's parts) with a memory bank: the HF
     folder (remote code) gives the same logits and greedy tokens, and megamem reads it back."""
-    from transformers import AutoModelForCausalLM
 
-    from megamem.hf.load import load_exported
     from test_hf_megamem import hf_folder
 
     parts = (*MEMORY, "model.mla_config.q_lora_rank=16", "model.use_peer=true", "model.peer_layer_placement=custom",
@@ -362,12 +366,4 @@ def test_peer_and_mla_with_memory_export_and_decode(tmp_path):
     model = build_model(cfg).eval()
     assert type(model.blocks[1].mlp).__name__ == "PEER" and model.blocks[1].memory is not None
     folder = hf_folder(model, cfg, tmp_path / "hf")
-    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    ids = torch.randint(3, 61, (2, 9))
-    with torch.no_grad():
-        ref = model(ids).logits
-        assert (hf(ids).logits - ref).abs().max() <= 1e-5
-        back, _, _ = load_exported(folder)
-        assert (back(ids).logits - ref).abs().max() <= 1e-5
-    theirs = hf.generate(ids[:, :4], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(theirs, model.generate(ids[:, :4], 6))
+    assert_folder_equals_model(folder, model)
