@@ -62,11 +62,11 @@ def _fit(build: Callable[[int], Tuple[str, object]], count: Count, budget: int, 
     return build(lo)
 
 
-def _insert(sentences: List[str], needles: Sequence[str], depths: Sequence[float], count: Count) -> Tuple[str, List[int]]:
+def _insert(sentences: List[str], needles: Sequence[str], depths: Sequence[float], count: Count,
+            known: Dict[str, int]) -> Tuple[str, List[int]]:
     """Each needle before the first sentence starting at or after depth × the haystack's tokens (a sentence
     boundary at or before that point); depth 1 appends. Returns the text and the needles' sentence indices."""
-    known: Dict[str, int] = {}
-    for s in set(sentences):
+    for s in set(sentences) - known.keys():  # known: token counts kept across one sample's fitting steps
         known[s] = count(s) + 1  # + the joining space
     sizes = [known[s] for s in sentences]
     total = sum(sizes)
@@ -106,6 +106,7 @@ def niah_sample(task: str, length: int, count: Count, rng: random.Random, depth:
     tail = (f"\nWhat are all the special magic {kind} for {query} mentioned in the provided text?{ANSWER} "
             f"The special magic {kind} for {query} mentioned in the provided text are")
     distractor_rng = random.Random(rng.random())
+    known: Dict[str, int] = {}
 
     def build(n: int):
         if source == "needles":  # the haystack is other needles of the same form
@@ -117,7 +118,7 @@ def niah_sample(task: str, length: int, count: Count, rng: random.Random, depth:
                     sentences.append(f"One of the special magic {kind} for {k} is: {random_value(r, value_kind)}.")
         else:
             sentences = haystack_sentences(source, n)
-        text, positions = _insert(sentences, needles, depths, count)
+        text, positions = _insert(sentences, needles, depths, count, known)
         return head + text + tail, positions
 
     prompt, positions = _fit(build, count, length, task)
@@ -141,9 +142,10 @@ def vt_sample(length: int, count: Count, rng: random.Random, hops: int = 4) -> S
     tail = (f"\nQuestion: Find all variables that are assigned the value {value} in the text above.{ANSWER} Answer: "
             f"According to the chain(s) of variable assignment in the text above, {hops + 1} variables are "
             f"assigned the value {value}, they are:")
+    known: Dict[str, int] = {}
 
     def build(n: int):
-        text, positions = _insert(haystack_sentences("noise", n), chain, depths, count)
+        text, positions = _insert(haystack_sentences("noise", n), chain, depths, count, known)
         return head + text + tail, positions
 
     prompt, positions = _fit(build, count, length, "vt")
