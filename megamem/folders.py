@@ -133,6 +133,19 @@ def progress(items, desc: str):
     return tqdm(items, desc=desc, disable=os.environ.get("MEGAMEM_NO_PROGRESS") == "1")
 
 
+def write_text_file(path: str, text: str) -> None:
+    """Write one file atomically (beside it, then renamed over it): a crash leaves the old file or the new one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json_file(path: str, obj: Any) -> None:
+    """`write_text_file` of obj as indented JSON (values JSON cannot hold are written as their str())."""
+    write_text_file(path, json.dumps(obj, indent=1, default=str))
+
+
 def export_model(state: Dict[str, torch.Tensor], cfg, tokenizer, path: str, step: int,
                  weights_name: str = "model.safetensors", metadata: Optional[Dict[str, Any]] = None,
                  extra_json: Optional[Dict[str, Any]] = None) -> None:

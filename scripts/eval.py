@@ -22,13 +22,13 @@ replaced by its mean row (megamem.eval.ablation; docs/diagnostics.md).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megamem.cli import ArgumentParser, run_cli  # noqa: E402
+from megamem.folders import write_json_file  # noqa: E402
 from megamem.config import ConfigError  # noqa: E402
 
 
@@ -266,8 +266,7 @@ def main(argv=None) -> int:
         for task, metrics in results["lm_eval"].items():
             print(task, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+        write_json_file(args.output, results)
     return 0
 
 

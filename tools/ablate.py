@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megamem.cli import ArgumentParser, run_cli  # noqa: E402
+from megamem.folders import write_json_file, write_text_file  # noqa: E402
 from megamem.config import ConfigError, load_config  # noqa: E402
 
 MODES = {"irrational": "model.pos_encoding.irrational", "hybrid_k": "model.pos_encoding.hybrid_K",
@@ -106,10 +107,8 @@ def write_table(out: str, mode: str, key: str, rows: List[Dict[str, Any]]) -> Di
     lines = [f"# Ablation of {mode} ({key})", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     paths = {k: os.path.join(out, f"ablation.{k}") for k in ("md", "json", "png")}
-    with open(paths["md"], "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({"mode": mode, "key": key, "arms": rows}, f, indent=1)
+    write_text_file(paths["md"], "\n".join(lines) + "\n")
+    write_json_file(paths["json"], {"mode": mode, "key": key, "arms": rows})
     numeric = [c for c in cols if c != "value" and any(isinstance(r.get(c), (int, float)) for r in rows)]
     fig, axes = plt.subplots(1, max(len(numeric), 1), figsize=(3.2 * max(len(numeric), 1), 3), squeeze=False)
     for ax, c in zip(axes[0], numeric):

@@ -139,10 +139,9 @@ def run(only, level: str = "default", iters=None, warmup=None, threads: int = 1,
 
 
 def _write(path: str, out: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=1, default=str)
-    os.replace(tmp, path)
+    from megamem.folders import write_json_file
+
+    write_json_file(path, out)
 
 
 def _fmt(x, nd=2) -> str:

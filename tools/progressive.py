@@ -23,7 +23,9 @@ from megamem.cli import ArgumentParser, run_cli  # noqa: E402
 
 def main(argv=None, run=None) -> int:
     from megamem.config import load_config
-    from megamem.train.progressive import phase_dir, run_phases
+    from megamem.folders import write_json_file
+    from megamem.eval.phase_curves import format_table, phase_summaries, plot_phases
+    from megamem.train.progressive import PREEMPTED, PhasePreempted, phase_dir, run_phases
 
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             epilog="Any --section.key VALUE overrides that key of the config (every phase).")
@@ -41,9 +43,20 @@ def main(argv=None, run=None) -> int:
         return [*launcher, train, "--config", path, *(["--deepspeed", args.deepspeed] if args.deepspeed else [])]
 
     run = run or (lambda cmd: subprocess.run(cmd).returncode)
-    ran = run_phases(cfg, cfg.training.output_dir, command, run, only=args.phase)
+    try:
+        ran = run_phases(cfg, cfg.training.output_dir, command, run, only=args.phase)
+    except PhasePreempted as stop:
+        print(f"progressive: {stop}", file=sys.stderr)
+        return PREEMPTED  # as scripts/train.py: a requeueing job script tells a preemption from a failure
     last = phase_dir(cfg, (cfg.training.total_blocks or cfg.model.num_layers) - 1)
     print(f"progressive: ran phases {ran or 'none (all finished)'}; the trained model: {last}/final")
+    summaries = phase_summaries(cfg)
+    if summaries:  # the schedule so far, on one token axis
+        out = cfg.training.output_dir
+        print(format_table(summaries))
+        write_json_file(os.path.join(out, "phases.json"), summaries)
+        plot_phases(summaries, os.path.join(out, "phases.png"), f"{cfg.training.mode} training: loss by phase")
+        print(f"progressive: per-phase results {out}/phases.json, loss curve {out}/phases.png")
     return 0
 
 

@@ -22,6 +22,13 @@ from .run_dir import describe_run
 from ..parallel.checkpoint_files import complete_tags
 
 
+PREEMPTED = 75  # scripts/train.py's exit code after a preemption notice (checkpointed, EX_TEMPFAIL)
+
+
+class PhasePreempted(Exception):
+    """A phase's run stopped on a preemption notice after checkpointing: the schedule resumes on a rerun."""
+
+
 def phase_dir(cfg: MegamemConfig, p: int) -> str:
     return os.path.join(cfg.training.output_dir, f"phase_{p}")
 
@@ -123,6 +130,8 @@ def run_phases(cfg: MegamemConfig, config_dir: str, command: Callable[[str], Seq
             f"{'resuming' if phase.training.resume_from_checkpoint else 'starting'} → {phase.training.output_dir}")
         code = run(command(path))
         ran.append(p)
+        if code == PREEMPTED:
+            raise PhasePreempted(f"phase {p} was preempted after a checkpoint; rerun the same command to resume it")
         if code != 0:
             raise ConfigError(f"phase {p} failed (exit code {code}); fix it and rerun: finished phases are skipped")
     return ran
