@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Dict, Iterator, Set, Tuple
+from typing import Dict, Iterator, List, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,10 +28,10 @@ def read_plain_weights(path: str) -> Dict[str, torch.Tensor]:
 
 
 def init_from(model: nn.Module, cfg, zero_stage: int) -> None:
-    """Load training.init_from into a plain model (ZeRO-0/1/2) or a pipeline module, before deepspeed.initialize."""
+    """Load training.init_from into a plain model (ZeRO-0/1/2), a ZeRO-3 model (born partitioned: each
+    parameter is gathered, written, and partitioned again, one at a time) or a pipeline module, before
+    deepspeed.initialize."""
     path = cfg.training.init_from
-    if zero_stage >= 3:
-        raise ConfigError("training.init_from is not supported with ZeRO-3 yet; start with ZeRO-0/1/2 or a pipeline")
     if cfg.model.base_model_name is not None:
         raise ConfigError("training.init_from: adapter runs start from model.base_model_name; remove init_from")
     state = read_plain_weights(path)
@@ -39,46 +39,62 @@ def init_from(model: nn.Module, cfg, zero_stage: int) -> None:
     if hasattr(model, "load_plain_state_dict"):  # a pipeline: each stage takes its layers
         model.load_plain_state_dict(state, path, new)
     else:
-        check_shapes({k: v.shape for k, v in model.state_dict().items()}, state, path)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        tensors = dict(model.state_dict(keep_vars=True))  # parameters (ZeRO-3: their partitions) and buffers
+        check_shapes({k: getattr(v, "ds_shape", v.shape) for k, v in tensors.items()}, state, path)
         aliases = plain_aliases(cfg)  # a tied head or a shared router is loaded under its first name
-        missing = sorted(k for k in missing if aliases.get(k, k) not in state and k not in new)
+        missing = sorted(k for k in tensors if aliases.get(k, k) not in state and k not in new)
+        unexpected = sorted(set(state) - set(tensors))
         if unexpected or missing:
             hint = " (a model that adds parameters declares them in training.init_from_new)" if missing else ""
             raise ConfigError(f"training.init_from: {path} does not match this model config: missing "
-                              f"{missing[:5]}, unexpected {sorted(unexpected)[:5]}{hint}")
+                              f"{missing[:5]}, unexpected {unexpected[:5]}{hint}")
+        for name, tensor in tensors.items():
+            source = state.get(aliases.get(name, name), state.get(name))
+            if source is not None:
+                _write(tensor, lambda t, s=source: t.copy_(s), zero_stage)
     if cfg.training.init_from_new_init == "identity":
-        zero_new_outputs(model, new)
+        for p in new_output_layers(model, new):
+            _write(p, torch.Tensor.zero_, zero_stage)
     if cfg.training.init_from_new_init == "zeros":
         named = list(plain_named_parameters(model))
         loaded = {id(p) for name, p in named if name not in new}  # a shared module reached by a loaded name stays
-        with torch.no_grad():
-            for name, p in named:
-                if name in new and id(p) not in loaded:
-                    p.zero_()
+        for name, p in named:
+            if name in new and id(p) not in loaded:
+                _write(p, torch.Tensor.zero_, zero_stage)
 
 
-def zero_new_outputs(model: nn.Module, new: Set[str]) -> None:
+def _write(tensor: torch.Tensor, fill, zero_stage: int) -> None:
+    """fill(tensor) in place; a ZeRO-3 parameter is gathered for it and rank 0's result partitioned again."""
+    with torch.no_grad():
+        if zero_stage >= 3 and hasattr(tensor, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+                fill(tensor.data)
+        else:
+            fill(tensor.data)
+
+
+def new_output_layers(model: nn.Module, new: Set[str]) -> List[nn.Parameter]:
     """init_from_new_init: identity: every new block keeps the model's init, its residual branches' output
     layers (attention o_proj, MLP down_proj, branch outputs such as memory W_o) at zero: the block is the
-    identity and still trains (each output layer gets a gradient on the first step)."""
+    identity and still trains (each output layer gets a gradient on the first step). Returns the weights
+    and biases to zero."""
     if hasattr(model, "load_plain_state_dict"):
         raise ConfigError("training.init_from_new_init: identity is not supported with pipeline parallelism; "
-                          "use a ZeRO-0/1/2 layout")
+                          "use a ZeRO layout")
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    with torch.no_grad():
-        for block in model.blocks:
-            if not all(names[id(p)] in new for p in block.parameters()):
-                continue  # a block the source holds (its new memory branch, if any, starts at zero by wo_init_zero)
-            down = getattr(block.mlp, "down_proj", None)
-            if down is None:
-                raise ConfigError(f"training.init_from_new_init: identity needs an MLP with down_proj; layer "
-                                  f"{block.layer_idx} has {type(block.mlp).__name__} (use init_from_new_init: zeros)")
-            outputs = [block.attn.o_proj, down] + [m for _, b in block.branches() for m in b.output_layers()]
-            for module in outputs:
-                module.weight.zero_()
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+    out: List[nn.Parameter] = []
+    for block in model.blocks:
+        if not all(names[id(p)] in new for p in block.parameters()):
+            continue  # a block the source holds (its new memory branch, if any, starts at zero by wo_init_zero)
+        down = getattr(block.mlp, "down_proj", None)
+        if down is None:
+            raise ConfigError(f"training.init_from_new_init: identity needs an MLP with down_proj; layer "
+                              f"{block.layer_idx} has {type(block.mlp).__name__} (use init_from_new_init: zeros)")
+        for module in [block.attn.o_proj, down] + [m for _, b in block.branches() for m in b.output_layers()]:
+            out += [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+    return out
 
 
 def declared_new(cfg, state: Dict[str, torch.Tensor], path: str) -> Set[str]:
