@@ -14,7 +14,7 @@ import torch
 from ..adapter import is_adapter_export
 from ..config import ConfigError, MegamemConfig
 from ..folders import SAVE_DTYPES as DTYPES
-from ..folders import progress, write_folder
+from ..folders import write_folder
 from ..parallel.weights import read_weights
 from .adapters import write_adapter_folder
 from .folder import write_megamem_folder
