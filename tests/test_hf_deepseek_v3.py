@@ -152,3 +152,24 @@ def test_weights_without_a_deepseek_v3_place_are_refused():
                                           r"\['banks.0.memory'\] have no DeepSeek-V3 counterpart; export it in the "
                                           r"megamem format$"):
         to_deepseek_v3_state_dict(state, cfg)
+
+
+def test_inference_and_eval_scripts_read_the_folder_as_they_read_megamem(tmp_path, capsys):
+    """scripts/inference.py and scripts/eval.py on the native folder: megamem's greedy text and perplexity."""
+    from test_eval_inference import exported as exported_with_data
+    from test_eval_inference import script
+
+    final, hf, _, _, _ = exported_with_data(tmp_path, *MLA, "memory.vanilla_mode=true", "data.document_masking=false")
+    assert model_type(hf) == "deepseek_v3"
+    inference, eval_, texts, ppl = script("inference"), script("eval"), [], []
+    for source in (final, hf):
+        assert inference.main(["--model", source, "--prompt", "the light of", "--temperature", "0",
+                               "--max-new-tokens", "7"]) == 0
+        texts.append(capsys.readouterr().out.splitlines()[-1])  # the generated text (after any import warning)
+        extra = [] if source == final else ["--config", os.path.join(final, "config.yaml")]
+        assert eval_.main(["--model", source, "--output", str(tmp_path / "r.json"), *extra]) == 0
+        capsys.readouterr()
+        with open(tmp_path / "r.json") as f:
+            ppl.append(json.load(f)["perplexity"])
+    assert texts[0].strip() and texts[1] == texts[0]
+    assert ppl[1]["tokens"] == ppl[0]["tokens"] > 0 and abs(ppl[1]["loss"] - ppl[0]["loss"]) < 1e-5
