@@ -74,6 +74,7 @@ def test_vanilla_mla_converts_to_native_deepseek_v3(tmp_path, variant):
         config = json.load(f)
     assert config["model_type"] == "deepseek_v3" and "auto_map" not in config
     assert config["first_k_dense_replace"] == 4 and config["num_nextn_predict_layers"] == 0
+    assert config["n_routed_experts"] == config["n_shared_experts"] == 0 and config["rope_interleave"] is False
     assert not [f for f in os.listdir(folder) if f.endswith(".py")]  # nothing to trust: no remote code
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(hf).__module__ == "transformers.models.deepseek_v3.modeling_deepseek_v3"

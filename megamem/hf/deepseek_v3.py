@@ -66,7 +66,9 @@ def deepseek_v3_config(cfg: MegamemConfig):
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
         q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank, qk_rope_head_dim=c.qk_rope_head_dim,
         qk_nope_head_dim=c.qk_nope_head_dim, v_head_dim=c.v_head_dim,
-        first_k_dense_replace=m.num_layers, num_mtp_layers=0,  # dense MLP everywhere, no MTP module
+        # a dense MLP in every layer (no MoE layer is built, no expert declared) and no MTP module
+        first_k_dense_replace=m.num_layers, n_routed_experts=0, n_shared_experts=0, num_experts_per_tok=None,
+        n_group=None, topk_group=None, num_mtp_layers=0,
         hidden_act="silu", max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_theta or m.rope_theta)},
         rope_interleave=False, attention_bias=False, attention_dropout=m.attention_dropout,
