@@ -68,6 +68,7 @@ def parameter_report(cfg: MegamemConfig, bank_shards: int = 1) -> str:
     bank_shards > 1 (ZeRO-3 over that many ranks) adds each bank's bytes per rank at rest.
     """
     from .model import build_model
+    from .model.mlp.peer import peer_modules
 
     header = []
     if cfg.model.base_model_name is not None:
@@ -89,6 +90,14 @@ def parameter_report(cfg: MegamemConfig, bank_shards: int = 1) -> str:
              *([f"lora:      {counts['lora']:>14,}  ({_fmt(counts['lora'])})"] if counts.get("lora") else []),
              f"trainable: {counts['trainable']:>14,}  ({_fmt(counts['trainable'])})",
              f"memory layers: {model.memory_layers or 'none'}"]
+    peers = peer_modules(model)  # PEER layers: product-key expert retrieval in place of the MLP
+    lines.append(f"peer layers: {sorted(peers) or 'none'}")
+    for i, peer in sorted(peers.items()):
+        n = sum(p.numel() for p in peer.parameters())
+        neurons = f"{peer.expert_hidden} neuron{'s' if peer.expert_hidden != 1 else ''}"
+        lines.append(f"peer layer {i}: {peer.num_experts:,} experts of {neurons} "
+                     f"(product keys {' x '.join(map(str, peer.sizes))}), {peer.heads} heads x {peer.k} experts per "
+                     f"token, {n:,} parameters ({_fmt(n)})")
     for i, bank in enumerate(counts["banks"]):
         lines.append(f"bank {i}: {bank['kind']}, {bank['tokens']} tokens x {bank['dim']}, "
                      f"{bank['parameters']:,} parameters, {_fmt(bank['bytes'])} bytes, layers {bank['layers']}")

@@ -75,3 +75,22 @@ def test_bad_input_exits_2_with_one_line(args, message):
 def test_missing_config_file():
     proc = run("--config", "nope.yaml", "--dry-run")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: config file not found: nope.yaml"
+
+
+def test_dry_run_lists_peer_layers_with_their_parameters():
+    peer = ("--model.use_peer", "true", "--model.peer_layer_placement", "custom", "--model.peer_layer_indices", "[0, 2]",
+            "--model.peer_config.product_key_dim", "[8, 8]", "--model.peer_config.num_experts", "64",
+            "--model.peer_config.num_experts_per_tok", "4", "--model.peer_config.num_heads", "2",
+            "--model.peer_config.query_dim", "16", "--model.peer_config.expert_hidden_size", "2")
+    proc = run("--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--dry-run", *peer)
+    assert proc.returncode == 0, proc.stderr
+    d = load_config(os.path.join(ROOT, "configs", "tiny_cpu.yaml")).model.hidden_dim
+    # by hand: query projection, BatchNorm affine, two sub-key sets of 8 x 16/2, the U and V tables (64 x 2 rows)
+    params = d * 2 * 16 + 2 * 2 * 16 + 2 * 8 * 8 + 2 * 64 * 2 * d
+    lines = proc.stdout.splitlines()
+    assert "peer layers: [0, 2]" in lines and "memory layers: [1, 3]" in lines
+    for i in (0, 2):
+        assert (f"peer layer {i}: 64 experts of 2 neurons (product keys 8 x 8), 2 heads x 4 experts per token, "
+                f"{params:,} parameters ({params / 1e3:.2f}K)") in lines
+    plain = run("--config", os.path.join(ROOT, "configs", "tiny_cpu.yaml"), "--dry-run")
+    assert "peer layers: none" in plain.stdout.splitlines() and "peer layer " not in plain.stdout

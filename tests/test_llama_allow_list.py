@@ -130,6 +130,6 @@ def test_convert_routes_by_the_allow_list_and_honours_format(tmp_path):
     with pytest.raises(ConfigError, match=r"^--format llama: .*dropout is not exactly a Llama model: model.dropout is "
                                           r"0.1 \(Llama expresses only 0.0\); convert with --format auto"):
         convert_to_hf(dropout, str(tmp_path / "d"), hf_format="llama")
-    with pytest.raises(ConfigError, match=r"^--format gguf; valid: auto, llama, megamem$"):
+    with pytest.raises(ConfigError, match=r"^--format gguf; valid: auto, llama, deepseek_v3, megamem$"):
         convert_to_hf(llama, str(tmp_path / "d"), hf_format="gguf")
     assert not (tmp_path / "d").exists()

@@ -26,10 +26,10 @@ def _close(a, b, atol):
 
 
 def _gap(a, b):
-    """(largest absolute difference, its tensor's name) between two exports' weights (expert_counts: the last
-    forward's per-rank selections, not a weight)."""
-    assert a.keys() == b.keys()
-    return max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a if not k.endswith("expert_counts"))
+    """(largest absolute difference, its tensor's name) between two exports' weights (PEER's expert_counts,
+    the last forward's per-rank selections, is not exported: a non-persistent buffer)."""
+    assert a.keys() == b.keys() and not any(k.endswith("expert_counts") for k in a)
+    return max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a)
 
 
 def _check(tmp_path, stage, extra):

@@ -306,3 +306,40 @@ def test_expert_usage_records_also_go_to_wandb(tmp_path):
     log.close()
     assert sent == [({k: v for k, v in record.items() if k not in ("kind", "step")}, 5)]
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == record
+
+
+def _export_run(out, extra):
+    from megamem.train.trainer import Trainer
+
+    Trainer(make_cfg(out, "training.batch_size=2", *extra), ZERO[3],
+            lambda split, rank, world: SyntheticLoader(61, 2, 16, rank, world, split)).fit()
+
+
+def test_exports_hold_only_persistent_state(tmp_path):
+    """PEER's expert_counts (per-forward scratch, registered non-persistent) stays out of exports, checkpoints
+    read as plain weights and pipeline exports; BatchNorm's running statistics (persistent) go in. The export
+    loads back, and converts to a HF folder giving the loaded model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from megamem.hf.convert import convert_to_hf
+    from megamem.hf.load import load_exported
+    from megamem.parallel.pipeline_state import plain_key_names
+    from test_train import _exported
+
+    extra = ("model.use_peer=true", "model.peer_config.product_key_dim=[4, 4]", "model.peer_config.num_experts=16",
+             "model.peer_config.num_experts_per_tok=3", "model.peer_config.num_heads=2", "model.peer_config.query_dim=8",
+             "model.pos_encoding.type=alibi",  # ALiBi's slopes: a non-persistent buffer too
+             "training.max_steps=2")
+    run_ranks(_export_run, str(tmp_path / "run"), extra, world_size=1, tmp_path=tmp_path / "r")
+    cfg = make_cfg(str(tmp_path / "run"), *extra)
+    persistent = set(build_model(cfg).state_dict())  # torch's own account of a module's persistent state
+    saved = set(_exported(tmp_path / "run"))
+    assert saved == persistent and "blocks.2.mlp.query_norm.running_mean" in saved
+    assert not any(k.endswith(("expert_counts", "slopes")) for k in saved)
+    assert set(plain_key_names(cfg)) == persistent  # what pipeline exports and init_from expect
+    model, _, _ = load_exported(str(tmp_path / "run" / "final"))
+    folder = convert_to_hf(str(tmp_path / "run" / "final"), str(tmp_path / "hf"))
+    hf = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids).logits).abs().max() <= 1e-5

@@ -5,8 +5,9 @@
 
 --checkpoint takes an exported folder (output_dir/final) or a DeepSpeed checkpoint of any ZeRO
 stage, pipeline or expert-parallel layout (output_dir/checkpoints, or one stepN folder). Models that
-are exactly Llama become native LlamaForCausalLM folders (no remote code; --format llama insists,
---format megamem declines); every other model a folder with remote code that loads with
+are exactly Llama (or, with MLA attention, exactly DeepSeek-V3) become native LlamaForCausalLM
+(DeepseekV3ForCausalLM) folders (no remote code; --format llama / deepseek_v3 insists, --format
+megamem declines); every other model a folder with remote code that loads with
 AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True) (or without it after `import
 megamem`); adapter runs base + adapter, or with --merge-lora (LoRA only) the merged base model.
 """
@@ -33,8 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="larger weights are split into shards of this size")
     p.add_argument("--merge-lora", action="store_true", help="adapter runs with LoRA only: merge it into the base")
     p.add_argument("--format", choices=FORMATS, default="auto",
-                   help="auto: native Llama for models that are exactly Llama, else megamem's format; llama: "
-                        "native Llama or refuse; megamem: always megamem's format (remote code)")
+                   help="auto: native Llama / DeepSeek-V3 for models that are exactly one, else megamem's format; "
+                        "llama, deepseek_v3: that native format or refuse; megamem: always megamem's format "
+                        "(remote code)")
     args = p.parse_args(argv)
     out = convert_to_hf(args.checkpoint, args.output, args.dtype, args.force, args.routing_strategy,
                         args.max_shard_size, args.merge_lora, args.format)

@@ -14,13 +14,14 @@ import torch
 from ..adapter import is_adapter_export
 from ..config import ConfigError, MegamemConfig
 from ..folders import SAVE_DTYPES as DTYPES
-from ..folders import progress, write_folder
+from ..folders import write_folder
 from ..parallel.weights import read_weights
 from .adapters import write_adapter_folder
 from .folder import write_megamem_folder
-from .llama import llama_config, llama_incompatibilities, to_llama_state_dict
+from .native import NATIVE_FORMATS, write_native_folder
 
-FORMATS = ("auto", "llama", "megamem")  # auto: native Llama for models that are exactly Llama, else megamem's
+# auto: the native transformers family a model is exactly (Llama, DeepSeek-V3), else megamem's format
+FORMATS = ("auto", *NATIVE_FORMATS, "megamem")
 
 
 def read_source(path: str) -> Tuple[Dict[str, torch.Tensor], MegamemConfig, str]:
@@ -40,29 +41,15 @@ def save_tokenizer_and_generation(folder: str, cfg: MegamemConfig, tok_home: Opt
         tokenizer.save_pretrained(folder)
 
 
-def write_llama_folder(folder: str, state: Dict[str, torch.Tensor], cfg: MegamemConfig, dtype: str) -> None:
-    from transformers import LlamaForCausalLM
-
-    llama_state = to_llama_state_dict(state, cfg)  # refuses models that are not exactly Llama
-    with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(cfg))
-    target = DTYPES[dtype]
-    for name in progress(list(llama_state), "convert"):
-        llama_state[name] = llama_state[name].to(target)
-    model.load_state_dict(llama_state, strict=False, assign=True)
-    if cfg.model.tie_embeddings:
-        model.tie_weights()
-    model.save_pretrained(folder, safe_serialization=True)
-
-
 def convert_to_hf(source: str, output: str, dtype: str = "fp32", force: bool = False,
                   routing_strategy: Optional[str] = None, max_shard_size: str = "5GB",
                   merge_lora: bool = False, hf_format: str = "auto") -> str:
     """Write a Hugging Face folder for a training output; returns the output path.
 
-    hf_format auto: models that are exactly Llama (megamem.hf.llama's allow-list) become native
-    LlamaForCausalLM, every other megamem model a folder with remote code (megamem/hf/folder.py);
-    llama: native Llama or a refusal naming the first difference; megamem: always megamem's format.
+    hf_format auto: models that are exactly Llama or DeepSeek-V3 (the allow-lists of megamem.hf.llama
+    and megamem.hf.deepseek_v3) become native LlamaForCausalLM / DeepseekV3ForCausalLM, every other
+    megamem model a folder with remote code (megamem/hf/folder.py); llama, deepseek_v3: that native
+    family or a refusal naming the first difference; megamem: always megamem's format.
     Adapter runs go through megamem/hf/adapters.py.
     """
     if dtype not in DTYPES:
@@ -78,16 +65,20 @@ def convert_to_hf(source: str, output: str, dtype: str = "fp32", force: bool = F
     if merge_lora:
         raise ConfigError(f"--merge-lora: {source} is not an adapter run (no adapter.json)")
     state, cfg, tok_home = read_source(source)
-    problems = llama_incompatibilities(cfg)
-    if hf_format == "llama" and problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(f"--format llama: {source} is not exactly a Llama model: {problems[0]}{more}; "
-                          "convert with --format auto (megamem's format)")
-    as_llama = hf_format == "llama" or (hf_format == "auto" and not problems)
+    native = None
+    if hf_format in NATIVE_FORMATS:
+        native = NATIVE_FORMATS[hf_format]
+        problems = native.incompatibilities(cfg)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ConfigError(f"--format {hf_format}: {source} is not exactly a {native.family} model: "
+                              f"{problems[0]}{more}; convert with --format auto (megamem's format)")
+    elif hf_format == "auto":
+        native = next((f for f in NATIVE_FORMATS.values() if not f.incompatibilities(cfg)), None)
 
     def write(tmp: str) -> None:
-        if as_llama:
-            write_llama_folder(tmp, state, cfg, dtype)
+        if native is not None:
+            write_native_folder(tmp, native, state, cfg, dtype)
         else:
             write_megamem_folder(tmp, state, cfg, dtype, routing_strategy, max_shard_size)
         save_tokenizer_and_generation(tmp, cfg, tok_home)

@@ -6,16 +6,13 @@ differences), so a new model option can never be exported as Llama by mistake.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, List
 
 import torch
 
 from ..config import ConfigError, MegamemConfig, PositionEncodingConfig
 from ..memory.placement import memory_layers
-
-
-ANY = "any value"
+from .allow_list import ANY, INERT_MEMORY_FIELDS, differences
 
 # The ModelConfig fields a LlamaConfig expresses, with the values it expresses (ANY: every value).
 # Export as native Llama only when every field is allowed here; a field not listed must keep its
@@ -35,25 +32,7 @@ LLAMA_MODEL_FIELDS = {
     "dropout": (0.0,),  # Llama has no residual or embedding dropout
     "base_model_name": (None,), "load_in_4bit": (False,),
 }
-# MemoryConfig fields that change nothing in a model without memory layers (vanilla_mode, or
-# memory_layer_placement none): Llama needs no memory layers, and then these may hold any value.
-LLAMA_INERT_MEMORY_FIELDS = {
-    "vanilla_mode", "num_memory_tokens", "memory_dim", "memory_num_heads", "memory_num_kv_heads",
-    "memory_layer_placement", "memory_layer_k", "memory_layer_n", "memory_layer_indices", "memory_sharing",
-    "memory_sharing_k", "memory_block_variant", "memory_dropout", "use_low_rank_memory", "memory_rank",
-    "low_rank_mode", "use_low_rank_projections", "projection_rank", "use_chapters", "num_chapters",
-    "tokens_per_chapter", "top_k_chapters", "num_shared_chapters", "routed_scaling_factor",
-    "routing_strategy_train", "routing_strategy_inference", "use_load_balance_loss", "load_balance_coefficient",
-    "use_auxiliary_loss", "auxiliary_loss_coefficient", "use_z_loss", "z_loss_coefficient", "shared_router",
-    "rolling_interval", "rolling_window", "token_routing_formulation", "sparse_bank_grad", "quantize_memory",
-    "memory_quant_bits", "wo_init_zero", "memory_init_std", "memory_gradient_checkpointing", "use_lora",
-    "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_memory_adapter", "use_both_memory_and_lora",
-}
-
-
-def _default(section, name: str):
-    f = next(f for f in dataclasses.fields(section) if f.name == name)
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+LLAMA_INERT_MEMORY_FIELDS = INERT_MEMORY_FIELDS  # no memory layers: these may hold any value
 
 
 def llama_incompatibilities(cfg: MegamemConfig) -> List[str]:
@@ -61,14 +40,8 @@ def llama_incompatibilities(cfg: MegamemConfig) -> List[str]:
     problems = []
     if memory_layers(cfg.memory, cfg.model.num_layers):
         problems.append("the model has memory layers (Llama has no memory cross-attention)")
-    for section, allowed in (("model", LLAMA_MODEL_FIELDS), ("memory", dict.fromkeys(LLAMA_INERT_MEMORY_FIELDS, ANY))):
-        values = getattr(cfg, section)
-        for f in dataclasses.fields(values):
-            value = getattr(values, f.name)
-            ok = allowed.get(f.name, (_default(values, f.name),))
-            if ok is not ANY and value not in ok:
-                expressible = "no value but its default" if f.name not in allowed else " or ".join(map(repr, ok))
-                problems.append(f"{section}.{f.name} is {value!r} (Llama expresses only {expressible})")
+    problems += differences("model", cfg.model, LLAMA_MODEL_FIELDS, "Llama")
+    problems += differences("memory", cfg.memory, dict.fromkeys(LLAMA_INERT_MEMORY_FIELDS, ANY), "Llama")
     return problems
 
 

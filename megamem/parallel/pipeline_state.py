@@ -13,6 +13,7 @@ import torch
 from ..config import MegamemConfig
 from ..safe_load import torch_load_weights
 from ..memory.placement import bank_assignment, memory_layers
+from .buffers import persistent_buffers
 
 
 def layer_plan(cfg: MegamemConfig) -> List[Dict[str, Any]]:
@@ -54,7 +55,7 @@ def plain_aliases(cfg: MegamemConfig) -> Dict[str, str]:
         model = build_model(cfg)
     first: Dict[int, str] = {}
     aliases = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
-    aliases.update({n: n for n, _ in model.named_buffers() if not n.endswith("inv_freq")})
+    aliases.update({n: n for n, _ in persistent_buffers(model)})
     return aliases
 
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 from ..config import ConfigError, MegamemConfig
 from ..safe_load import open_safetensors
 from ..model import MemoryTransformer, build_model
+from .buffers import persistent_buffers
 
 
 def build_model_for_zero(cfg: MegamemConfig, ds_config: Dict[str, Any], zero_stage: int, seed: int) -> MemoryTransformer:
@@ -112,9 +113,9 @@ def gathered_state_dict(model: nn.Module, dtype: torch.dtype, rank: int,
             if rank == 0:
                 out[name] = p.detach().to(dtype).clone().contiguous()
     if rank == 0:
-        for name, b in model.named_buffers():
-            if name.endswith("inv_freq") or (keep is not None and name not in keep):
-                continue  # recomputed from the config
+        for name, b in persistent_buffers(model):  # not scratch (PEER's expert counts) nor recomputed (RoPE)
+            if keep is not None and name not in keep:
+                continue
             out[name] = b.detach().clone().contiguous() if not b.is_floating_point() else b.detach().to(dtype).clone()
     return out
 
