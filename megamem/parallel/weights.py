@@ -69,10 +69,10 @@ def read_weights(path: str, what: str) -> Tuple[Dict[str, torch.Tensor], Megamem
     # banks trained outside the engine (expert-parallel shards, row-sparse updates) live in their own files
     state.update(banks_from_checkpoint(folder))
     cfg = load_config(config)
-    if cfg.model.base_model_name is None:  # from-scratch LoRA (memory.use_lora): read as the plain model
+    if cfg.model.base_model_name is None:  # from-scratch LoRA (memory.use_lora, training.qlora_enabled): plain
         from ..adapter.lora import checkpoint_scalings, merge_lora_state
 
-        state = merge_lora_state(state, checkpoint_scalings(state, cfg.memory))
+        state = merge_lora_state(state, checkpoint_scalings(state, cfg))
     return state, cfg, folder
 
 
