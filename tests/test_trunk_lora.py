@@ -202,6 +202,19 @@ def _resumable_phase(out, stop_after, resume):
     trainer = Trainer(phase, ZERO[1], lambda split, rank, world: SyntheticLoader(61, 2, 16, rank, world, split))
     result = trainer.fit()
     result["lora"] = {n: q.detach().clone() for n, q in trainer.model.named_parameters() if "lora_" in n}
+    if result["preempted"]:  # the checkpoint as tools/convert_to_hf.py and init_from read it: merged, as written here
+        from megamem.parallel.weights import read_weights
+
+        state, _, _ = read_weights(os.path.join(phase.training.output_dir, "checkpoints"), "--checkpoint")
+        params = dict(trainer.model.named_parameters())
+        result["read_keys"] = set(state)
+        result["merge_error"] = 0.0
+        for module in _trunk_linears(phase, 1):
+            w = params[f"{module}.base_layer.weight"].double()
+            for adapter, (rank, alpha) in (("stack", (2, 4)), ("progressive", (3, 5))):  # stack 0: r, α
+                w = w + alpha / rank * (params[f"{module}.lora_B.{adapter}.weight"].double()
+                                        @ params[f"{module}.lora_A.{adapter}.weight"].double())
+            result["merge_error"] = max(result["merge_error"], (state[f"{module}.weight"].double() - w).abs().max().item())
     return result
 
 
@@ -209,6 +222,7 @@ def test_resume_mid_phase_restores_the_adapters_exactly(tmp_path):
     full = run_ranks(_resumable_phase, str(tmp_path / "a"), None, False, world_size=1, tmp_path=tmp_path / "r1")[0]
     first = run_ranks(_resumable_phase, str(tmp_path / "b"), 2, False, world_size=1, tmp_path=tmp_path / "r2")[0]
     assert first["preempted"] and first["steps"] == 2
+    assert not any("lora_" in k or "base_layer" in k for k in first["read_keys"]) and first["merge_error"] <= 1e-6
     resumed = run_ranks(_resumable_phase, str(tmp_path / "b"), None, True, world_size=1, tmp_path=tmp_path / "r3")[0]
     assert resumed["steps"] == 4 and len(resumed["train_losses"]) == 2
     assert torch.allclose(torch.tensor(resumed["train_losses"]), torch.tensor(full["train_losses"][2:]), atol=1e-6,
@@ -216,3 +230,72 @@ def test_resume_mid_phase_restores_the_adapters_exactly(tmp_path):
     assert full["lora"].keys() == resumed["lora"].keys() and full["lora"]
     for name, value in full["lora"].items():
         assert torch.allclose(resumed["lora"][name], value, atol=1e-6, rtol=0), name
+
+
+FUSED = ("training.mode=fused", "training.block_size=2", "training.total_blocks=2")
+ON = (*FUSED, "training.qlora_enabled=true")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("training.qlora_rank=8",), "training.qlora_rank is read only with LoRA on the trunk"),
+    ((*FUSED, "training.progressive.progressive_qlora=true"),
+     "training.progressive.progressive_qlora is read only with LoRA on the trunk"),
+    (("training.qlora_enabled=true",), "training.qlora_enabled puts LoRA on a progressive phase's frozen trunk"),
+    ((*ON, "training.fusion_mode=trainable"), "LoRA on the trunk needs training.fusion_mode: frozen"),
+    ((*ON, "memory.use_lora=true", "memory.use_both_memory_and_lora=true"),
+     "training.qlora_enabled and memory.use_lora both put LoRA on the blocks"),
+    ((*FUSED, "training.qlora_enabled=false", "training.progressive.trunk_strategy=qlora"),
+     "training.qlora_enabled: false contradicts training.progressive.trunk_strategy: qlora"),
+    (("training.mode=blockwise", "training.block_size=2", "training.total_blocks=2", "training.progressive.enabled=true"),
+     "training.progressive.enabled grows the model one stack per phase: set training.mode: fused (it is blockwise)"),
+    (("training.mode=blockwise", "training.block_size=2", "training.total_blocks=2", "training.qlora_enabled=true",
+      "training.progressive.progressive_qlora=true"), "progressive_qlora adds LoRA when a stack is appended"),
+    ((*ON, "training.progressive.qlora_strategy=variable"), "qlora_strategy: variable needs qlora_configs"),
+    ((*ON, "training.progressive.qlora_configs=[{stack: 0, rank: 4, alpha: 8}]"),
+     "qlora_configs is read only with qlora_strategy: variable (it is simplified)"),
+    ((*ON, "training.progressive.qlora_rank_pattern=linear"),
+     "qlora_rank_pattern is read only with qlora_strategy: progressive"),
+    ((*ON, "training.progressive.qlora_strategy=variable", "training.progressive.qlora_configs=[{stack: 2, rank: 4}]"),
+     "qlora_configs: stack 2 is not a stack (0 … 1)"),
+    ((*ON, "training.progressive.qlora_strategy=variable",
+      "training.progressive.qlora_configs=[{stack: 0}, {stack: 0}]"), "qlora_configs: stack 0 is given twice"),
+    ((*ON, "training.qlora_rank=0"), "training.qlora_rank must be > 0, got 0"),
+    ((*ON, "training.progressive.progressive_qlora_alpha=-1"), "progressive_qlora_alpha must be > 0, got -1"),
+    ((*ON, "training.qlora_lr=0"), "training.qlora_lr must be > 0"),
+    (("training.progressive.new_stack_precision=nvfp4",), "new_stack_precision: nvfp4 needs Blackwell GPUs"),
+    (("training.mixed_precision=no", "training.progressive.new_stack_precision=bfloat16"),
+     "new_stack_precision: bfloat16 means training.mixed_precision: bf16"),
+    (("training.quantization_type=fp16",), "training.quantization_type: fp16 is read only with "
+                                           "training.quantization_enabled: true"),
+    (("training.quantization_enabled=true",), "training.quantization_enabled needs training.quantization_type"),
+    (("training.quantization_enabled=true", "training.quantization_type=nvfp4"), "nvfp4 needs Blackwell GPUs"),
+    (("training.quantization_enabled=true", "training.quantization_type=fp8"), "fp8 is not a trunk storage"),
+    (("training.mixed_precision=bf16", "training.quantization_enabled=true", "training.quantization_type=fp32"),
+     "fp32 would hold the trunk apart from the stack"),
+    (("training.quantization_enabled=true", "training.quantization_type=nf4"), "nf4 is a QLoRA trunk: it needs "
+                                                                                "training.qlora_enabled: true"),
+])
+def test_refusals_name_their_key(overrides, message):
+    from megamem.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        tiny_config(*overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_accepted_precisions_name_the_engines():
+    for precision, stack in (("no", "full"), ("bf16", "bfloat16")):
+        cfg = tiny_config(*ON, f"training.mixed_precision={precision}", "training.quantization_enabled=true",
+                          f"training.quantization_type={'fp32' if precision == 'no' else 'bf16'}",
+                          f"training.progressive.new_stack_precision={stack}")
+        assert cfg.training.quantization_enabled
+
+
+def test_a_4bit_trunk_is_refused_by_the_device_check():
+    from megamem.config.trunk_lora import precision_problem
+
+    cfg = tiny_config(*ON, "training.quantization_enabled=true", "training.quantization_type=nf4")
+    assert "on CPU training.qlora_enabled / trunk_strategy: qlora means LoRA on a full-precision frozen trunk: set " \
+           "training.quantization_enabled: false" in precision_problem(cfg, on_cuda=False)
+    assert "not implemented in this version" in precision_problem(cfg, on_cuda=True)
+    assert precision_problem(tiny_config(*ON), on_cuda=False) is None

@@ -198,13 +198,13 @@ class TrunkLoraConfig:
     enabled: bool = False  # the source's growth switch: true needs training.mode: fused
     trunk_strategy: Optional[Literal["frozen", "qlora"]] = None  # qlora = LoRA on the trunk; null = training.qlora_enabled
     new_stack_precision: Optional[Literal["full", "half", "bfloat16", "nvfp4"]] = None  # must name mixed_precision's
-    qlora_strategy: Literal["simplified", "progressive", "variable"] = "simplified"  # stack k's rank and alpha
-    qlora_rank_pattern: Literal["constant", "increasing", "decreasing", "linear"] = "constant"  # progressive only
-    qlora_alpha_pattern: Literal["constant", "increasing", "decreasing", "linear"] = "constant"  # progressive only
+    qlora_strategy: Optional[Literal["simplified", "progressive", "variable"]] = None  # stack k's rank/alpha; null = simplified
+    qlora_rank_pattern: Optional[Literal["constant", "increasing", "decreasing", "linear"]] = None  # progressive; null = constant
+    qlora_alpha_pattern: Optional[Literal["constant", "increasing", "decreasing", "linear"]] = None  # progressive; null = constant
     qlora_configs: List[QLoraStackConfig] = field(default_factory=list)  # variable only; others fall back
     progressive_qlora: bool = False  # fused: a second LoRA on every trunk stack (added when a stack is appended)
-    progressive_qlora_rank: int = 8
-    progressive_qlora_alpha: int = 16
+    progressive_qlora_rank: Optional[int] = None  # null = 8
+    progressive_qlora_alpha: Optional[int] = None  # null = 16
 
 
 @dataclass
@@ -285,8 +285,8 @@ class TrainingConfig:
     phase: Optional[int] = None  # the phase this run trains (set by tools/progressive.py)
     # LoRA on the frozen trunk of a phase, and the trunk's precision (megamem.config.trunk_lora; docs/progressive.md)
     qlora_enabled: Optional[bool] = None  # LoRA on the trunk (blocks < phase); null = progressive.trunk_strategy decides
-    qlora_rank: int = 16  # stack LoRA rank r (per stack: progressive.qlora_strategy)
-    qlora_alpha: int = 32  # stack LoRA alpha (scaling alpha / rank)
+    qlora_rank: Optional[int] = None  # stack LoRA base rank r (per stack: progressive.qlora_strategy); null = 16
+    qlora_alpha: Optional[int] = None  # stack LoRA base alpha (scaling alpha / rank); null = 32
     qlora_lr: Optional[float] = None  # the trunk's LoRA weights (group trunk_lora, no decay); null = lora_lr
     quantization_enabled: bool = False  # hold the trunk at quantization_type (checked against the device)
     quantization_type: Optional[Literal["fp32", "bf16", "fp16", "fp8", "fp4", "nf4", "nvfp4"]] = None

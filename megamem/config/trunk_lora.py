@@ -29,22 +29,41 @@ def trunk_lora_on(t: TrainingConfig) -> bool:
     return t.qlora_enabled if t.qlora_enabled is not None else t.progressive.trunk_strategy == "qlora"
 
 
+# the LoRA keys, their defaults when null (null lets a key given without LoRA on the trunk be refused)
+DEFAULTS = {"qlora_rank": 16, "qlora_alpha": 32, "progressive.qlora_strategy": "simplified",
+            "progressive.qlora_rank_pattern": "constant", "progressive.qlora_alpha_pattern": "constant",
+            "progressive.progressive_qlora_rank": 8, "progressive.progressive_qlora_alpha": 16}
+
+
+def _raw(t: TrainingConfig, key: str):
+    """The value as given (null when not), for training.<key> or training.progressive.<name>."""
+    if key.startswith("progressive."):
+        return getattr(t.progressive, key[len("progressive."):])
+    return getattr(t, key)
+
+
+def _get(t: TrainingConfig, key: str):
+    value = _raw(t, key)
+    return DEFAULTS[key] if value is None else value
+
+
 def stack_rank_alpha(t: TrainingConfig, k: int) -> Tuple[int, int]:
     """(rank, alpha) of stack k's stack LoRA under progressive.qlora_strategy."""
-    pr = t.progressive
-    if pr.qlora_strategy == "progressive":
-        return RANK_PATTERNS[pr.qlora_rank_pattern](t.qlora_rank, k), ALPHA_PATTERNS[pr.qlora_alpha_pattern](t.qlora_alpha, k)
-    if pr.qlora_strategy == "variable":
-        entry = next((c for c in pr.qlora_configs if c.stack == k), None)
+    rank, alpha, strategy = _get(t, "qlora_rank"), _get(t, "qlora_alpha"), _get(t, "progressive.qlora_strategy")
+    if strategy == "progressive":
+        return (RANK_PATTERNS[_get(t, "progressive.qlora_rank_pattern")](rank, k),
+                ALPHA_PATTERNS[_get(t, "progressive.qlora_alpha_pattern")](alpha, k))
+    if strategy == "variable":
+        entry = next((c for c in t.progressive.qlora_configs if c.stack == k), None)
         if entry is not None:
             return entry.rank, entry.alpha
-    return t.qlora_rank, t.qlora_alpha
+    return rank, alpha
 
 
 def adapter_rank_alpha(t: TrainingConfig, adapter: str, layer: int) -> Tuple[int, int]:
     """(rank, alpha) of a trunk adapter ('stack' or 'progressive') on model layer `layer`."""
     if adapter == PROGRESSIVE:
-        return t.progressive.progressive_qlora_rank, t.progressive.progressive_qlora_alpha
+        return _get(t, "progressive.progressive_qlora_rank"), _get(t, "progressive.progressive_qlora_alpha")
     return stack_rank_alpha(t, layer // (t.block_size or 1))
 
 
@@ -60,18 +79,22 @@ def _stacks(cfg: MegamemConfig) -> int:
 def trunk_lora_problems(cfg: MegamemConfig, problems: List[str]) -> None:
     """One line per problem, each naming its key (config only; the device's are in precision_problem)."""
     t, pr = cfg.training, cfg.training.progressive
+    _precision_problems(cfg, problems)
     if t.qlora_enabled is not None and pr.trunk_strategy is not None and t.qlora_enabled != (pr.trunk_strategy == "qlora"):
         problems.append(f"training.qlora_enabled: {str(t.qlora_enabled).lower()} contradicts training.progressive."
                         f"trunk_strategy: {pr.trunk_strategy}; keep one of them")
     if pr.enabled and t.mode != "fused":
         problems.append(f"training.progressive.enabled grows the model one stack per phase: set training.mode: fused "
                         f"(it is {t.mode}) or remove it")
-    on = trunk_lora_on(t)
-    if not on:
-        if pr.progressive_qlora:
-            problems.append("training.progressive.progressive_qlora adds LoRA to the trunk, which has none: set "
-                            "training.qlora_enabled: true (or progressive.trunk_strategy: qlora)")
-    elif t.mode == "full":
+    if not trunk_lora_on(t):
+        given = [k for k in (*DEFAULTS, "qlora_lr") if _raw(t, k) is not None] + \
+            (["progressive.qlora_configs"] if pr.qlora_configs else []) + \
+            (["progressive.progressive_qlora"] if pr.progressive_qlora else [])
+        if given:
+            problems.append(f"training.{given[0]} is read only with LoRA on the trunk: set training.qlora_enabled: "
+                            "true (or progressive.trunk_strategy: qlora), or remove it")
+        return
+    if t.mode == "full":
         problems.append("training.qlora_enabled puts LoRA on a progressive phase's frozen trunk: set training.mode: "
                         "layerwise | blockwise | fused (tools/progressive.py), or use memory.use_lora for a full run")
     elif t.fusion_mode != "frozen":
@@ -82,43 +105,40 @@ def trunk_lora_problems(cfg: MegamemConfig, problems: List[str]) -> None:
     elif pr.progressive_qlora and t.mode != "fused":
         problems.append(f"training.progressive.progressive_qlora adds LoRA when a stack is appended: only with "
                         f"training.mode: fused (it is {t.mode})")
-    if on:
-        _rank_problems(cfg, problems)
-    if pr.qlora_configs and pr.qlora_strategy != "variable":
-        problems.append(f"training.progressive.qlora_configs is read only with qlora_strategy: variable (it is "
-                        f"{pr.qlora_strategy}); set it or remove qlora_configs")
-    if pr.qlora_strategy != "progressive":
-        for key in ("qlora_rank_pattern", "qlora_alpha_pattern"):
-            if getattr(pr, key) != "constant":
-                problems.append(f"training.progressive.{key} is read only with qlora_strategy: progressive "
-                                f"(it is {pr.qlora_strategy}); set it or remove {key}")
-    _precision_problems(cfg, problems)
+    _rank_problems(cfg, problems)
 
 
 def _rank_problems(cfg: MegamemConfig, problems: List[str]) -> None:
     t, pr = cfg.training, cfg.training.progressive
-    for key, value in (("training.qlora_rank", t.qlora_rank), ("training.qlora_alpha", t.qlora_alpha),
-                       ("training.progressive.progressive_qlora_rank", pr.progressive_qlora_rank),
-                       ("training.progressive.progressive_qlora_alpha", pr.progressive_qlora_alpha)):
-        if value <= 0:
-            problems.append(f"{key} must be > 0, got {value}")
+    strategy = _get(t, "progressive.qlora_strategy")
+    for key in DEFAULTS:
+        value = _get(t, key)
+        if isinstance(value, int) and value <= 0:
+            problems.append(f"training.{key} must be > 0, got {value}")
     if t.qlora_lr is not None and t.qlora_lr <= 0:
         problems.append(f"training.qlora_lr must be > 0, got {t.qlora_lr}")
-    if pr.qlora_strategy == "variable" and not pr.qlora_configs:
+    if strategy == "variable" and not pr.qlora_configs:
         problems.append("training.progressive.qlora_strategy: variable needs qlora_configs ([{stack: 0, rank: 8, "
                         "alpha: 16}, ...]; stacks without an entry use qlora_rank / qlora_alpha)")
+    if pr.qlora_configs and strategy != "variable":
+        problems.append(f"training.progressive.qlora_configs is read only with qlora_strategy: variable (it is "
+                        f"{strategy}); set it or remove qlora_configs")
+    for key in ("qlora_rank_pattern", "qlora_alpha_pattern"):
+        if getattr(pr, key) is not None and strategy != "progressive":
+            problems.append(f"training.progressive.{key} is read only with qlora_strategy: progressive "
+                            f"(it is {strategy}); set it or remove {key}")
     seen = set()
     for c in pr.qlora_configs:
         if not 0 <= c.stack < _stacks(cfg) or c.stack in seen:
             problems.append(f"training.progressive.qlora_configs: stack {c.stack} is "
                             f"{'given twice' if c.stack in seen else f'not a stack (0 … {_stacks(cfg) - 1})'}")
         seen.add(c.stack)
-    if t.qlora_rank > 0 and t.qlora_alpha > 0:
+    if _get(t, "qlora_rank") > 0 and _get(t, "qlora_alpha") > 0:
         for k in range(_stacks(cfg) - 1):  # the last stack is never part of a trunk
             rank, alpha = stack_rank_alpha(t, k)
             if rank <= 0 or alpha <= 0:
                 problems.append(f"training.progressive: stack {k}'s LoRA would have rank {rank}, alpha {alpha} "
-                                f"({pr.qlora_strategy}); both must be > 0")
+                                f"({strategy}); both must be > 0")
                 break
 
 
