@@ -83,6 +83,7 @@ def _phases(out, extra):
         results.append({"before": before, "after": {n: q.detach().clone() for n, q in trainer.model.named_parameters()},
                         "groups": {g["name"]: (g["lr"], g["weight_decay"], set(g["param_names"]))
                                    for g in trainer.groups},
+                        "trainable": {n for n, q in trainer.model.named_parameters() if q.requires_grad},
                         "linears": _trunk_linears(phase, p), "logits": logits, "cfg": phase,
                         "export": load_file(os.path.join(phase.training.output_dir, "final", "model.safetensors"))})
     return results
@@ -106,6 +107,12 @@ def test_dual_lora_trains_only_the_adapters_on_the_trunk_and_exports_merged(tmp_
         assert groups["current_block"][2] | groups["current_block_no_decay"][2] == \
             {n for n in r["after"] if n.startswith(f"blocks.{p}.")}
         in_groups = {n for _, _, names in groups.values() for n in names}
+        assert in_groups == r["trainable"]  # the groups hold exactly the tensors that train, each at its rate:
+        assert sum(len(names) for _, _, names in groups.values()) == len(in_groups)
+        assert {name: lr for name, (lr, _, _) in groups.items()} == {
+            "trunk_lora": 0.03, "current_block": 0.05, "current_block_no_decay": 0.05, "base": 0.01,
+            "base_no_decay": 0.01, "memory_no_decay": 0.02}
+        assert groups["base"][2] | groups["base_no_decay"][2] == {"tok_embeddings.weight", "norm.weight", "lm_head.weight"}
         trunk = {n for n in r["after"] if n.startswith(tuple(f"blocks.{i}." for i in range(p)))}
         assert trunk & in_groups == lora
         for name in trunk - lora:  # the frozen trunk: bitwise the previous phase's export
