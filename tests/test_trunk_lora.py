@@ -35,8 +35,9 @@ def test_rank_and_alpha_patterns_equal_the_formulas():
         return [stack_rank_alpha(t, k) for k in range(6)]
 
     prog = ("training.progressive.qlora_strategy=progressive",)
-    ranks = lambda pattern: [r for r, _ in values(*prog, f"training.progressive.qlora_rank_pattern={pattern}")]  # noqa
-    alphas = lambda pattern: [a for _, a in values(*prog, f"training.progressive.qlora_alpha_pattern={pattern}")]  # noqa
+    ranks = lambda pattern: [r for r, _ in values(*prog, f"training.progressive.qlora_rank_pattern={pattern}")]  # noqa: E731
+    alphas = lambda pattern: [a for _, a in values(*prog,  # noqa: E731
+                                                    f"training.progressive.qlora_alpha_pattern={pattern}")]
     assert ranks("constant") == [16] * 6
     assert ranks("increasing") == [16, 32, 64, 128, 256, 512]  # r·2^k
     assert ranks("decreasing") == [16, 8, 4, 2, 1, 1]  # max(1, r // 2^k)
@@ -112,7 +113,8 @@ def test_dual_lora_trains_only_the_adapters_on_the_trunk_and_exports_merged(tmp_
         assert {name: lr for name, (lr, _, _) in groups.items()} == {
             "trunk_lora": 0.03, "current_block": 0.05, "current_block_no_decay": 0.05, "base": 0.01,
             "base_no_decay": 0.01, "memory_no_decay": 0.02}
-        assert groups["base"][2] | groups["base_no_decay"][2] == {"tok_embeddings.weight", "norm.weight", "lm_head.weight"}
+        assert groups["base"][2] | groups["base_no_decay"][2] == {"tok_embeddings.weight", "norm.weight",
+                                                                  "lm_head.weight"}
         trunk = {n for n in r["after"] if n.startswith(tuple(f"blocks.{i}." for i in range(p)))}
         assert trunk & in_groups == lora
         for name in trunk - lora:  # the frozen trunk: bitwise the previous phase's export
@@ -127,7 +129,8 @@ def test_dual_lora_trains_only_the_adapters_on_the_trunk_and_exports_merged(tmp_
 
 
 def _check_export(r, p):
-    """The export: no LoRA keys, W + Σ (α/r)·B·A (float64 from the adapters' tensors), the adapter forward's logits."""
+    """The export: no LoRA keys, W + Σ (α/r)·B·A (float64 from the adapters' tensors), the adapter forward's
+    logits."""
     from megamem.model import build_model
 
     export, after = r["export"], r["after"]
@@ -136,7 +139,8 @@ def _check_export(r, p):
         k = int(module.split(".")[1])
         want = after[f"{module}.base_layer.weight"].double()
         for adapter, (rank, alpha) in (("stack", (2 * 2 ** k, 4 + 16 * k)), ("progressive", (3, 5))):
-            b, a = after[f"{module}.lora_B.{adapter}.weight"].double(), after[f"{module}.lora_A.{adapter}.weight"].double()
+            b = after[f"{module}.lora_B.{adapter}.weight"].double()
+            a = after[f"{module}.lora_A.{adapter}.weight"].double()
             want = want + alpha / rank * (b @ a)
         assert torch.allclose(export[f"{module}.weight"].double(), want, atol=1e-6, rtol=0), module
     plain = build_model(r["cfg"]).eval()
@@ -221,7 +225,8 @@ def _resumable_phase(out, stop_after, resume):
             for adapter, (rank, alpha) in (("stack", (2, 4)), ("progressive", (3, 5))):  # stack 0: r, α
                 w = w + alpha / rank * (params[f"{module}.lora_B.{adapter}.weight"].double()
                                         @ params[f"{module}.lora_A.{adapter}.weight"].double())
-            result["merge_error"] = max(result["merge_error"], (state[f"{module}.weight"].double() - w).abs().max().item())
+            error = (state[f"{module}.weight"].double() - w).abs().max().item()
+            result["merge_error"] = max(result["merge_error"], error)
     return result
 
 
@@ -253,7 +258,8 @@ ON = (*FUSED, "training.qlora_enabled=true")
      "training.qlora_enabled and memory.use_lora both put LoRA on the blocks"),
     ((*FUSED, "training.qlora_enabled=false", "training.progressive.trunk_strategy=qlora"),
      "training.qlora_enabled: false contradicts training.progressive.trunk_strategy: qlora"),
-    (("training.mode=blockwise", "training.block_size=2", "training.total_blocks=2", "training.progressive.enabled=true"),
+    (("training.mode=blockwise", "training.block_size=2", "training.total_blocks=2",
+      "training.progressive.enabled=true"),
      "training.progressive.enabled grows the model one stack per phase: set training.mode: fused (it is blockwise)"),
     (("training.mode=blockwise", "training.block_size=2", "training.total_blocks=2", "training.qlora_enabled=true",
       "training.progressive.progressive_qlora=true"), "progressive_qlora adds LoRA when a stack is appended"),

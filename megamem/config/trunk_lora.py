@@ -80,7 +80,8 @@ def trunk_lora_problems(cfg: MegamemConfig, problems: List[str]) -> None:
     """One line per problem, each naming its key (config only; the device's are in precision_problem)."""
     t, pr = cfg.training, cfg.training.progressive
     _precision_problems(cfg, problems)
-    if t.qlora_enabled is not None and pr.trunk_strategy is not None and t.qlora_enabled != (pr.trunk_strategy == "qlora"):
+    strategy = pr.trunk_strategy
+    if t.qlora_enabled is not None and strategy is not None and t.qlora_enabled != (strategy == "qlora"):
         problems.append(f"training.qlora_enabled: {str(t.qlora_enabled).lower()} contradicts training.progressive."
                         f"trunk_strategy: {pr.trunk_strategy}; keep one of them")
     if pr.enabled and t.mode != "fused":
@@ -166,7 +167,8 @@ def _precision_problems(cfg: MegamemConfig, problems: List[str]) -> None:
                         "set training.quantization_enabled: false")
     elif t.quantization_type == "fp8":
         problems.append("training.quantization_type: fp8 is not a trunk storage megamem has; float8 compute is "
-                        "training.mixed_precision: fp8 (CUDA ≥ 8.9, torchao); set training.quantization_enabled: false")
+                        "training.mixed_precision: fp8 (CUDA ≥ 8.9, torchao); set training.quantization_enabled: "
+                        "false")
     elif t.quantization_type in ENGINE and ENGINE[t.quantization_type] != t.mixed_precision:
         problems.append(f"training.quantization_type: {t.quantization_type} would hold the trunk apart from the "
                         f"stack, which megamem does not do (DeepSpeed holds every weight at training.mixed_precision,"
