@@ -222,9 +222,8 @@ training: {mode: fused, fusion_mode: frozen, total_blocks: 2, block_size: 2, epo
            time_step_masking: true, progressive: {enabled: true, trunk_strategy: qlora}}
 """
     _, _, problems, _ = migrate(yaml.safe_load(text))
-    assert [p.split(":")[0] for p in problems] == ["training.time_step_masking", "training.progressive.enabled",
-                                                   "training.progressive.trunk_strategy"]
-    assert "time-step masking is not available" in problems[0] and "dual LoRA on the trunk" in problems[2]
+    assert [p.split(":")[0] for p in problems] == ["training.time_step_masking"]
+    assert "time-step masking is not available" in problems[0]
     drop = ["training.time_step_masking", "training.progressive"]
     _, data, problems, _ = migrate(yaml.safe_load(text), drop=drop)
     assert not problems
@@ -244,3 +243,30 @@ training: {mode: fused, fusion_mode: frozen, total_blocks: 2, block_size: 2, epo
 def test_a_megamem_config_needs_no_conversion():
     _, _, problems, _ = migrate(yaml.safe_load(open(os.path.join(ROOT, "configs", "tiny_cpu.yaml"))))
     assert problems and "megamem configs need no conversion" in problems[0]
+
+
+def test_stack_wise_dual_lora_keys(tmp_path):
+    """LoRA on the trunk and its precision: the same keys; the guide's progressive.qlora_rank/alpha/enabled are
+    training.*, its qlora_configs mapping the list of entries; a 4-bit trunk converts and is refused at run time."""
+    text = """
+model: {vocab_size: 61, d_model: 32, n_layers: 4, n_heads: 4, n_kv_heads: 2, d_ff: 48, attention_mode: causal}
+training: {mode: fused, fusion_mode: frozen, total_blocks: 4, block_size: 1, qlora_lr: 1.0e-5, max_steps: 10,
+           quantization_enabled: false,
+           progressive: {enabled: true, trunk_strategy: qlora, new_stack_precision: bfloat16, qlora_enabled: true,
+                         qlora_strategy: variable, qlora_rank: 16, qlora_alpha: 32, progressive_qlora: true,
+                         progressive_qlora_rank: 8, progressive_qlora_alpha: 16,
+                         qlora_configs: {0: {rank: 8, alpha: 16}, 2: {rank: 32, alpha: 64}}}}
+"""
+    _, data, problems, _ = migrate(yaml.safe_load(text))
+    assert not problems
+    out = str(tmp_path / "sw.yaml")
+    open(out, "w").write(yaml.safe_dump(data))
+    t = load_config(out, ["--training.mixed_precision", "bf16"]).training
+    p = t.progressive
+    assert (t.qlora_enabled, t.qlora_rank, t.qlora_alpha, t.qlora_lr, t.quantization_enabled) == (True, 16, 32, 1e-5, False)
+    assert (p.enabled, p.trunk_strategy, p.new_stack_precision, p.qlora_strategy, p.progressive_qlora,
+            p.progressive_qlora_rank, p.progressive_qlora_alpha) == (True, "qlora", "bfloat16", "variable", True, 8, 16)
+    assert [(c.stack, c.rank, c.alpha) for c in p.qlora_configs] == [(0, 8, 16), (2, 32, 64)]
+    _, _, problems, _ = migrate(yaml.safe_load(text.replace("qlora_configs: {0: {rank: 8, alpha: 16}",
+                                                            "qlora_configs: {0: {rank: 8, dropout: 0.1}")))
+    assert problems == ["training.progressive.qlora_configs: qlora_configs must map a stack index to {rank, alpha}"]

@@ -52,27 +52,44 @@ def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for n, p in model.named_parameters() if is_lora_name(n)]
 
 
-def lora_scalings(model: nn.Module) -> Dict[str, float]:
-    """{module name: alpha/r} of every LoRA layer (what `merge_lora_state` multiplies B·A by)."""
+def lora_scalings(model: nn.Module) -> Dict[str, Dict[str, float]]:
+    """{module name: {adapter: alpha/r}} of every LoRA layer (what `merge_lora_state` multiplies B·A by)."""
     from peft.tuners.lora import LoraLayer
 
-    return {n: m.scaling["default"] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return {n: dict(m.scaling) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def checkpoint_scalings(state: Dict[str, torch.Tensor], mem: MemoryConfig) -> Dict[str, float]:
-    """The LoRA layers of a saved state (from its key names), each at alpha/r: for readers without the model."""
-    suffix = ".lora_A.default.weight"
-    return {k[:-len(suffix)]: mem.lora_alpha / mem.lora_rank for k in state if k.endswith(suffix)}
+def checkpoint_scalings(state: Dict[str, torch.Tensor], cfg) -> Dict[str, Dict[str, float]]:
+    """The LoRA layers of a saved state (from its key names) with each adapter's alpha/r, for readers without
+    the model: `default` from memory.lora_*, a progressive trunk's `stack` / `progressive` from training.*."""
+    from ..config.trunk_lora import adapter_rank_alpha
+
+    out: Dict[str, Dict[str, float]] = {}
+    for key in state:
+        module, sep, rest = key.partition(".lora_A.")
+        if not sep or not rest.endswith(".weight"):
+            continue
+        adapter = rest[:-len(".weight")]
+        if adapter == "default":
+            scale = cfg.memory.lora_alpha / cfg.memory.lora_rank
+        else:
+            rank, alpha = adapter_rank_alpha(cfg.training, adapter, int(module.split(".")[1]))
+            scale = alpha / rank
+        out.setdefault(module, {})[adapter] = scale
+    return out
 
 
-def merge_lora_state(state: Dict[str, torch.Tensor], scalings: Dict[str, float]) -> Dict[str, torch.Tensor]:
-    """A state dict of an in-place LoRA model → the plain model's (W + scaling·B·A under the module's
+def merge_lora_state(state: Dict[str, torch.Tensor], scalings: Dict[str, Dict[str, float]]) -> Dict[str, torch.Tensor]:
+    """A state dict of an in-place LoRA model → the plain model's (W + Σ_adapters scaling·B·A under the module's
     own name, computed in fp32, stored in W's dtype; LoRA keys dropped). Works on gathered ZeRO-3 states."""
     out = dict(state)
-    for name, scale in scalings.items():
+    for name, scales in scalings.items():
         base = out.pop(f"{name}.base_layer.weight")
-        a, b = out.pop(f"{name}.lora_A.default.weight"), out.pop(f"{name}.lora_B.default.weight")
-        out[f"{name}.weight"] = (base.float() + scale * (b.float() @ a.float())).to(base.dtype)
+        merged = base.float()
+        for adapter, scale in scales.items():
+            a, b = out.pop(f"{name}.lora_A.{adapter}.weight"), out.pop(f"{name}.lora_B.{adapter}.weight")
+            merged = merged + scale * (b.float() @ a.float())
+        out[f"{name}.weight"] = merged.to(base.dtype)
         if f"{name}.base_layer.bias" in out:
             out[f"{name}.bias"] = out.pop(f"{name}.base_layer.bias")
     return out

@@ -167,6 +167,13 @@ def _benchmarks(v: Any) -> Pairs:
     return [("evaluation.benchmarks", list(v or []))]
 
 
+def _qlora_configs(v: Any) -> Pairs:
+    """Stack-Wise's {stack: {rank, alpha}} mapping → training.progressive.qlora_configs entries."""
+    if not isinstance(v, dict) or not all(isinstance(e, dict) and set(e) <= {"rank", "alpha"} for e in v.values()):
+        raise _Refused("qlora_configs must map a stack index to {rank, alpha}")
+    return [("training.progressive.qlora_configs", [{"stack": int(k), **e} for k, e in v.items()])]
+
+
 def _metrics(v: Any) -> Pairs:
     bad = [m for m in v or [] if m not in ("string_match_all", "string_match_part")]
     if bad:
@@ -264,14 +271,15 @@ STACK_WISE: Dict[str, Rule] = {
     "training.log_interval": "training.logging_steps",
     "training.save_interval": "training.save_steps",
     "training.validation_interval": "training.eval_steps",
-    "training.progressive.enabled": Refuse(f"training.progressive {LATER}; tools/progressive.py runs the phases of "
-                                           "training.mode", allowed=(False,)),
-    "training.progressive.trunk_strategy": Refuse(f"dual LoRA on the trunk (trunk_strategy: qlora) {LATER}; "
-                                                  "training.fusion_mode: frozen | trainable", allowed=("frozen",)),
-    "training.progressive.*": Refuse(f"dual LoRA on the trunk {LATER}; training.fusion_mode: frozen | trainable"),
-    "training.qlora_*": Refuse(f"LoRA on the trunk {LATER}; training.fusion_mode: frozen | trainable",
-                               allowed=(False,)),
-    "training.quantization_*": Refuse(f"a quantized trunk {LATER}", allowed=(False,)),
+    # LoRA on the trunk and its precision (megamem.config.trunk_lora): the same keys; the guide's
+    # progressive.qlora_enabled / qlora_rank / qlora_alpha are training.*; qlora_configs {k: {rank, alpha}} a list
+    **{f"training.{k}": f"training.{k}" for k in ("qlora_enabled", "qlora_rank", "qlora_alpha", "qlora_lr",
+                                                    "quantization_enabled", "quantization_type")},
+    **{f"training.progressive.{k}": f"training.progressive.{k}" for k in (
+        "enabled", "trunk_strategy", "new_stack_precision", "qlora_strategy", "qlora_rank_pattern",
+        "qlora_alpha_pattern", "progressive_qlora", "progressive_qlora_rank", "progressive_qlora_alpha")},
+    **{f"training.progressive.{k}": f"training.{k}" for k in ("qlora_enabled", "qlora_rank", "qlora_alpha")},
+    "training.progressive.qlora_configs": _qlora_configs,
     "training.time_step_*": Refuse(f"time-step masking {LATER}; megamem trains causal LMs", allowed=(False,)),
     "training.num_time_steps": Refuse(f"time-step masking {LATER}; megamem trains causal LMs"),
     "training.*_mask_*": Refuse(f"progressive masking {LATER}; megamem trains causal LMs"),
@@ -284,7 +292,7 @@ STACK_WISE: Dict[str, Rule] = {
 LAYOUTS = {"PEER + MLA trainer": PEER_MLA, "long-context trainer": LONG_CONTEXT, "Stack-Wise trainer": STACK_WISE}
 # keys whose value is a mapping converted as a whole (not walked key by key)
 WHOLE = {"model_config.peer_config", "model_config.mla_config", "model.pos_encoding", "dataset_config.datasets",
-         "model.attractor"}
+         "model.attractor", "training.progressive.qlora_configs"}
 
 
 def detect_layout(data: Dict[str, Any]) -> str:
@@ -344,8 +352,11 @@ def migrate(data: Any, drop: Iterable[str] = ()) -> Tuple[str, Dict[str, Dict[st
             problems.append(f"{key}: {e}")
             continue
         for target, v in pairs:
-            section, field = target.split(".", 1)
-            out.setdefault(section, {})[field] = v
+            *parents, field = target.split(".")
+            node = out
+            for part in parents:  # nested sections: training.progressive.trunk_strategy
+                node = node.setdefault(part, {})
+            node[field] = v
     _precision_default(data, layout, out, problems, notes)
     if layout == "PEER + MLA trainer":
         out.setdefault("memory", {})["vanilla_mode"] = True

@@ -183,6 +183,31 @@ class MemoryConfig:
 
 
 @dataclass
+class QLoraStackConfig:
+    """One entry of `training.progressive.qlora_configs`: stack k's LoRA (qlora_strategy: variable)."""
+
+    stack: int = 0  # k, 0-based (the block index)
+    rank: int = 16
+    alpha: int = 32
+
+
+@dataclass
+class TrunkLoraConfig:
+    """`training.progressive`: Stack-Wise's dual LoRA on the trunk (megamem.config.trunk_lora; docs/progressive.md)."""
+
+    enabled: bool = False  # the source's growth switch: true needs training.mode: fused
+    trunk_strategy: Optional[Literal["frozen", "qlora"]] = None  # qlora = LoRA on the trunk; null = training.qlora_enabled
+    new_stack_precision: Optional[Literal["full", "half", "bfloat16", "nvfp4"]] = None  # must name mixed_precision's
+    qlora_strategy: Optional[Literal["simplified", "progressive", "variable"]] = None  # stack k's rank/alpha; null = simplified
+    qlora_rank_pattern: Optional[Literal["constant", "increasing", "decreasing", "linear"]] = None  # progressive; null = constant
+    qlora_alpha_pattern: Optional[Literal["constant", "increasing", "decreasing", "linear"]] = None  # progressive; null = constant
+    qlora_configs: List[QLoraStackConfig] = field(default_factory=list)  # variable only; others fall back
+    progressive_qlora: bool = False  # fused: a second LoRA on every trunk stack (added when a stack is appended)
+    progressive_qlora_rank: Optional[int] = None  # null = 8
+    progressive_qlora_alpha: Optional[int] = None  # null = 16
+
+
+@dataclass
 class TrainingConfig:
     # learning rates per parameter group
     memory_lr: float = 1e-4
@@ -258,6 +283,14 @@ class TrainingConfig:
     fusion_mode: Literal["frozen", "trainable"] = "frozen"  # earlier blocks: frozen, or train at learning_rate
     current_block_lr: Optional[float] = None  # the phase's block; null = learning_rate
     phase: Optional[int] = None  # the phase this run trains (set by tools/progressive.py)
+    # LoRA on the frozen trunk of a phase, and the trunk's precision (megamem.config.trunk_lora; docs/progressive.md)
+    qlora_enabled: Optional[bool] = None  # LoRA on the trunk (blocks < phase); null = progressive.trunk_strategy decides
+    qlora_rank: Optional[int] = None  # stack LoRA base rank r (per stack: progressive.qlora_strategy); null = 16
+    qlora_alpha: Optional[int] = None  # stack LoRA base alpha (scaling alpha / rank); null = 32
+    qlora_lr: Optional[float] = None  # the trunk's LoRA weights (group trunk_lora, no decay); null = lora_lr
+    quantization_enabled: bool = False  # hold the trunk at quantization_type (checked against the device)
+    quantization_type: Optional[Literal["fp32", "bf16", "fp16", "fp8", "fp4", "nf4", "nvfp4"]] = None
+    progressive: TrunkLoraConfig = field(default_factory=TrunkLoraConfig)
 
 
 @dataclass
@@ -364,10 +397,6 @@ RETIRED_KEYS = {
     "launch with --deepspeed ds_configs/zero3.json (ZeRO-3 partitions parameters like FSDP FULL_SHARD)",
     ("memory", "memory_layer_custom"): "use memory.memory_layer_indices",
     **{("training", k): f"{what} is not available in this version (docs/progressive.md)" for k, what in (
-        ("progressive", "dual LoRA on the trunk (training.progressive.*)"),
-        ("qlora_enabled", "LoRA on the trunk"), ("qlora_lr", "LoRA on the trunk"),
-        ("qlora_rank", "LoRA on the trunk"), ("qlora_alpha", "LoRA on the trunk"),
-        ("quantization_enabled", "a quantized trunk"), ("quantization_type", "a quantized trunk"),
         ("time_step_masking", "time-step masking"), ("num_time_steps", "time-step masking"),
         ("time_step_mask_fractions", "time-step masking"), ("min_mask_fraction", "progressive masking"),
         ("max_mask_fraction", "progressive masking"), ("mask_schedule_type", "progressive masking"))},

@@ -66,13 +66,20 @@ def read_weights(path: str, what: str) -> Tuple[Dict[str, torch.Tensor], Megamem
 
         with safe_torch_load():
             state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+        # ZeRO-1/2 rebuild only what the optimizer holds; frozen parameters (a progressive phase's trunk) are whole
+        # in the module states on those stages (never updated, so exact). ZeRO-3 writes per-rank files instead.
+        states = os.path.join(folder, "mp_rank_00_model_states.pt")
+        if os.path.isfile(states):
+            module = torch_load_weights(states, map_location="cpu")["module"]
+            state.update({k: v.float() if v.is_floating_point() else v for k, v in module.items()
+                          if k not in state and v.numel() > 0})
     # banks trained outside the engine (expert-parallel shards, row-sparse updates) live in their own files
     state.update(banks_from_checkpoint(folder))
     cfg = load_config(config)
-    if cfg.model.base_model_name is None:  # from-scratch LoRA (memory.use_lora): read as the plain model
+    if cfg.model.base_model_name is None:  # from-scratch LoRA (memory.use_lora, training.qlora_enabled): plain
         from ..adapter.lora import checkpoint_scalings, merge_lora_state
 
-        state = merge_lora_state(state, checkpoint_scalings(state, cfg.memory))
+        state = merge_lora_state(state, checkpoint_scalings(state, cfg))
     return state, cfg, folder
 
 

@@ -73,6 +73,11 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
     stage = zero_stage(ds)
     if cfg.training.mixed_precision == "fp16" and not on_cuda:
         problems.append("training.mixed_precision: fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or no")
+    from ..config.trunk_lora import precision_problem  # a 4-bit trunk (training.quantization_type)
+
+    message = precision_problem(cfg, on_cuda)
+    if message:
+        problems.append(message)
     if cfg.training.mixed_precision == "fp8":  # refused here, before any model is built (megamem/train/float8.py)
         from .float8 import device_capability, float8_problem, torchao_available
 

@@ -12,6 +12,7 @@ from transformers.optimization import get_constant_schedule_with_warmup, get_cos
 from ..adapter.lora import is_lora_name
 from ..config import TrainingConfig
 from ..config.progressive import current_layers
+from ..config.trunk_lora import trunk_lora_lr, trunk_lora_on
 
 
 def full_ndim(p: torch.Tensor) -> int:
@@ -23,7 +24,8 @@ def full_ndim(p: torch.Tensor) -> int:
 def parameter_groups(model: nn.Module, t: TrainingConfig, exclude: Iterable[nn.Parameter] = ()) -> List[Dict]:
     """Named groups: memory (memory_lr), lora (lora_lr) and base — the rest: learning_rate
     (default memory_lr) from scratch, base_model_lr for a pretrained base. A progressive phase's block
-    (training.phase) is its own group, current_block (current_block_lr, default the base rate). Frozen parameters and
+    (training.phase) is its own group, current_block (current_block_lr, default the base rate), and LoRA on its frozen
+    trunk (training.qlora_enabled) the group trunk_lora (qlora_lr, no weight decay). Frozen parameters and
     `exclude` (banks updated outside the engine) are left out.
 
     No weight decay on 1-D parameters (norms, biases, quantised-bank scales) and, unless
@@ -37,8 +39,9 @@ def parameter_groups(model: nn.Module, t: TrainingConfig, exclude: Iterable[nn.P
     lora = {id(p) for n, p in model.named_parameters() if is_lora_name(n)}  # adapter and from-scratch LoRA
     pretrained = hasattr(model, "lora_parameters")  # an adapter model: "base" is the pretrained model
     base_lr = t.base_model_lr if pretrained else t.learning_rate if t.learning_rate is not None else t.memory_lr
-    lrs = {"memory": t.memory_lr, "lora": t.lora_lr, "base": base_lr,
+    lrs = {"memory": t.memory_lr, "lora": t.lora_lr, "base": base_lr, "trunk_lora": trunk_lora_lr(t),
            "current_block": t.current_block_lr if t.current_block_lr is not None else base_lr}
+    trunk_lora = trunk_lora_on(t) and current_layers(t) is not None  # a phase's trunk LoRA: its own group, no decay
     current = tuple(f"blocks.{i}." for i in current_layers(t) or ())  # a progressive phase's block
     groups: Dict[str, Dict] = {}
     seen = {id(p) for p in exclude}
@@ -47,9 +50,10 @@ def parameter_groups(model: nn.Module, t: TrainingConfig, exclude: Iterable[nn.P
             continue
         seen.add(id(p))
         part = "current_block" if current and name.startswith(current) else \
-            "memory" if id(p) in memory else "lora" if id(p) in lora else "base"
+            "memory" if id(p) in memory else ("trunk_lora" if trunk_lora else "lora") if id(p) in lora else "base"
         no_decay = full_ndim(p) < 2 or (id(p) in banks and not t.bank_weight_decay) or id(p) in sparse
-        key = f"{part}{'_no_decay' if no_decay else ''}"
+        key = f"{part}{'_no_decay' if no_decay and part != 'trunk_lora' else ''}"
+        no_decay = no_decay or part == "trunk_lora"
         group = groups.setdefault(key, {"name": key, "params": [], "param_names": [], "lr": lrs[part],
                                         "weight_decay": 0.0 if no_decay else t.weight_decay})
         group["params"].append(p)

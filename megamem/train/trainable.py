@@ -17,6 +17,7 @@ from ..adapter.build import parameter_parts, set_trainable
 from ..adapter.lora import apply_lora, is_lora_name, lora_scalings, merge_lora_state
 from ..config import ConfigError, MegamemConfig
 from ..config.trainable import lora_enabled
+from .trunk_lora import add_trunk_lora, train_trunk_lora, trunk_adapters
 
 
 def memory_module_names(model: nn.Module) -> list:
@@ -47,7 +48,12 @@ def apply_training_policy(model: nn.Module, cfg: MegamemConfig, seed: Optional[i
     from_scratch = cfg.model.base_model_name is None
     if from_scratch and lora_enabled(cfg) and not has_lora(model):
         add_lora(model, cfg, seed)
+    trunk_lora = from_scratch and bool(trunk_adapters(cfg)) and not has_lora(model)
+    if trunk_lora:  # a progressive phase's trunk (training.qlora_enabled): megamem.train.trunk_lora
+        add_trunk_lora(model, cfg, memory_module_names(model), seed)
     set_trainable(model, cfg)  # the adapter builder ran it already; globs and from-scratch parts need it here
+    if trunk_lora:
+        train_trunk_lora(model)
     unique = {id(p): p for p in model.parameters()}.values()
     count = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731 - ZeRO-3: whole size
     counts = {"trainable": count(p for p in unique if p.requires_grad),
