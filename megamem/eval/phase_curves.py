@@ -35,13 +35,13 @@ def phase_summaries(cfg: MegamemConfig) -> List[Dict[str, Any]]:
         # a resumed phase logs the steps after its checkpoint again: the last record of a step wins
         by_step = {r["step"]: r for r in train}
         train = [by_step[s] for s in sorted(by_step)]
-        per_step = train[-1]["tokens_per_s"] * train[-1]["step_time_s"]
+        per_step = round(train[-1]["tokens_per_s"] * train[-1]["step_time_s"])  # an integer, up to rounding
         evals = {r["step"]: r for r in records if r.get("kind") == "eval"}
         steps = train[-1]["step"]
         size = block_size(cfg.training)
         out.append({
-            "phase": p, "start_tokens": int(round(offset)), "layers": [p * size, (p + 1) * size - 1], "steps": steps,
-            "tokens": int(round(steps * per_step)), "train_loss": train[-1]["loss"],
+            "phase": p, "start_tokens": offset, "layers": [p * size, (p + 1) * size - 1], "steps": steps,
+            "tokens": steps * per_step, "train_loss": train[-1]["loss"],
             "eval_loss": evals[max(evals)]["eval_loss"] if evals else None,
             "train_time_s": sum(r["step_time_s"] for r in train),
             "train_curve": [(offset + r["step"] * per_step, r["loss"]) for r in train],
