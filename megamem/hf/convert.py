@@ -13,6 +13,7 @@ import torch
 
 from ..adapter import is_adapter_export
 from ..config import ConfigError, MegamemConfig
+from ..config.masking import causal_only_problem
 from ..folders import SAVE_DTYPES as DTYPES
 from ..folders import progress, write_folder
 from ..parallel.weights import read_weights
@@ -78,6 +79,9 @@ def convert_to_hf(source: str, output: str, dtype: str = "fp32", force: bool = F
     if merge_lora:
         raise ConfigError(f"--merge-lora: {source} is not an adapter run (no adapter.json)")
     state, cfg, tok_home = read_source(source)
+    bidirectional = causal_only_problem(cfg.model, "a Hugging Face causal LM folder (AutoModelForCausalLM)")
+    if bidirectional:
+        raise ConfigError(f"{source}: {bidirectional}")
     problems = llama_incompatibilities(cfg)
     if hf_format == "llama" and problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
