@@ -279,3 +279,29 @@ training: {mode: fused, fusion_mode: frozen, total_blocks: 2, block_size: 2, tim
     assert (t.time_step_masking, t.num_time_steps, t.mask_schedule_type, t.mask_token_id) == (True, 4, "cosine", 3)
     assert mask_fractions(t) == pytest.approx([0.1 + (1 - math.cos(math.pi * i / 3)) / 2 * 0.8 for i in range(4)],
                                               rel=1e-14)
+
+
+def test_bidirectional_adapters_are_refused():
+    with pytest.raises(ConfigError, match=r"model.attention_mode: bidirectional builds from-scratch models; an adapter "
+                                          r"run \(model.base_model_name\) keeps its pretrained model's causal attention"):
+        masked_config("model.base_model_name=some/model", "training.mask_token_id=3")
+
+
+def _masked_resume_run(out, extra, stop_after=None):
+    from test_train import _resume_run
+
+    return _resume_run(out, ZERO[1], (*MASKED, "model.vocab_size=62", "training.mask_token_id=61",
+                                      "training.time_step_mask_fractions=[0.25, 0.5]", *extra), stop_after)
+
+
+def test_preempt_and_resume_draws_the_same_masks(tmp_path):
+    """Masks are seeded by step and micro-batch: a run resumed from step 5 (of 10, 2 micro-batches a step)
+    reproduces the unbroken run's masked losses."""
+    full = run_ranks(_masked_resume_run, str(tmp_path / "a"), (), world_size=1, tmp_path=tmp_path / "r1")[0]
+    first = run_ranks(_masked_resume_run, str(tmp_path / "b"), (), 5, world_size=1, tmp_path=tmp_path / "r2")[0]
+    assert first["preempted"] and first["train_losses"] == full["train_losses"][:5]
+    resumed = run_ranks(_masked_resume_run, str(tmp_path / "b"), ("training.resume_from_checkpoint=latest",),
+                        world_size=1, tmp_path=tmp_path / "r3")[0]
+    assert resumed["steps"] == 10
+    torch.testing.assert_close(torch.tensor(resumed["train_losses"]), torch.tensor(full["train_losses"][5:]),
+                               atol=1e-6, rtol=0)
