@@ -71,7 +71,6 @@ def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: O
         from ..parallel.weights import read_weights
 
         state, cfg, tok_home = read_weights(path, "--model")
-        _refuse_bidirectional(cfg, path)
         model, tokenizer = model_with_state(cfg, state, path, dtype), _tokenizer(os.path.join(tok_home, "tokenizer"))
     _refuse_bidirectional(cfg, path)
     if adapter:
