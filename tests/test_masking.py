@@ -106,6 +106,14 @@ def test_masks_are_fresh_per_row_and_step_and_reproducible():
     assert torch.equal(a.eval_batch(batch, 2)[0]["input_ids"], a.eval_batch(batch, 2)[0]["input_ids"])
 
 
+def test_every_position_is_masked_equally_often():
+    """Uniform without replacement: over 4,000 rows each of 10 positions is masked ⌊10·0.3⌋/10 = 30% of the time."""
+    ids = torch.arange(5, 15).repeat(4000, 1)
+    out = mask_batch({"input_ids": ids, "labels": ids.clone()}, 0.3, 3, seeded(4))
+    rate = (out["input_ids"] == 3).double().mean(dim=0)
+    assert ((rate - 0.3).abs() < 0.03).all(), rate  # 4 standard errors (√(0.3·0.7/4000) ≈ 0.0072)
+
+
 # ---------------------------------------------------------------- bidirectional attention
 def _dense(q, k, v, allowed):
     """softmax(QKᵀ/√d) V over the allowed keys, float64, heads broadcast."""
