@@ -127,6 +127,10 @@ def check(cfg, ds_path) -> int:
         print("model: builds")
         tokenizer = load_tokenizer(cfg)
         print(f"tokenizer: {cfg.model.tokenizer_name} ({len(tokenizer)} tokens)")
+        if cfg.training.time_step_masking:  # the mask token the masked-denoising objective writes
+            from megamem.train.masking import build_objective
+
+            print(f"mask token: {build_objective(cfg, tokenizer, 0).mask_token_id}")
         build_loader(cfg, tokenizer, "train", 0, world).close()
         print("training data: readable")
     check_output_dir(cfg)

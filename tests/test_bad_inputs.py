@@ -56,6 +56,10 @@ def files(tmp_path_factory):
     model = build_model(cfg)
     export_model(model.state_dict(), cfg, None, str(d / "final"), 1)
     f["final"] = str(d / "final")
+    bidir = tiny_config("model.attention_mode=bidirectional", "training.time_step_masking=true",
+                        "training.mask_token_id=3")
+    export_model(build_model(bidir).state_dict(), bidir, None, str(d / "bidir"), 1)
+    f["bidir"] = str(d / "bidir")
     for name, damage in (("trunc", "truncate"), ("pickled", "pickle")):
         os.makedirs(d / name)
         for item in os.listdir(d / "final"):
@@ -135,6 +139,7 @@ def D(f, k):
 
 DRY = ("--config", TINY, "--dry-run")
 MLA_DRY = ("--config", os.path.join(ROOT, "configs", "mla_small.yaml"), "--dry-run")
+BID = (*DRY, "--model.attention_mode", "bidirectional", "--training.time_step_masking", "true")
 
 
 def PRE(f, data, out, tok=None):
@@ -297,8 +302,6 @@ CASES = {
     "progressive config given to train.py": ("train", lambda f: ["--config", TINY, "--training.mode", "layerwise"],
                                              "training.mode: layerwise trains one phase per run: run python "
                                              "tools/progressive.py"),
-    "time-step masking": ("train", lambda f: [*DRY, "--training.time_step_masking", "true"],
-                          "training.time_step_masking is not supported: time-step masking is not available"),
     "fp8 trunk": ("train", lambda f: [*DRY, "--training.quantization_enabled", "true", "--training.quantization_type",
                                       "fp8"], "training.quantization_type: fp8 is not a trunk storage megamem has"),
     "4-bit trunk on CPU": ("train", lambda f: [*DRY, "--training.mode", "fused", "--training.block_size", "2",
@@ -310,6 +313,56 @@ CASES = {
                                        "training.qlora_enabled puts LoRA on a progressive phase's frozen trunk"),
     "trunk LoRA key without LoRA": ("train", lambda f: [*DRY, "--training.qlora_rank", "16"],
                                     "training.qlora_rank is read only with LoRA on the trunk"),
+    # ---- the masked-denoising objective and bidirectional attention (docs/progressive.md#masked-denoising)
+    "masking with causal attention": ("train", lambda f: [*DRY, "--training.time_step_masking", "true"],
+                                      "training.time_step_masking predicts each masked token from both sides: set "
+                                      "model.attention_mode: bidirectional"),
+    "bidirectional without masking": ("train", lambda f: [*DRY, "--model.attention_mode", "bidirectional"],
+                                      "model.attention_mode: bidirectional lets every position see the next token"),
+    "bidirectional with a window": ("train", lambda f: [*BID, "--model.window_size", "8"],
+                                    "model.window_size: sliding-window attention is causal"),
+    "bidirectional with alibi": ("train", lambda f: [*BID, "--model.pos_encoding.type", "alibi"],
+                                 "model.pos_encoding.type: alibi biases keys by i − j before the query (causal)"),
+    "bidirectional with the attractor": ("train", lambda f: [*BID, "--model.attractor.use_attractor", "true"],
+                                         "model.attractor.use_attractor: the attractor state reads the tokens before"),
+    "bidirectional with long-context eval": ("train", lambda f: [*BID, "--training.eval_long_context", "true",
+                                                                 "--evaluation.benchmarks", "[niah]"],
+                                             "training.eval_long_context (NIAH/RULER generate with a KV cache) needs "
+                                             "a causal model"),
+    "masking keys without masking": ("train", lambda f: [*DRY, "--training.num_time_steps", "4"],
+                                     "training.num_time_steps configure the masked-denoising objective; set "
+                                     "training.time_step_masking: true"),
+    "mask fractions and a schedule": ("train", lambda f: [*BID, "--training.time_step_mask_fractions", "[0.2, 0.5]",
+                                                          "--training.mask_schedule_type", "cosine"],
+                                      "training.time_step_mask_fractions and training.mask_schedule_type both give"),
+    "mask fractions of another length": ("train", lambda f: [*BID, "--training.time_step_mask_fractions", "[0.2, 0.5]",
+                                                             "--training.num_time_steps", "3"],
+                                         "training.num_time_steps (3) must equal the length of"),
+    "mask fraction above 1": ("train", lambda f: [*BID, "--training.time_step_mask_fractions", "[0.5, 1.5]"],
+                              "training.time_step_mask_fractions [1.5]: each fraction must be in (0, 1]"),
+    "mask fraction masking nothing": ("train", lambda f: [*BID, "--training.time_step_mask_fractions", "[0.001]"],
+                                      "mask fraction 0.001 masks ⌊128·f⌋ = 0 tokens of a training.max_length row"),
+    "min mask fraction above max": ("train", lambda f: [*BID, "--training.min_mask_fraction", "0.8",
+                                                        "--training.max_mask_fraction", "0.5"],
+                                    "training.min_mask_fraction (0.8) must be <= training.max_mask_fraction (0.5)"),
+    "block time steps with mode full": ("train", lambda f: [*BID, "--training.time_step_selection", "block"],
+                                        "training.time_step_selection: block picks t from the phase's block"),
+    "mask token outside the vocabulary": ("train", lambda f: [*BID, "--training.mask_token_id", "4096"],
+                                          "training.mask_token_id = 4096 is outside the vocabulary [0, 4096)"),
+    "mask token is the pad token": ("train", lambda f: [*BID, "--training.mask_token_id", "0"],
+                                    "training.mask_token_id = 0 is model.pad_token_id"),
+    "masking on a pipeline": ("train", lambda f: [*BID, "--deepspeed", os.path.join(ROOT, "ds_configs",
+                                                                                    "pipeline.json")],
+                              "training.time_step_masking is not wired for pipeline stages"),
+    "check: no mask token": ("train", lambda f: TOK(f, f["tok"], *BID[3:], "--check"),
+                             "training.time_step_masking needs a mask token: set training.mask_token_id"),
+    "inference on a bidirectional model": ("inference", lambda f: ["--model", f["bidir"], "--prompt", "hi"],
+                                           "model.attention_mode: bidirectional: inference and evaluation "
+                                           "(generation, causal perplexity) needs a causal model"),
+    "eval on a bidirectional model": ("eval", lambda f: ["--model", f["bidir"]], "needs a causal model"),
+    "convert a bidirectional model": ("convert", lambda f: ["--checkpoint", f["bidir"], "--output",
+                                                            str(f["dir"] / "o6")],
+                                      "a Hugging Face causal LM folder (AutoModelForCausalLM) needs a causal model"),
     "phase tool on a full config": ("progressive", lambda f: ["--config", TINY],
                                     "training.mode is full: nothing to run in phases"),
     # ---- CLI flags

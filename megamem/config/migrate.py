@@ -81,9 +81,8 @@ def _wandb(v: Any) -> Pairs:
 
 
 def _attention_mode(v: Any) -> Pairs:
-    if v != "causal":
-        raise _Refused(f"attention_mode '{v}': megamem trains causal decoders only; use attention_mode: causal")
-    return []
+    """causal, or bidirectional (valid with training.time_step_masking only: validation says so)."""
+    return [("model.attention_mode", v)]
 
 
 class _Refused(Exception):
@@ -280,10 +279,9 @@ STACK_WISE: Dict[str, Rule] = {
         "qlora_alpha_pattern", "progressive_qlora", "progressive_qlora_rank", "progressive_qlora_alpha")},
     **{f"training.progressive.{k}": f"training.{k}" for k in ("qlora_enabled", "qlora_rank", "qlora_alpha")},
     "training.progressive.qlora_configs": _qlora_configs,
-    "training.time_step_*": Refuse(f"time-step masking {LATER}; megamem trains causal LMs", allowed=(False,)),
-    "training.num_time_steps": Refuse(f"time-step masking {LATER}; megamem trains causal LMs"),
-    "training.*_mask_*": Refuse(f"progressive masking {LATER}; megamem trains causal LMs"),
-    "training.mask_schedule_type": Refuse(f"progressive masking {LATER}; megamem trains causal LMs"),
+    **{f"training.{k}": f"training.{k}" for k in ("time_step_masking", "num_time_steps", "time_step_mask_fractions",
+                                                    "min_mask_fraction", "max_mask_fraction", "mask_schedule_type",
+                                                    "mask_token_id")},
     "training.*": Refuse(f"this Stack-Wise training key {LATER}; see docs/progressive.md for the keys megamem reads"),
     "data.*": Refuse("name the data in data.datasets entries (megamem's data section)"),
     "precision_options.*": Refuse("use training.mixed_precision (no, bf16, fp16)"),

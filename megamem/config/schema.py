@@ -100,6 +100,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # attention
     window_size: Optional[int] = None  # sliding-window attention: each token sees itself and the window_size - 1 before it; null = full
+    attention_mode: Literal["causal", "bidirectional"] = "causal"  # bidirectional: every token sees the whole row (training.time_step_masking only)
     # regularisation
     dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -291,6 +292,15 @@ class TrainingConfig:
     quantization_enabled: bool = False  # hold the trunk at quantization_type (checked against the device)
     quantization_type: Optional[Literal["fp32", "bf16", "fp16", "fp8", "fp4", "nf4", "nvfp4"]] = None
     progressive: TrunkLoraConfig = field(default_factory=TrunkLoraConfig)
+    # masked-denoising objective (model.attention_mode: bidirectional): see docs/progressive.md#masked-denoising
+    time_step_masking: bool = False  # inputs get the mask token at ⌊S·f_t⌋ positions per row; loss on those only
+    num_time_steps: Optional[int] = None  # T (steps t = 0 … T−1); null = len(time_step_mask_fractions), else 12
+    time_step_mask_fractions: Optional[List[float]] = None  # f_t per step, each in (0, 1]; null = the schedule below
+    min_mask_fraction: Optional[float] = None  # schedule: f_0; null = 0.1
+    max_mask_fraction: Optional[float] = None  # schedule: f_{T−1}; null = 0.99
+    mask_schedule_type: Optional[Literal["linear", "exponential", "cosine"]] = None  # f_t between them; null = linear
+    time_step_selection: Optional[Literal["block", "batch"]] = None  # t per phase's block, or drawn per batch; null = block in progressive modes, batch in full
+    mask_token_id: Optional[int] = None  # the id written at masked positions; null = the tokenizer's mask token
 
 
 @dataclass
@@ -396,10 +406,6 @@ RETIRED_KEYS = {
     ("training", "fsdp_sharding_strategy"): "megamem shards with DeepSpeed ZeRO: drop this key and "
     "launch with --deepspeed ds_configs/zero3.json (ZeRO-3 partitions parameters like FSDP FULL_SHARD)",
     ("memory", "memory_layer_custom"): "use memory.memory_layer_indices",
-    **{("training", k): f"{what} is not available in this version (docs/progressive.md)" for k, what in (
-        ("time_step_masking", "time-step masking"), ("num_time_steps", "time-step masking"),
-        ("time_step_mask_fractions", "time-step masking"), ("min_mask_fraction", "progressive masking"),
-        ("max_mask_fraction", "progressive masking"), ("mask_schedule_type", "progressive masking"))},
     ("training", "epochs_per_block"): "use training.epochs_per_layer (the epochs of each phase, whatever its size)",
 }
 

@@ -6,6 +6,7 @@ from typing import List
 
 from .aliases import alias_conflicts, position_type
 from .layer_selection import peer_placement
+from .masking import masking_problems
 from .progressive import progressive_problems
 from .trunk_lora import trunk_lora_problems
 from .schema import RULER_TASKS, MegamemConfig, MLAConfig
@@ -336,6 +337,7 @@ def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
                             "'blocks.*.memory.*' or 'banks.*', or null")
     progressive_problems(cfg, problems)
     trunk_lora_problems(cfg, problems)
+    masking_problems(cfg, problems)
     if isinstance(t.text_field, list) and not t.text_field:
         problems.append("training.text_field is an empty list; give a field name or a list of field names")
 

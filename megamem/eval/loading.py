@@ -35,6 +35,15 @@ def _tokenizer(folder: str):
         else None
 
 
+def _refuse_bidirectional(cfg, path: str) -> None:
+    """Inference and evaluation sample and score causal LMs (generate(), perplexity, NIAH/RULER, lm-eval)."""
+    from ..config.masking import causal_only_problem
+
+    problem = causal_only_problem(cfg.model, "inference and evaluation (generation, causal perplexity)")
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
+
+
 def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: Optional[str] = None) -> Loaded:
     from ..hf.folder import is_megamem_folder
     from ..hf.modeling import MegamemForCausalLM
@@ -63,6 +72,7 @@ def load_any(path: str, dtype: Optional[torch.dtype] = None, routing_strategy: O
 
         state, cfg, tok_home = read_weights(path, "--model")
         model, tokenizer = model_with_state(cfg, state, path, dtype), _tokenizer(os.path.join(tok_home, "tokenizer"))
+    _refuse_bidirectional(cfg, path)
     if adapter:
         if routing_strategy:
             raise ConfigError("--routing-strategy: adapter models have no chapter routing")

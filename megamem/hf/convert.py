@@ -13,6 +13,7 @@ import torch
 
 from ..adapter import is_adapter_export
 from ..config import ConfigError, MegamemConfig
+from ..config.masking import causal_only_problem
 from ..folders import SAVE_DTYPES as DTYPES
 from ..folders import write_folder
 from ..parallel.weights import read_weights
@@ -65,6 +66,9 @@ def convert_to_hf(source: str, output: str, dtype: str = "fp32", force: bool = F
     if merge_lora:
         raise ConfigError(f"--merge-lora: {source} is not an adapter run (no adapter.json)")
     state, cfg, tok_home = read_source(source)
+    bidirectional = causal_only_problem(cfg.model, "a Hugging Face causal LM folder (AutoModelForCausalLM)")
+    if bidirectional:
+        raise ConfigError(f"{source}: {bidirectional}")
     native = None
     if hf_format in NATIVE_FORMATS:
         native = NATIVE_FORMATS[hf_format]

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from .attention.masks import document_mask
+from .attention.masks import causal_mask, document_mask, full_mask
 from .decoding_cache import DecodingCache, LayerCache
 
 
@@ -26,6 +26,7 @@ class ForwardContext:
     banks: Dict[int, torch.Tensor] = field(default_factory=dict)  # materialised banks, by bank index
     layer: int = 0  # the block being run
     key_positions: Optional[torch.Tensor] = None  # set by a sliding window's attention: its keys' positions
+    causal: bool = True  # model.attention_mode: causal (query i sees keys ≤ i) or bidirectional (every key)
 
     def at(self, layer: int) -> "ForwardContext":
         return dataclasses.replace(self, layer=layer)
@@ -38,14 +39,21 @@ class ForwardContext:
     def layer_cache(self) -> Optional[LayerCache]:
         return self.cache.layer(self.layer) if self.cache is not None else None
 
+    def allowed(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+        """The bool mask (True = may attend) an explicit-mask kernel needs: the document mask, else causal or full."""
+        if self.document_mask is not None:
+            return self.document_mask
+        return causal_mask(q_len, k_len, device) if self.causal else full_mask(q_len, k_len, device)
+
 
 def forward_context(encoding: Optional[nn.Module], seq_len: int, device: torch.device, dtype: torch.dtype,
                     cache: Optional[DecodingCache] = None, document_ids: Optional[torch.Tensor] = None,
-                    banks: Optional[Dict[int, torch.Tensor]] = None) -> ForwardContext:
-    """The context of a forward over seq_len new tokens (positions continue after the cache)."""
+                    banks: Optional[Dict[int, torch.Tensor]] = None, causal: bool = True) -> ForwardContext:
+    """The context of a forward over seq_len new tokens (positions continue after the cache).
+    causal: false for bidirectional attention (model.attention_mode), which has no cache."""
     past = cache.length if cache is not None else 0
     positions = torch.arange(past, past + seq_len, device=device)
     state = encoding.prepare(positions, dtype) if encoding is not None else None
-    mask = document_mask(document_ids) if document_ids is not None else None
+    mask = document_mask(document_ids, causal) if document_ids is not None else None
     return ForwardContext(positions=positions, cache=cache, document_mask=mask, encoding=encoding,
-                          encoding_state=state, banks=banks if banks is not None else {})
+                          encoding_state=state, banks=banks if banks is not None else {}, causal=causal)

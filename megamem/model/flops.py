@@ -38,7 +38,7 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
     Weights: 6 per trainable and 4 per frozen weight element (no weight gradient), embeddings and
     banks excluded (lookups, not matmuls); the LM head counts (tied: the embedding matrix again).
     Self-attention: QKᵀ and PV over an average causal context of seq_len/2 (a sliding window w < seq_len:
-    w·(seq_len − w/2)/seq_len), ×3 for training, at each attention's widths (`qk_width`, `v_width` over
+    w·(seq_len − w/2)/seq_len; bidirectional attention: seq_len), ×3 for training, at each attention's widths (`qk_width`, `v_width` over
     all heads; hidden_dim when it names none — MLA's are heads·(qk_nope + qk_rope) and heads·v_head_dim,
     its training form).
     Memory attention: QKᵀ and PV over the bank rows a token reads (`memory_rows_read`: with chapters,
@@ -60,6 +60,8 @@ def flops_per_token(model, seq_len: int, batch: Optional[int] = None) -> float:
         dense += (6 if model.tok_embeddings.weight.requires_grad else 4) * full_numel(model.tok_embeddings.weight)
     w = getattr(m, "window_size", None)
     context = seq_len / 2 if w is None or w >= seq_len else w * (seq_len - w / 2) / seq_len
+    if getattr(m, "attention_mode", "causal") == "bidirectional":
+        context = seq_len
     widths = sum(getattr(b.attn, "qk_width", m.hidden_dim) + getattr(b.attn, "v_width", m.hidden_dim)
                  for b in model.blocks)
     attn = 6 * context * widths

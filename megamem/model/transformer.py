@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from ..config import MemoryConfig, ModelConfig
+from ..config import ConfigError, MemoryConfig, ModelConfig
 from ..memory.bank import build_bank
 from ..memory.chapters import routing_stats
 from ..memory.placement import bank_assignment, memory_layers, num_banks
@@ -19,7 +19,7 @@ from .block import Block
 from .context import forward_context
 from .decoding_cache import DecodingCache
 from .layers import make_norm
-from .loss import causal_lm_loss
+from .loss import lm_loss
 from .positions import build_positions
 from .sampling import select_next_token
 
@@ -138,21 +138,29 @@ class MemoryTransformer(nn.Module):
             raise ValueError("last_logits_only has no logits for the loss over every position; pass one or the other")
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids (packed training rows) cannot be combined with a KV cache")
+        causal = self.model_config.attention_mode == "causal"
+        if cache is not None and not causal:
+            raise ConfigError(self._causal_only("a KV cache"))
         if past + S > self.model_config.max_seq_len:
             raise ValueError(f"sequence of {past + S} tokens exceeds model.max_seq_len = {self.model_config.max_seq_len}")
         # each bank is materialised once per forward (not per layer), and once per generation when decoding
         banks = cache.bank_tensors(self.banks) if cache is not None else [bank() for bank in self.banks]
         ctx = forward_context(self.pos_embeddings, S, input_ids.device, self.tok_embeddings.weight.dtype, cache,
-                              document_ids, dict(enumerate(banks)))
+                              document_ids, dict(enumerate(banks)), causal)
         x = self.dropout(self.pos_embeddings.embed(self.tok_embeddings(input_ids), ctx.positions))
         for i, block in enumerate(self.blocks):
             x = block(x, ctx.at(i))
         if cache is not None:
             cache.advance(S)
         logits = self.lm_head(self.norm(x[:, -1:] if last_logits_only else x))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = lm_loss(self.model_config.attention_mode)(logits, labels) if labels is not None else None
         aux, usage = self._routing_stats() if self.memory_config.use_chapters and cache is None else ({}, {})
         return CausalLMOutput(logits=logits, loss=loss, aux_losses=aux, chapter_usage=usage)
+
+    def _causal_only(self, what: str) -> str:
+        from ..config.masking import causal_only_problem
+
+        return causal_only_problem(self.model_config, what)
 
     def _routing_stats(self):
         """Router losses averaged over memory layers (already weighted), and chapter usage per layer."""
@@ -172,6 +180,8 @@ class MemoryTransformer(nn.Module):
 
         Sequences that emit eos are padded with pad_token_id (or eos) until all have stopped.
         """
+        if self.model_config.attention_mode != "causal":
+            raise ConfigError(self._causal_only("generate() (decoding with a KV cache)"))
         B, S = input_ids.shape
         total = min(S + max_new_tokens, self.model_config.max_seq_len)
         if S >= total:

@@ -137,6 +137,9 @@ def _pipeline_problems(cfg: MegamemConfig, stage: int, stages: int, world_size: 
     if cfg.model.num_layers < stages:
         problems.append(f"pipeline.stages = {stages} exceeds model.num_layers ({cfg.model.num_layers}): "
                         "every stage needs at least one block")
+    if cfg.training.time_step_masking:
+        problems.append("training.time_step_masking is not wired for pipeline stages (their loss is the causal one); "
+                        "use ZeRO-0/1/2/3 without a pipeline")
     return problems
 
 

@@ -18,6 +18,7 @@ from ..parallel.zero import build_model_for_zero, gathered_state_dict
 from .chapter_banks import ChapterBanks, banks_outside_engine
 from .checkpoint import CheckpointManager, resolve_resume
 from .ds_config import pipeline_stages, resolve_ds_config, zero_stage
+from .masking import build_objective
 from .diagnostics import MemoryDiagnostics
 from .metrics import MetricsLogger, flops_per_token, measure_peak_flops, mfu
 from .optim import build_optimizer, build_scheduler, parameter_groups
@@ -51,6 +52,8 @@ class Trainer:
         check_output_dir(cfg)  # before anything is written: never land on another run
         self.layout = layout_of(self.ds, cfg, self.world)
         self.pipeline = pipeline_stages(self.ds) > 1
+        # the batch transform of the objective (masking.py); its mask token is resolved before any model is built
+        self.objective = build_objective(cfg, tokenizer, self.rank)
         # data-parallel position: a pipeline's stages all read the same batches
         self.data_rank, self.data_world = self.rank, self.world
         if self.pipeline:
@@ -177,10 +180,11 @@ class Trainer:
         """One optimizer step over gradient_accumulation_steps micro-batches; non-finite ones are skipped."""
         if self.pipeline:
             return self._pipeline_step(batches)
-        losses, aux, micro, in_a_row = [], {}, 0, 0
+        losses, aux, micro, in_a_row, fractions = [], {}, 0, 0, []
         diagnose = self.diagnostics.begin(self._logging_step(self.step + 1))
         while micro < self.t.gradient_accumulation_steps:
-            out = self._forward(next(batches))
+            batch, fraction = self.objective.train_batch(next(batches), self.step, micro, self.skipped)
+            out = self._forward(batch)
             loss = out.loss + sum(out.aux_losses.values()) if out.aux_losses else out.loss
             finite = self._all_reduce(torch.tensor([float(torch.isfinite(loss.detach()).all())]), "min")
             if finite.item() == 0:  # any rank: skip this micro-batch everywhere (no backward), count it
@@ -208,12 +212,16 @@ class Trainer:
                     if part is not None:
                         part.step(bank_lr)
             micro += 1
+            fractions.append(fraction)
             losses.append(out.loss.detach().float())
             for name, value in out.aux_losses.items():
                 aux[name] = aux.get(name, 0.0) + value.detach().float() / self.t.gradient_accumulation_steps
         lm = self._all_reduce(torch.stack(losses).mean().reshape(1)).item() / self.world
         record = {"lm_loss": lm, **{k: self._all_reduce(v.reshape(1)).item() / self.world for k, v in aux.items()}}
         record["loss"] = lm + sum(v for k, v in record.items() if k != "lm_loss")
+        if self.objective.fraction_logged:  # masked denoising: the mean mask fraction of the step's micro-batches
+            record["mask_fraction"] = self._all_reduce(torch.tensor([sum(fractions) / len(fractions)],
+                                                                    dtype=torch.float64)).item() / self.world
         if diagnose:
             record.update(self.diagnostics.end(self._all_reduce, self.world))
         return record
@@ -241,21 +249,24 @@ class Trainer:
         if self.eval_loader is None:
             self.eval_loader = self.loaders("eval", self.data_rank, self.data_world)
         it = iter(self.eval_loader)  # each iter() is one pass over the eval split
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(4, dtype=torch.float64)  # loss·tokens, tokens, mask fractions, batches
         for i in range(self.t.eval_max_batches or 2**62):
             batch = next(it, None)
             # every rank runs the same number of forwards (ZeRO-3 gathers are collective)
             if self._all_reduce(torch.tensor([0.0 if batch is None else 1.0]), "min").item() == 0:
                 break
+            batch, fraction = self.objective.eval_batch(batch, i)
             out = self._forward(batch)
-            n = (batch["labels"][:, 1:] != -100).sum().item()
-            total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
+            n = self.objective.scored(batch["labels"])
+            total += torch.tensor([out.loss.item() * n, n, fraction or 0.0, 1], dtype=torch.float64)
         self.engine.train()
         total = self._all_reduce(total) / (self.world // self.data_world)  # each pipeline stage counted it
         if total[1] == 0:
             return None
         loss = (total[0] / total[1]).item()
         result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": int(total[1])}
+        if self.objective.fraction_logged:
+            result["eval_mask_fraction"] = (total[2] / total[3]).item()
         if self.extra_eval is not None:  # rank 0 alone (checked in __init__: the model is whole on each rank)
             if self.rank == 0:
                 self.engine.eval()

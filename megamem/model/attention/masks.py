@@ -6,12 +6,19 @@ from typing import Optional
 import torch
 
 
-def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] document ids → [B, 1, S, S] bool mask: causal and inside one document (built once per forward)."""
+def document_mask(document_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """[B, S] document ids → [B, 1, S, S] bool mask: inside one document, and causal unless bidirectional
+    (built once per forward)."""
     S = document_ids.shape[1]
     same = document_ids[:, :, None] == document_ids[:, None, :]
-    causal = torch.ones(S, S, dtype=torch.bool, device=document_ids.device).tril()
-    return (same & causal)[:, None]
+    if causal:
+        same = same & torch.ones(S, S, dtype=torch.bool, device=document_ids.device).tril()
+    return same[:, None]
+
+
+def full_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """[q_len, k_len] bool, all True: bidirectional attention (every query sees every key)."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device)
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:

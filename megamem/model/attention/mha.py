@@ -63,26 +63,27 @@ class MultiHeadAttention(nn.Module):
         bias = encoding.attention_bias(ctx.encoding_state, ctx, H, S, k.shape[2]) if encoding is not None else None
         gqa = KV != H
         if bias is not None or ctx.document_mask is not None:
-            allowed = ctx.document_mask if ctx.document_mask is not None else causal_mask(S, k.shape[2], x.device)
+            allowed = ctx.allowed(S, k.shape[2], x.device)
             mask = allowed if bias is None else additive_mask(allowed, bias, q.dtype)
             y = sdpa(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
         elif self.use_flash_attention and flash_attention_usable(x):
-            return self._flash(q, k, v, p)
+            return self._flash(q, k, v, p, causal=ctx.causal)
         elif past == 0:
-            y = sdpa(q, k, v, dropout_p=p, is_causal=S > 1, enable_gqa=gqa)
+            y = sdpa(q, k, v, dropout_p=p, is_causal=S > 1 and ctx.causal, enable_gqa=gqa)
         elif S == 1:  # one new token sees every cached token
             y = sdpa(q, k, v, dropout_p=p, enable_gqa=gqa)
         else:  # several new tokens after a cached prefix: query i sees keys 0..past+i
             y = sdpa(q, k, v, attn_mask=causal_mask(S, k.shape[2], x.device), dropout_p=p, enable_gqa=gqa)
         return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, S, H * hd)))
 
-    def _flash(self, q, k, v, p, **options):
-        """flash-attn, causal (aligned bottom-right, which is what a KV cache needs); options: alibi_slopes
+    def _flash(self, q, k, v, p, causal: bool = True, **options):
+        """flash-attn, causal (aligned bottom-right, which is what a KV cache needs) unless bidirectional
+        (causal false: no cache, model.attention_mode); options: alibi_slopes
         (fp32 [heads]: bias −slope·(i − j)), window_size ((window − 1, 0): keys i − window < j ≤ i)."""
         from flash_attn import flash_attn_func  # guarded import: CUDA-only package
 
         B, H, S, hd = q.shape
-        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=True,
+        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, causal=causal,
                             **options)
         return self.resid_dropout(self.o_proj(y.reshape(B, S, H * hd)))
 

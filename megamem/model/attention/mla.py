@@ -28,7 +28,7 @@ from ...ops import Linear, sdpa
 from ..layers import RMSNorm
 from ..positions import POSITIONS, PositionEncoding
 from ..positions.rope import apply_rotary, rope_inv_freq
-from .masks import additive_mask, causal_mask
+from .masks import additive_mask
 from .registry import ATTENTION
 
 CACHE_KEY = "mla_latent"  # LayerCache.state entry: [B, tokens, kv_lora_rank + qk_rope_head_dim]
@@ -108,9 +108,9 @@ class MultiHeadLatentAttention(nn.Module):
         bias = encoding.attention_bias(ctx.encoding_state, ctx, self.num_heads, S, T) if encoding is not None else None
         allowed = ctx.document_mask
         if allowed is None and (bias is not None or (past > 0 and S > 1)):
-            allowed = causal_mask(S, T, x.device)
+            allowed = ctx.allowed(S, T, x.device)
         mask = allowed if bias is None else additive_mask(allowed, bias, q_rope.dtype)
-        is_causal = mask is None and past == 0 and S > 1
+        is_causal = mask is None and past == 0 and S > 1 and ctx.causal
         p = self.attention_dropout if self.training else 0.0
         if absorbed if absorbed is not None else past > 0:
             y = self._absorbed(q_nope, q_rope, latent, mask, is_causal, p)
