@@ -99,6 +99,20 @@ def test_three_arms_train_the_same_tokens_and_the_table_is_their_metrics(tmp_pat
     again = {r["arm"]: r for r in json.loads((out / "bench.json").read_text())["arms"]}
     assert again == rows
 
+    import shutil  # the full arm as if stopped after its step-4 checkpoint: the rerun resumes it there
+
+    shutil.rmtree(out / "full" / "final")
+    shutil.rmtree(out / "full" / "checkpoints" / "step00000006")
+    (out / "full" / "checkpoints" / "latest").write_text("step00000004")
+    assert tool.main(["--config", config, "--tokens", str(tokens), "--out", str(out)]) == 0
+    assert yaml.safe_load((out / "full.yaml").read_text())["training"]["resume_from_checkpoint"] == "latest"
+    assert (out / "full" / "final" / "model.safetensors").is_file()
+    runs = json.loads((out / "wall.json").read_text())["full"]
+    assert len(runs["runs"]) == 2 and runs["wall_s"] == pytest.approx(sum(r["wall_s"] for r in runs["runs"]))
+    resumed = {r["arm"]: r for r in json.loads((out / "bench.json").read_text())["arms"]}
+    assert resumed["full"]["steps"] == 6 and resumed["full"]["tokens"] == tokens
+    assert resumed["full"]["eval_loss"] == pytest.approx(rows["full"]["eval_loss"], rel=1e-6)  # exact resume
+
 
 def test_refusals_before_anything_trains(tmp_path):
     tool, config = _tool(), base_config(tmp_path)

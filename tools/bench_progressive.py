@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Stack-Wise training side by side at one token budget: full vs blockwise-frozen vs fused with LoRA on the trunk.
 
-    python tools/bench_progressive.py --config configs/stackwise_blockwise.yaml --tokens 245760 --out outputs/bench_progressive
+    python tools/bench_progressive.py --config configs/stackwise_fused_lora.yaml --tokens 122880 \
+        --out outputs/bench_progressive --training.warmup_steps 5 --training.eval_steps 15
 
 From the one config (model, data, seed, batch, and its schedule block_size × total_blocks) three arms train
 the same number of tokens, each through the real tools as a subprocess: `full` (scripts/train.py, mode full),
