@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ..config import MegamemConfig
 from ..train.progressive import block_size, phase_dir, total_blocks
@@ -23,31 +23,40 @@ def _records(folder: str) -> List[Dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def run_summary(folder: str, offset: int = 0) -> Optional[Dict[str, Any]]:
+    """One run's (or phase's) steps, tokens, last losses, summed step time and its curves as (tokens since
+    `offset`, loss) points; None when it has logged no training step."""
+    records = _records(folder)
+    train = [r for r in records if r.get("kind") == "train"]
+    if not train:
+        return None
+    # a resumed run logs the steps after its checkpoint again: the last record of a step wins
+    by_step = {r["step"]: r for r in train}
+    train = [by_step[s] for s in sorted(by_step)]
+    per_step = round(train[-1]["tokens_per_s"] * train[-1]["step_time_s"])  # an integer, up to rounding
+    evals = {r["step"]: r for r in records if r.get("kind") == "eval"}
+    steps = train[-1]["step"]
+    last = evals[max(evals)] if evals else None
+    return {
+        "start_tokens": offset, "steps": steps, "tokens": steps * per_step,
+        "train_loss": train[-1]["loss"], "eval_loss": last["eval_loss"] if last else None,
+        "eval_ppl": last["eval_ppl"] if last else None, "eval_step": last["step"] if last else None,
+        "train_time_s": sum(r["step_time_s"] for r in train),
+        "train_curve": [(offset + r["step"] * per_step, r["loss"]) for r in train],
+        "eval_curve": [(offset + s * per_step, evals[s]["eval_loss"]) for s in sorted(evals)],
+    }
+
+
 def phase_summaries(cfg: MegamemConfig) -> List[Dict[str, Any]]:
-    """One entry per phase that has metrics: its layers, steps, tokens, last losses, summed step time, and
-    its curve as (tokens since the start of the schedule, loss) points."""
+    """One entry per phase that has metrics (run_summary plus its phase and layers), on one token axis."""
     out, offset = [], 0
+    size = block_size(cfg.training)
     for p in range(total_blocks(cfg)):
-        records = _records(phase_dir(cfg, p))
-        train = [r for r in records if r.get("kind") == "train"]
-        if not train:
+        s = run_summary(phase_dir(cfg, p), offset)
+        if s is None:
             continue
-        # a resumed phase logs the steps after its checkpoint again: the last record of a step wins
-        by_step = {r["step"]: r for r in train}
-        train = [by_step[s] for s in sorted(by_step)]
-        per_step = round(train[-1]["tokens_per_s"] * train[-1]["step_time_s"])  # an integer, up to rounding
-        evals = {r["step"]: r for r in records if r.get("kind") == "eval"}
-        steps = train[-1]["step"]
-        size = block_size(cfg.training)
-        out.append({
-            "phase": p, "start_tokens": offset, "layers": [p * size, (p + 1) * size - 1], "steps": steps,
-            "tokens": steps * per_step, "train_loss": train[-1]["loss"],
-            "eval_loss": evals[max(evals)]["eval_loss"] if evals else None,
-            "train_time_s": sum(r["step_time_s"] for r in train),
-            "train_curve": [(offset + r["step"] * per_step, r["loss"]) for r in train],
-            "eval_curve": [(offset + s * per_step, evals[s]["eval_loss"]) for s in sorted(evals)],
-        })
-        offset += steps * per_step
+        out.append({"phase": p, "layers": [p * size, (p + 1) * size - 1], **s})
+        offset = s["start_tokens"] + s["tokens"]
     return out
 
 
@@ -86,6 +95,39 @@ def plot_phases(summaries: List[Dict[str, Any]], path: str, title: str = "") -> 
     ax.set_ylabel("loss")
     ax.set_title(title or "progressive training: loss by phase")
     ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_arms(arms: Dict[str, List[Dict[str, Any]]], path: str, title: str = "") -> None:
+    """Several runs on one token axis, each in its colour: train loss (line), eval loss (dots joined), and a
+    dashed line where each of its phases after the first begins. arms: name → its run_summary/phase_summaries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    styles = ["--", ":", "-."]
+    for i, (name, summaries) in enumerate(arms.items()):
+        color = f"C{i}"
+        train = [pt for s in summaries for pt in s["train_curve"]]
+        evals = [pt for s in summaries for pt in s["eval_curve"]]
+        ax.plot(*zip(*train), color=color, lw=1.0, alpha=0.45, label=f"{name}: train")
+        if evals:
+            ax.plot(*zip(*evals), "o-", color=color, ms=4, lw=1.2, label=f"{name}: eval")
+        for j, s in enumerate(summaries[1:]):
+            ax.axvline(s["start_tokens"], color=color, ls=styles[i % len(styles)], lw=0.9,
+                       label=f"{name}: phase starts" if j == 0 else None)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or "loss over tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
