@@ -273,6 +273,18 @@ def test_windowed_decoding_keeps_the_cache_flat():
     assert [c.keys.shape[2] for c in cache.layers.values()] == [6] * 4
 
 
+def test_a_cache_shorter_than_the_window_holds_only_its_tokens():
+    """max_len < window: the ring has max_len slots (not window), decodes as the full forward, refuses more."""
+    model = make("model.window_size=32")
+    ids = IDS[:, :20]
+    cache = DecodingCache(max_len=20)
+    out = [model(ids[:, :7], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(7, 20)]
+    torch.testing.assert_close(torch.cat(out, 1), model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert [c.keys.shape[2] for c in cache.layers.values()] == [20] * 4
+    with pytest.raises(ValueError, match="KV cache holds 20 tokens; cannot append up to 21"):
+        model(ids[:, :1], cache=cache)
+
+
 def test_window_longer_than_the_sequence_is_full_attention():
     torch.testing.assert_close(make("model.window_size=64")(IDS).logits, make()(IDS).logits, rtol=1e-5, atol=1e-6)
 
