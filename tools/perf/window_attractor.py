@@ -188,9 +188,13 @@ def plot(res: Dict, path: str) -> str:
             mem.plot(x, [r["peak_rss_delta_bytes"] / 2 ** 20 for r in rows], "s--", color=line.get_color(),
                      label=f"{name}: peak RSS Δ")
         speed.plot(x, [r["tokens_per_s"] for r in rows], "o-", label=name)
-    mem.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="MiB",
-            title=f"decode memory (window {res['window']})")
-    speed.set(xscale="log", xlabel="context length (tokens)", ylabel="decode tokens/s", title="decode speed")
+    contexts = sorted({r["context"] for r in res["rows"]})
+    for ax in (mem, speed):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [f"{c:,}" for c in contexts])
+        ax.minorticks_off()
+    mem.set(yscale="log", xlabel="context length (tokens)", ylabel="MiB", title=f"decode memory (window {res['window']})")
+    speed.set(xlabel="context length (tokens)", ylabel="decode tokens/s", title="decode speed (1 thread)")
     mem.legend(fontsize=7)
     speed.legend(fontsize=7)
     fig.tight_layout()
