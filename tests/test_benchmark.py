@@ -58,8 +58,37 @@ def test_every_sub_benchmark_reports_finite_ratios(quick):
     for v in mla["rows"]:  # MLA caches (d_c + d_r) values per layer, GQA 2 · kv_heads · head_dim, fp32
         assert v["mla_cache_bytes_per_token"] == 2 * (16 + 4) * 4 and v["gqa_cache_bytes_per_token"] == 2 * 2 * 2 * 8 * 4
         assert _positive(v["mla_over_gqa_tokens_per_s"])
+    wa = r["window_attractor"]["rows"]
+    assert [(v["context"], v["model"]) for v in wa] == [(c, m) for c in (4, 12, 48)
+                                                         for m in ("plain", "window", "window_attractor")]
+    assert all(_positive(v["tokens_per_s_vs_plain"]) and v["cache_bytes"] > 0 for v in wa)
     table = benchmark.table(quick)
-    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4 + 2 + 4  # one row per measured ratio
+    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4 + 2 + 4 + 3 * 2 * 2  # one row per measured ratio
+
+
+def test_window_attractor_cache_bytes_follow_the_formula(tmp_path):
+    """The decode-memory arm at tiny sizes: KV bytes = layers × 2 × kv_heads × head_dim × tokens × 4 (fp32), with
+    tokens = min(cache tokens, W) under a window (flat beyond W), plus d_state × hidden × 4 per attractor layer."""
+    from perf import window_attractor
+
+    size = dict(dim=32, inter=48, layers=2, heads=4, kv_heads=2, window=16, chunk=8, new_tokens=2,
+                contexts=[4, 12, 30, 64], attractor=dict(layers=1, d_state=8))
+    res = window_attractor.run(size, iters=1, warmup=0)
+    rows = {(v["context"], v["model"]): v for v in res["rows"]}
+    assert len(rows) == 12
+    for (context, model), v in rows.items():
+        tokens = context + 2 * 2  # new_tokens × (the measured round + 1 timed round)
+        held = tokens if model == "plain" else min(tokens, 16)
+        assert v["cache_tokens"] == tokens
+        assert v["kv_cache_bytes"] == 2 * 2 * 2 * 8 * held * 4
+        assert v["state_bytes"] == (1 * 8 * 32 * 4 if model == "window_attractor" else 0)
+        plain = rows[(context, "plain")]
+        assert v["cache_bytes_vs_plain"] == v["cache_bytes"] / plain["cache_bytes"]
+        assert _positive(v["tokens_per_s"])
+    assert len({rows[(c, "window")]["kv_cache_bytes"] for c in (12, 30, 64)}) == 1  # flat beyond W
+    text = window_attractor.table(res)
+    assert text.count("\n| ") == 12
+    assert os.path.getsize(window_attractor.plot(res, str(tmp_path / "wa.png"))) > 0
 
 
 def test_cli_writes_json_and_refuses_bad_arguments(tmp_path, capsys):

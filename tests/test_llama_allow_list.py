@@ -133,3 +133,24 @@ def test_convert_routes_by_the_allow_list_and_honours_format(tmp_path):
     with pytest.raises(ConfigError, match=r"^--format gguf; valid: auto, llama, deepseek_v3, megamem$"):
         convert_to_hf(llama, str(tmp_path / "d"), hf_format="gguf")
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("pos", [
+    PositionEncodingConfig("rope", rope_base=500.0),  # a code-built config: the base in pos_encoding, not rope_theta
+    PositionEncodingConfig("rope_ntk", rope_base=500.0, ntk_factor=2.0, ntk_original_max_seq_len=16),
+    PositionEncodingConfig("rope_ntk", ntk_factor=1.5, ntk_scaling="dynamic", ntk_original_max_seq_len=8),
+], ids=["rope_base", "static", "dynamic"])
+def test_rope_given_in_pos_encoding_is_llama_with_equal_logits(pos):
+    cfg = tiny_config("memory.vanilla_mode=true")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pos_encoding=pos))
+    assert llama_incompatibilities(cfg) == []
+    assert_llama_equals_megamem(cfg)  # 17 tokens: beyond L0 = 8 for dynamic
+
+
+@pytest.mark.parametrize("pos", [PositionEncodingConfig("rope", max_seq_len=64), PositionEncodingConfig("rope", ntk_factor=2.0),
+                                 PositionEncodingConfig("rope_ntk", irrational="e")])
+def test_other_pos_encoding_keys_are_not_llama(pos):
+    cfg = tiny_config("memory.vanilla_mode=true")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pos_encoding=pos))
+    assert [p for p in llama_incompatibilities(cfg) if p.startswith(f"model.pos_encoding is {pos!r} (Llama expresses "
+                                                                      "only type rope, or rope_ntk")]

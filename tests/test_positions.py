@@ -68,19 +68,32 @@ def test_static_ntk_base():
     assert torch.equal(ntk.inv_freq, 1.0 / base ** (torch.arange(0, 16, 2).float() / 16))
 
 
-@pytest.mark.parametrize("seq_len", [100, 1000, 1001, 3000])
+def transformers_dynamic_rotary(head_dim, factor, original, theta=10000.0):
+    """transformers' Llama rotary module with rope type dynamic (its forward recomputes the frequencies)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=original,
+                     rope_parameters={"rope_type": "dynamic", "factor": factor, "rope_theta": theta})
+    return LlamaRotaryEmbedding(hf)
+
+
+@pytest.mark.parametrize("seq_len", [100, 1000, 1001, 3000, 100_003])
 def test_dynamic_ntk_matches_transformers(seq_len):
+    """The cos/sin of transformers' own forward (frequencies recomputed from an int64 length in float32),
+    bit for bit, at the trained length and far beyond it; and its Python-float function at init."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import _compute_dynamic_ntk_parameters
 
+    ntk = NTKRotaryPositions(ModelConfig(hidden_dim=64, num_heads=4, max_seq_len=200_000, pos_encoding=PositionEncodingConfig(
+        type="rope_ntk", ntk_factor=3.3, ntk_scaling="dynamic", ntk_original_max_seq_len=1000)))
+    positions = torch.arange(seq_len)
+    cos, sin = ntk.prepare(positions, torch.float32)
+    ref_cos, ref_sin = transformers_dynamic_rotary(16, 3.3, 1000)(torch.zeros(1), positions[None])
+    assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
     hf = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=1000,
                      rope_parameters={"rope_type": "dynamic", "factor": 3.3, "rope_theta": 10000.0})
-    reference, _ = _compute_dynamic_ntk_parameters(hf, seq_len=seq_len)
-    ntk = NTKRotaryPositions(model_config(type="rope_ntk", ntk_factor=3.3, ntk_scaling="dynamic",
-                                          ntk_original_max_seq_len=1000))
-    cos, sin = ntk.prepare(torch.arange(seq_len), torch.float32)
-    freqs = torch.arange(seq_len).float()[:, None] * reference[None, :]
-    assert torch.equal(cos, torch.cat((freqs, freqs), -1).cos()) and torch.equal(sin, torch.cat((freqs, freqs), -1).sin())
+    assert torch.equal(ntk.inv_freq, _compute_dynamic_ntk_parameters(hf)[0])  # init: seq_len = L0
 
 
 # --------------------------------------------------------------------------------------- alibi
@@ -205,14 +218,15 @@ def test_kv_cache_decoding_equals_the_full_forward(name):
 
 
 def test_dynamic_ntk_beyond_L0_uses_the_base_of_the_current_length():
+    """A decoding step at positions 50..55 (L = 56 > L0 = 48) rotates as transformers' forward does there."""
     model = make(*ENCODINGS["rope_ntk_dynamic"])
-    enc = model.pos_embeddings
-    cos, _ = enc.prepare(torch.arange(50, 56), torch.float32)
+    cos, sin = model.pos_embeddings.prepare(torch.arange(50, 56), torch.float32)
+    ref_cos, ref_sin = transformers_dynamic_rotary(8, 2.0, 48)(torch.zeros(1), torch.arange(50, 56)[None])
+    assert torch.equal(cos, ref_cos[0]) and torch.equal(sin, ref_sin[0])
     from megamem.model.positions.rope import rope_inv_freq
     from megamem.model.positions.rope_ntk import dynamic_ntk_base
-    inv = rope_inv_freq(8, dynamic_ntk_base(10000.0, 2.0, 8, 56, 48))
-    freqs = torch.arange(50, 56).float()[:, None] * inv[None]
-    assert torch.equal(cos, torch.cat((freqs, freqs), -1).cos())
+    freqs = torch.arange(50, 56).float()[:, None] * rope_inv_freq(8, dynamic_ntk_base(10000.0, 2.0, 8, 56, 48))[None]
+    torch.testing.assert_close(cos, torch.cat((freqs, freqs), -1).cos(), rtol=0, atol=1e-6)  # the formula in float64
 
 
 @pytest.mark.parametrize("name", ["rope", "alibi", "pi_spiral", "hybrid", "rope+window", "alibi_6_heads+window"])
@@ -257,6 +271,18 @@ def test_windowed_decoding_keeps_the_cache_flat():
     torch.testing.assert_close(torch.cat(out, 1), full, rtol=1e-5, atol=1e-5)
     assert sizes[5:] == [sizes[5]] * (len(sizes) - 5) and sizes[5] == 4 * 2 * (2 * 2 * 6 * 8)
     assert [c.keys.shape[2] for c in cache.layers.values()] == [6] * 4
+
+
+def test_a_cache_shorter_than_the_window_holds_only_its_tokens():
+    """max_len < window: the ring has max_len slots (not window), decodes as the full forward, refuses more."""
+    model = make("model.window_size=32")
+    ids = IDS[:, :20]
+    cache = DecodingCache(max_len=20)
+    out = [model(ids[:, :7], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(7, 20)]
+    torch.testing.assert_close(torch.cat(out, 1), model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert [c.keys.shape[2] for c in cache.layers.values()] == [20] * 4
+    with pytest.raises(ValueError, match="KV cache holds 20 tokens; cannot append up to 21"):
+        model(ids[:, :1], cache=cache)
 
 
 def test_window_longer_than_the_sequence_is_full_attention():

@@ -12,7 +12,9 @@ Sub-benchmarks: vanilla (train tokens/s vs transformers Llama), memory (achieved
 models vs vanilla), chapters (step time vs bank size), mfu (achieved FLOP/s over a matmul peak
 measured here), generation (generate() vs transformers generate()), distributed (2 gloo ranks:
 ZeRO-3, bank gather, expert-parallel all-to-all), peer_mla (PEER vs a dense MLP of the same active
-neurons: step time and loss; MLA vs GQA: KV-cache bytes per token and decode tokens/s). Writes JSON (--json) and PNG plots (--plot-dir).
+neurons: step time and loss; MLA vs GQA: KV-cache bytes per token and decode tokens/s), window_attractor
+(decode memory and tokens/s vs context length: plain RoPE, a sliding window, window + attractor; its own
+table too). Writes JSON (--json) and PNG plots (--plot-dir).
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ MODEL = dict(vocab=8192, dim=512, inter=1376, layers=6, heads=8, kv_heads=4, seq
 PEER_MLA = dict(dim=256, layers=4, heads=8, kv_heads=4, seq=128, batch=4, max_len=4128, lr=3e-3, steps=120,
                 peer=dict(keys=128, heads=4, k=16, he=1, query_dim=64), contexts=[1024, 4096], new_tokens=16,
                 mla=dict(kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32))
+# decoding at growing context: plain RoPE vs window W vs window + attractor (last `layers` layers, d_state rows)
+WINDOW_ATTRACTOR = dict(dim=256, inter=688, layers=4, heads=8, kv_heads=4, window=512, chunk=256, new_tokens=32,
+                        contexts=[256, 512, 1024, 2048, 4096, 8192], attractor=dict(layers=2, d_state=64))
 SIZES = {
     "quick": dict(model=dict(vocab=256, dim=64, inter=96, layers=2, heads=4, kv_heads=2, seq=32, batch=2),
                   banks=[64, 256], gen=dict(new_tokens=4, gen_batch=1, prompt=8), gen_memory=64,
@@ -42,20 +47,24 @@ SIZES = {
                   peer_mla=dict(dim=32, layers=2, heads=4, kv_heads=2, seq=16, batch=2, max_len=80, lr=3e-3, steps=3,
                                 peer=dict(keys=8, heads=2, k=4, he=1, query_dim=8), contexts=[32, 64], new_tokens=3,
                                 mla=dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)),
+                  window_attractor=dict(dim=32, inter=48, layers=2, heads=4, kv_heads=2, window=16, chunk=8,
+                                        new_tokens=2, contexts=[4, 12, 48], attractor=dict(layers=1, d_state=8)),
                   iters=1, warmup=1),
     "default": dict(model=dict(MODEL, batch=2, batch_bf16=1, batch_memory=1), banks=[1024, 4096, 16384],
                     gen=dict(new_tokens=64, gen_batch=1, prompt=32), gen_memory=4096,
                     chapters=None, chapter_banks=[16_384, 131_072, 1_048_576],
                     dist=dict(vocab=8192, dim=256, inter=688, layers=4, heads=8, kv_heads=4, seq=128, batch=2,
                               memory_tokens=4096, chapter_tokens=65_536, chapters=256, top_k=8),
-                    peer_mla=PEER_MLA, iters=3, warmup=1),
+                    peer_mla=PEER_MLA, window_attractor=WINDOW_ATTRACTOR, iters=3, warmup=1),
     "full": dict(model=dict(MODEL, batch=8), banks=[1024, 4096, 16384],
                  gen=dict(new_tokens=128, gen_batch=1, prompt=64), gen_memory=16384,
                  chapters=None, chapter_banks=[16_384, 131_072, 1_048_576],
                  dist=dict(MODEL, batch=4, memory_tokens=16384, chapter_tokens=1_048_576, chapters=4096, top_k=8),
-                 peer_mla=dict(PEER_MLA, steps=400, contexts=[1024, 4096, 16384], max_len=16416), iters=5, warmup=1),
+                 peer_mla=dict(PEER_MLA, steps=400, contexts=[1024, 4096, 16384], max_len=16416),
+                 window_attractor=dict(WINDOW_ATTRACTOR, new_tokens=64, contexts=[256, 1024, 4096, 16384, 32768]),
+                 iters=5, warmup=1),
 }
-ALL = ["vanilla", "memory", "chapters", "mfu", "generation", "distributed", "peer_mla"]
+ALL = ["vanilla", "memory", "chapters", "mfu", "generation", "distributed", "peer_mla", "window_attractor"]
 
 
 def machine() -> dict:
@@ -128,6 +137,10 @@ def run(only, level: str = "default", iters=None, warmup=None, threads: int = 1,
             from perf import peer_mla
 
             res = peer_mla.run(s["peer_mla"], it, wu)
+        elif name == "window_attractor":
+            from perf import window_attractor
+
+            res = window_attractor.run(s["window_attractor"], it, wu)
         else:
             raise SystemExit(f"unknown sub-benchmark {name!r}; valid: {', '.join(ALL)}")
         out["results"][name] = res
@@ -193,6 +206,17 @@ def table(out: dict) -> str:
                          f"{v['gqa_tokens_per_s']:.1f})", v["mla_over_gqa_tokens_per_s"], "", ""))
             rows.append((f"KV-cache bytes per token, MLA / GQA ({v['mla_cache_bytes_per_token']:.0f} / "
                          f"{v['gqa_cache_bytes_per_token']:.0f})", v["mla_over_gqa_cache_bytes"], "", ""))
+    wa = r.get("window_attractor")
+    for v in (wa or {}).get("rows", []):
+        if v["model"] == "plain":
+            continue
+        what = f"window {wa['window']}" + (" + attractor" if v["model"] == "window_attractor" else "")
+        plain = next(p for p in wa["rows"] if p["context"] == v["context"] and p["model"] == "plain")
+        rows.append((f"decode tokens/s, {what} / plain RoPE at {v['context']:,} context ({v['tokens_per_s']:.1f} / "
+                     f"{plain['tokens_per_s']:.1f})", v["tokens_per_s_vs_plain"], "", ""))
+        rss = "" if v["peak_rss_vs_plain"] is None else f"; peak RSS Δ {v['peak_rss_vs_plain']:.2f}× plain"
+        rows.append((f"decode cache bytes, {what} / plain RoPE at {v['context']:,} context ({v['cache_bytes']:,} / "
+                     f"{plain['cache_bytes']:,}{rss})", v["cache_bytes_vs_plain"], "", ""))
     lines = ["| measurement | ratio | target | met |", "|---|---|---|---|"]
     lines += [f"| {w} | {_fmt(x)} | {t} | {'yes' if m is True else 'no' if m is False else ''} |" for w, x, t, m in rows]
     return "\n".join(lines)
@@ -229,6 +253,11 @@ def plots(out: dict, directory: str) -> list:
         made.append(os.path.join(directory, "memory_efficiency.png"))
         fig.tight_layout()
         fig.savefig(made[-1], dpi=110)
+    if out["results"].get("window_attractor"):
+        from perf import window_attractor
+
+        made.append(window_attractor.plot(out["results"]["window_attractor"],
+                                          os.path.join(directory, "window_attractor.png")))
     return made
 
 
@@ -265,6 +294,10 @@ def main(argv=None) -> int:
     out = run(args.only, level, args.iters, args.warmup, args.threads, args.device, args.compile,
               args.chapter_modes, partial_json=args.json)
     text = table(out)
+    if out["results"].get("window_attractor"):
+        from perf import window_attractor
+
+        text += "\n\n" + window_attractor.table(out["results"]["window_attractor"])
     print(f"# {out['machine']['cpu']}, {out['machine']['threads']} thread(s), torch {out['machine']['torch']}, "
           f"sizes: {level}\n\n{text}")
     out["table"] = text

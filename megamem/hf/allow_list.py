@@ -1,15 +1,23 @@
 """Allow-lists for native exports (Llama, DeepSeek-V3): which config fields a transformers class expresses.
 
-A family lists, per config section, the fields it expresses and with which values (ANY: every value);
-a field not listed must keep its default. So a field added to megamem later exports in the megamem
+A family lists, per config section, the fields it expresses and with which values (ANY: every value;
+a Rule: the values its test accepts); a field not listed must keep its default. So a field added to megamem later exports in the megamem
 format until a test shows the native class gives megamem's logits with it.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 ANY = "any value"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """The values of a field a family expresses when no list can name them (a section with its own rules)."""
+
+    accepts: Callable[[Any], bool]
+    words: str  # what it accepts, for messages: "<family> expresses only <words>"
 
 # MemoryConfig fields that change nothing in a model without memory layers (vanilla_mode, or
 # memory_layer_placement none): native families have no memory layers, and then these may hold any value.
@@ -38,7 +46,10 @@ def differences(label: str, values: Any, allowed: Dict[str, Any], family: str) -
     for f in dataclasses.fields(values):
         value = getattr(values, f.name)
         ok = allowed.get(f.name, (field_default(values, f.name),))
-        if ok is not ANY and value not in ok:
+        if isinstance(ok, Rule):
+            if not ok.accepts(value):
+                problems.append(f"{label}.{f.name} is {value!r} ({family} expresses only {ok.words})")
+        elif ok is not ANY and value not in ok:
             expressible = "no value but its default" if f.name not in allowed else " or ".join(map(repr, ok))
             problems.append(f"{label}.{f.name} is {value!r} ({family} expresses only {expressible})")
     return problems

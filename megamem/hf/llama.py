@@ -1,4 +1,5 @@
 """Vanilla megamem models are Llama: same pre-norm block, RMSNorm, rotate-half RoPE, SwiGLU, GQA.
+RoPE with static or dynamic NTK scaling is Llama with its rope parameters (megamem.hf.llama_rope).
 
 Exporting one gives a native `LlamaForCausalLM` folder that loads with no remote code. Only configs
 that are exactly Llama qualify (an allow-list of fields and values, not a list of known
@@ -10,9 +11,10 @@ from typing import Dict, List
 
 import torch
 
-from ..config import ConfigError, MegamemConfig, PositionEncodingConfig
+from ..config import ConfigError, MegamemConfig
 from ..memory.placement import memory_layers
 from .allow_list import ANY, INERT_MEMORY_FIELDS, differences
+from .llama_rope import LLAMA_POSITIONS, llama_rope
 
 # The ModelConfig fields a LlamaConfig expresses, with the values it expresses (ANY: every value).
 # Export as native Llama only when every field is allowed here; a field not listed must keep its
@@ -25,8 +27,9 @@ LLAMA_MODEL_FIELDS = {
     "eos_token_id": ANY, "pad_token_id": ANY,
     "use_flash_attention": ANY,  # a kernel choice: the same arithmetic
     "freeze_base_model": ANY,  # only read for adapter runs
-    # RoPE, RMSNorm, SwiGLU, multi-head/grouped-query attention (the aliases resolve to the registry keys)
-    "pos_encoding": (PositionEncodingConfig("rope"), PositionEncodingConfig(None)), "use_rope": (True, None),
+    # RoPE (plain or NTK-scaled: llama_rope), RMSNorm, SwiGLU, multi-head/grouped-query attention (the aliases
+    # resolve to the registry keys)
+    "pos_encoding": LLAMA_POSITIONS, "use_rope": (True, None),
     "mlp_type": ("swiglu", None), "hidden_activation": ("silu", None), "use_rms_norm": (True,),
     "attention_type": ("mha", "standard", "gqa"),
     "dropout": (0.0,),  # Llama has no residual or embedding dropout
@@ -49,11 +52,12 @@ def llama_config(cfg: MegamemConfig):
     from transformers import LlamaConfig
 
     m = cfg.model
+    rope_parameters, max_positions = llama_rope(m)
     return LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.hidden_dim, intermediate_size=m.intermediate_dim,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads or m.num_heads,
-        head_dim=m.hidden_dim // m.num_heads, max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
+        head_dim=m.hidden_dim // m.num_heads, max_position_embeddings=max_positions, rms_norm_eps=m.norm_eps,
+        rope_parameters=rope_parameters, hidden_act="silu", attention_bias=False, mlp_bias=False,
         attention_dropout=m.attention_dropout, initializer_range=m.initializer_range,
         tie_word_embeddings=m.tie_embeddings, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
         pad_token_id=m.pad_token_id)

@@ -66,9 +66,12 @@ class LayerCache:
         """
         start, S = self.length, k.shape[2]
         end = start + S
-        if self.keys is None:
-            self.keys = k.new_empty(k.shape[:2] + (window,) + k.shape[3:])
-            self.values = v.new_empty(v.shape[:2] + (window,) + v.shape[3:])
+        if self.owner.max_len is not None and end > self.owner.max_len:
+            raise ValueError(f"KV cache holds {self.owner.max_len} tokens; cannot append up to {end}")
+        if self.keys is None:  # `window` slots; fewer when the cache never holds that many (max_len < window)
+            slots = min(window, self.owner.max_len or window)
+            self.keys = k.new_empty(k.shape[:2] + (slots,) + k.shape[3:])
+            self.values = v.new_empty(v.shape[:2] + (slots,) + v.shape[3:])
         new_positions = torch.arange(start, end, device=k.device)
         if end <= window or S == 1:
             self._write_ring(k, v, new_positions, window)
