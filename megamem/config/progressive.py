@@ -83,7 +83,7 @@ def progressive_problems(cfg: MegamemConfig, problems: List[str]) -> None:
             problems.append(f"training.{key}: with training.mode: {t.mode} the phase decides what trains "
                             "(training.fusion_mode); remove it")
     if t.phase is None:
-        for key in ("init_from", "init_from_new", "resume_from_checkpoint"):
+        for key in ("init_from", "init_from_new", "resume_from_checkpoint", "init_data_from"):
             if getattr(t, key) is not None:
                 problems.append(f"training.{key}: with training.mode: {t.mode} each phase's run sets it "
                                 "(tools/progressive.py); remove it")

@@ -274,6 +274,7 @@ class TrainingConfig:
     init_from: Optional[str] = None  # weights only (fresh optimizer, schedule, data): an export folder or any checkpoint
     init_from_new: Optional[List[str]] = None  # growth: globs of parameters this model adds (absent from init_from)
     init_from_new_init: Literal["model", "zeros", "identity"] = "model"  # new: model init, 0, or output layers at 0
+    init_data_from: Optional[str] = None  # continue the training data where this checkpoint's run stopped (data only)
     seed: int = 42
     # progressive (phase) training, run by tools/progressive.py: see docs/progressive.md
     mode: Literal["full", "layerwise", "blockwise", "fused"] = "full"  # full: every layer trains in one run

@@ -310,6 +310,12 @@ def _validate_evaluation(cfg: MegamemConfig, problems: List[str]) -> None:
 
 def _validate_training(cfg: MegamemConfig, problems: List[str]) -> None:
     t = cfg.training
+    if t.init_data_from is not None and (t.resume_from_checkpoint is not None or t.init_data_from == "latest"):
+        problems.append("training.init_data_from reads the data position of another run's checkpoint (a checkpoints "
+                        "folder or one checkpoint); a resumed run has its own: remove one of init_data_from and "
+                        "resume_from_checkpoint" if t.resume_from_checkpoint is not None else
+                        "training.init_data_from: latest would be this run's own checkpoints; give another run's "
+                        "checkpoints folder, or use resume_from_checkpoint: latest")
     if t.init_from_new is not None and (t.init_from is None or not t.init_from_new):
         problems.append("training.init_from_new names parameters absent from training.init_from: give init_from and "
                         "at least one pattern, or remove init_from_new")

@@ -26,17 +26,17 @@ def complete_tags(ckpt_dir: str) -> List[str]:
     return sorted(t for t in os.listdir(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, t, COMPLETE)))
 
 
-def resolve_resume(path: str, output_dir: str) -> tuple:
+def resolve_resume(path: str, output_dir: str, key: str = "training.resume_from_checkpoint") -> tuple:
     """`latest`, a checkpoints folder, or one checkpoint folder → (checkpoints dir, tag)."""
     ckpt_dir = os.path.join(output_dir, "checkpoints") if path == "latest" else path
     if os.path.isfile(os.path.join(ckpt_dir, COMPLETE)):  # a single checkpoint folder
         return os.path.dirname(os.path.abspath(ckpt_dir)), os.path.basename(os.path.abspath(ckpt_dir))
     latest = os.path.join(ckpt_dir, "latest")
     if not os.path.isfile(latest):
-        raise ConfigError(f"training.resume_from_checkpoint: no checkpoint at {ckpt_dir} (no 'latest' file)")
+        raise ConfigError(f"{key}: no checkpoint at {ckpt_dir} (no 'latest' file)")
     tag = open(latest, encoding="utf-8").read().strip()
     if not os.path.isfile(os.path.join(ckpt_dir, tag, COMPLETE)):
-        raise ConfigError(f"training.resume_from_checkpoint: {os.path.join(ckpt_dir, tag)} is incomplete")
+        raise ConfigError(f"{key}: {os.path.join(ckpt_dir, tag)} is incomplete")
     return ckpt_dir, tag
 
 

@@ -79,6 +79,8 @@ def phase_config(cfg: MegamemConfig, p: int, resume: bool = False) -> MegamemCon
         out.model.num_layers = (p + 1) * size
     if p > 0:
         o.init_from = os.path.join(phase_dir(cfg, p - 1), "final")
+        if not resume:  # the data stream goes on where phase p-1 stopped (a resumed phase has its own position)
+            o.init_data_from = os.path.join(phase_dir(cfg, p - 1), "checkpoints")
         if t.mode == "fused":
             o.init_from_new, o.init_from_new_init = grown_names(phase_config(cfg, p - 1), out), "identity"
     o.resume_from_checkpoint = "latest" if resume else None

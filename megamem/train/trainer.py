@@ -104,6 +104,8 @@ class Trainer:
             signal.signal(signal.SIGUSR1, self._request_stop)
         if self.t.resume_from_checkpoint:
             self._resume(self.t.resume_from_checkpoint)
+        elif self.t.init_data_from:
+            self._continue_data(self.t.init_data_from)
         t = self.t
         self.tokens_per_step = t.batch_size * t.max_length * t.gradient_accumulation_steps * self.data_world
         self.flops_per_token = flops_per_token(model, self.t.max_length, self.t.batch_size)
@@ -142,6 +144,16 @@ class Trainer:
         self.train_loader.load_state_dict(state["data"])
         self.step, self.best_eval = state["step"], state["best_eval"]
         self.bad_evals, self.skipped = state["bad_evals"], state["skipped"]
+
+    def _continue_data(self, where: str) -> None:
+        """training.init_data_from: this rank's data position from another run's checkpoint, nothing else (a
+        progressive phase reads on where the previous phase stopped instead of re-reading its batches)."""
+        ckpt_dir, tag = resolve_resume(where, self.output_dir, key="training.init_data_from")
+        state = self.ckpt.run_state(ckpt_dir, tag)
+        if state["world_size"] != self.world:
+            raise ConfigError(f"training.init_data_from: {os.path.join(ckpt_dir, tag)} was written by "
+                              f"{state['world_size']} ranks, this run has {self.world}: the data position is per rank")
+        self.train_loader.load_state_dict(state["data"])
 
     def save(self, best: bool = False) -> str:
         return self.ckpt.save(self.engine, self.step, self._run_state(), dump_config(self.cfg), self.tokenizer, best,
