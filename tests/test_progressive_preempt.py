@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import ROOT
 from data_utils import make_docs, tokenizer_dir, write_jsonl
+from megamem.config import ConfigError
 from megamem.parallel.preemption import is_rank
 from test_progressive import _tool
 
@@ -79,3 +81,19 @@ def test_sigusr1_reaches_the_running_phase_through_a_launcher_that_dies_on_it(tm
     step = int((out / "phase_0" / "checkpoints" / "latest").read_text().removeprefix("step"))
     assert 1 <= step < 6 and (out / "phase_0" / "checkpoints" / f"step{step:08d}" / "COMPLETE").is_file()
     assert not (out / "phase_0" / "final").exists() and not (out / "phase_1").exists()
+
+
+def test_check_phases_refuses_a_phase_before_launching_it_with_one_line_naming_its_config(tmp_path):
+    """--check-phases (slurm/common.sh passes it): scripts/train.py --check on the phase's config first."""
+    tool, runs = _tool(), []
+    out = tmp_path / "run"
+    cfg_path = str(tmp_path / "c.yaml")
+    yaml.safe_dump({"model": {"hidden_dim": 32, "num_heads": 4, "num_kv_heads": 2, "num_layers": 2,
+                              "intermediate_dim": 48, "vocab_size": 61, "max_seq_len": 64,
+                              "tokenizer_name": str(tmp_path / "no-tokenizer")},
+                    "training": {"mode": "layerwise", "steps_per_phase": 3, "max_length": 64, "output_dir": str(out)}},
+                   open(cfg_path, "w"))
+    with pytest.raises(ConfigError) as refused:
+        tool.main(["--config", cfg_path, "--check-phases"], run=runs.append)
+    assert str(refused.value).startswith(f"{out}/phase_0.yaml: ") and "no-tokenizer" in str(refused.value)
+    assert "\n" not in str(refused.value) and runs == []  # nothing was launched
