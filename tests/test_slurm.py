@@ -1,5 +1,6 @@
 """SLURM launchers: rank mapping from SLURM/MPI variables, preemption exit code, and end-to-end runs of
-slurm/pretrain.sh on a real one-node SLURM cluster (tools/slurm_cluster.sh starts it; `pytest -m slurm`)."""
+slurm/pretrain.sh on a real one-node SLURM cluster (tools/slurm_cluster.sh starts it; `pytest -m slurm`):
+a run, a preempted and requeued run, and a progressive schedule preempted inside a phase."""
 import json
 import os
 import re
@@ -10,6 +11,8 @@ import time
 
 import pytest
 
+from safetensors.torch import load_file
+
 from conftest import ROOT
 from megamem.parallel.slurm import hostfile, mpi_env, rendezvous, task_env, tasks_per_node
 
@@ -18,6 +21,9 @@ TINY = ["--training.max_steps", "6", "--training.max_length", "32", "--training.
         "--training.logging_steps", "1", "--training.eval_steps", "1000", "--training.eval_max_batches", "2",
         "--training.save_steps", "1000", "--training.warmup_steps", "2"]
 JOB_TIMEOUT_S = 300  # a safety net against a hung job, not a measurement
+# a 2-phase fused schedule: phase 0 trains a 1-layer model, phase 1 stacks layer 1 on it (docs/progressive.md)
+SCHEDULE = ["--model.num_layers", "2", "--memory.memory_layer_placement", "all", "--training.mode", "fused",
+            "--training.block_size", "1", "--training.total_blocks", "2", "--training.steps_per_phase", "6"]
 
 
 # ---------------------------------------------------------------- rank mapping (no cluster needed)
@@ -282,3 +288,52 @@ def test_sbatch_with_a_bad_config_fails_with_one_error_line(slurm, tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0"
     assert job_output(slurm, job).strip() == "error: config file not found: configs/missing.yaml"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slurm
+def test_a_progressive_schedule_preempted_in_phase_1_requeues_and_ends_like_an_unbroken_one(slurm, kjv, tmp_path):
+    """sbatch slurm/pretrain.sh with training.mode fused runs tools/progressive.py; USR1 during phase 1 reaches
+    its 2 srun ranks (checkpoint, exit 75), the job requeues, skips phase 0 and resumes phase 1. The exports
+    equal those of tools/progressive.py run directly, unbroken, on 2 ranks (torchrun)."""
+    args = ["configs/tiny_cpu.yaml", "--deepspeed", "ds_configs/zero1.json", *TINY, *SCHEDULE]
+    out_dir = str(tmp_path / "run")
+    job = submit(slurm, *args, "--training.output_dir", out_dir)
+    log_path = f"{out_dir}/slurm/{job}/job.log"
+
+    def phase_1_started():  # rank 0 of phase 1 honours USR1 from this line on
+        return os.path.isfile(log_path) and f"training: 2 ranks, output {out_dir}/phase_1" in open(log_path).read()
+
+    wait_for_job(slurm, job, until=phase_1_started)
+    assert phase_1_started(), job_output(slurm, job)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm["env"], check=True)
+    info = wait_for_job(slurm, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", job_output(slurm, job)
+
+    log = open(log_path).read()
+    history = open(f"{out_dir}/slurm/history.txt").read()
+    assert f"preempted job={job} restart=0" in history and f"exit job={job} restart=1 code=0" in history
+    first, again = log.split(f"job {job} restart 1: ", 1)
+    assert "phase 1 was preempted" in first and "phase 0: finished" not in first
+    assert f"phase 0: finished ({out_dir}/phase_0/final), skipped" in again
+    assert f"phase 1: layers 1-1 of 2, resuming → {out_dir}/phase_1" in again
+    assert again.count("checks passed") == 1 and "progressive: ran phases [1]" in again
+    stopped_at = min(int(t.removeprefix("step")) for t in os.listdir(f"{out_dir}/phase_1/checkpoints")
+                     if t.startswith("step"))
+    assert 1 <= stopped_at < 6  # the first attempt stopped phase 1 early, with a checkpoint
+    assert sorted(train_losses(f"{out_dir}/phase_1")[0]) == [1, 2, 3, 4, 5, 6]  # no step lost or repeated
+    assert "max_steps: 6" in open(f"{out_dir}/phase_1.yaml").read()
+    assert "mode: fused" in open(f"{out_dir}/slurm/{job}/config.yaml").read()
+
+    ref = str(tmp_path / "unbroken")
+    torchrun = f"{os.path.dirname(PY)}/torchrun --standalone --nproc_per_node 2"
+    done = subprocess.run([PY, "tools/progressive.py", "--launcher", torchrun, *args[1:], "--config", args[0],
+                           "--training.output_dir", ref], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MEGAMEM_NO_PROGRESS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for p in (0, 1):
+        got, want = (load_file(f"{d}/phase_{p}/final/model.safetensors") for d in (out_dir, ref))
+        assert got.keys() == want.keys()
+        worst = max((got[k].double() - want[k].double()).abs().max().item() for k in want)
+        assert worst <= 1e-6, (p, worst)
+    train, want_train = train_losses(f"{out_dir}/phase_1")[0], train_losses(f"{ref}/phase_1")[0]
+    assert [train[s] for s in range(1, 7)] == pytest.approx([want_train[s] for s in range(1, 7)], abs=1e-6, rel=0)

@@ -7,6 +7,9 @@
 Each phase is a normal scripts/train.py run into OUTPUT/phase_k (its config: OUTPUT/phase_k.yaml),
 started from the previous phase's export. Rerunning skips finished phases and resumes an interrupted
 one from its latest checkpoint. The trained model is OUTPUT/phase_<last>/final. See docs/progressive.md.
+
+SIGUSR1 (a preemption notice) is passed on to the running phase's ranks, which checkpoint and exit 75;
+the tool then starts no further phase and exits 75 too (slurm/pretrain.sh requeues the job on that code).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from megamem.cli import ArgumentParser, run_cli  # noqa: E402
 
 
 def main(argv=None, run=None) -> int:
-    from megamem.config import load_config
+    from megamem.config import ConfigError, load_config
     from megamem.folders import write_json_file
     from megamem.eval.phase_curves import format_table, phase_summaries, plot_phases
     from megamem.train.progressive import PREEMPTED, PhasePreempted, phase_dir, run_phases
@@ -34,17 +37,35 @@ def main(argv=None, run=None) -> int:
     parser.add_argument("--launcher", default=shlex.quote(sys.executable),
                         help="command that starts scripts/train.py (default: this Python; e.g. 'deepspeed --num_gpus 2')")
     parser.add_argument("--phase", type=int, default=None, help="run only this phase (earlier ones must be finished)")
+    parser.add_argument("--check-phases", action="store_true",
+                        help="before launching a phase, run scripts/train.py --check on its config in this process's "
+                             "environment (what its ranks would refuse, found before they start; slurm/pretrain.sh)")
     args, overrides = parser.parse_known_args(argv)
+    if run is None:  # from here on SIGUSR1 is a preemption notice for the running phase
+        from megamem.parallel.preemption import LaunchedRuns
+
+        run = LaunchedRuns()
     cfg = load_config(args.config, overrides)
     launcher = shlex.split(args.launcher)
     train = os.path.join(ROOT, "scripts", "train.py")
 
-    def command(path):
-        return [*launcher, train, "--config", path, *(["--deepspeed", args.deepspeed] if args.deepspeed else [])]
+    ds = ["--deepspeed", args.deepspeed] if args.deepspeed else []
 
-    run = run or (lambda cmd: subprocess.run(cmd).returncode)
+    def command(path):
+        return [*launcher, train, "--config", path, *ds]
+
+    def check(path):  # one `error:` line naming the phase's config, as scripts/train.py --check gives it
+        done = subprocess.run([sys.executable, train, "--config", path, *ds, "--check"], capture_output=True, text=True)
+        print(done.stdout, end="", flush=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+            why = next((x for x in lines if x.startswith("error: ")), lines[-1]).removeprefix("error: ")
+            raise ConfigError(f"{path}: {why}")
+
     try:
-        ran = run_phases(cfg, cfg.training.output_dir, command, run, only=args.phase)
+        ran = run_phases(cfg, cfg.training.output_dir, command, run, only=args.phase,
+                         check=check if args.check_phases else None,
+                         stop_requested=lambda: getattr(run, "noticed", False))
     except PhasePreempted as stop:
         print(f"progressive: {stop}", file=sys.stderr)
         return PREEMPTED  # as scripts/train.py: a requeueing job script tells a preemption from a failure

@@ -7,7 +7,8 @@ Used by slurm/pretrain.sh and slurm/adapter.sh (no torch import: it runs once pe
     srun python -m megamem.parallel.slurm exec -- CMD... # per task: map SLURM_* to RANK/..., then exec CMD
     python -m megamem.parallel.slurm prepare RUN_NAME --config C [--deepspeed D] [--section.key V ...]
         # validate the config and overrides, write the resolved config to output_dir/slurm/RUN_NAME/,
-        # print output_dir (bad input: one `error:` line, exit code 2)
+        # print output_dir and what runs it, one a line: `train` (scripts/train.py) or `progressive`
+        # (a schedule of phases: tools/progressive.py); bad input: one `error:` line, exit code 2
 
 MPI launches (`mpirun -x MEGAMEM_MPI=1 python scripts/train.py ...`) are mapped by `mpi_env`, through
 mpi4py (`pip install -e .[mpi]`), from `rank_env` in distributed.py.
@@ -21,7 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Tuple
 
 PORT_BASE, PORT_SPAN = 20000, 20000
 
@@ -94,8 +95,9 @@ def discover_mpi() -> Dict[str, str]:
     return {**mpi_env(MPI.COMM_WORLD, socket.gethostname(), MPI.COMM_TYPE_SHARED), "MASTER_PORT": os.environ.get("MASTER_PORT", "29500")}
 
 
-def prepare(run_name: str, args: List[str]) -> str:
-    """Check a run's arguments before anything starts; record the resolved config; return output_dir."""
+def prepare(run_name: str, args: List[str]) -> Tuple[str, str]:
+    """Check a run's arguments before anything starts; record the resolved config; return output_dir and
+    `train` (one scripts/train.py run) or `progressive` (training.mode's phases, one run each: tools/progressive.py)."""
     import argparse
 
     from ..config import ConfigError, load_config, save_config
@@ -112,7 +114,8 @@ def prepare(run_name: str, args: List[str]) -> str:
     run_dir = os.path.join(cfg.training.output_dir, "slurm", run_name)
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    return cfg.training.output_dir
+    schedule = cfg.training.mode != "full" and cfg.training.phase is None
+    return cfg.training.output_dir, "progressive" if schedule else "train"
 
 
 def main(argv: List[str]) -> int:
@@ -120,7 +123,7 @@ def main(argv: List[str]) -> int:
         from ..config import ConfigError
 
         try:
-            print(prepare(argv[1], argv[2:]))
+            print("\n".join(prepare(argv[1], argv[2:])))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -101,11 +101,18 @@ def _resumable(cfg: MegamemConfig, p: int) -> bool:
                       "remove that folder to run the phase again")
 
 
+def _stop_before(p: int, stop_requested: Callable[[], bool]) -> None:
+    if stop_requested():
+        raise PhasePreempted(f"a preemption notice came before phase {p} started; rerun the same command to start it")
+
+
 def run_phases(cfg: MegamemConfig, config_dir: str, command: Callable[[str], Sequence[str]],
                run: Callable[[Sequence[str]], int], log: Callable[[str], None] = print,
-               only: Optional[int] = None) -> List[int]:
-    """Run each unfinished phase: write its config into config_dir, `run(command(config_path))` (an exit code).
-    Returns the phases run; a failing phase stops the schedule with ConfigError."""
+               only: Optional[int] = None, check: Optional[Callable[[str], None]] = None,
+               stop_requested: Callable[[], bool] = lambda: False) -> List[int]:
+    """Run each unfinished phase: write its config into config_dir, `check(config_path)` (raises on what its
+    ranks would refuse), `run(command(config_path))` (an exit code). Returns the phases run; a failing phase
+    stops the schedule with ConfigError; a preempted one, or `stop_requested()` before a phase, with PhasePreempted."""
     t = cfg.training
     if t.mode == "full":
         raise ConfigError("training.mode is full: nothing to run in phases; use scripts/train.py, or set "
@@ -123,6 +130,7 @@ def run_phases(cfg: MegamemConfig, config_dir: str, command: Callable[[str], Seq
         if phase_finished(cfg, p):
             log(f"phase {p}: finished ({phase_dir(cfg, p)}/final), skipped")
             continue
+        _stop_before(p, stop_requested)
         phase = phase_config(cfg, p, resume=_resumable(cfg, p))
         path = os.path.join(config_dir, f"phase_{p}.yaml")
         os.makedirs(config_dir, exist_ok=True)
@@ -130,6 +138,9 @@ def run_phases(cfg: MegamemConfig, config_dir: str, command: Callable[[str], Seq
         layers = range(p * block_size(t), (p + 1) * block_size(t))
         log(f"phase {p}: layers {layers.start}-{layers.stop - 1} of {phase.model.num_layers}, "
             f"{'resuming' if phase.training.resume_from_checkpoint else 'starting'} → {phase.training.output_dir}")
+        if check is not None:
+            check(path)
+        _stop_before(p, stop_requested)  # (a notice that came during the check)
         code = run(command(path))
         ran.append(p)
         if code == PREEMPTED:
