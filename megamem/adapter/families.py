@@ -4,12 +4,13 @@ Injection needs only these facts, so supporting a new family is one `register_fa
 
     register_family("gemma", layers=lambda m: m.model.layers)
 
-Families whose config uses other attribute names pass their own `dims`.
+Families whose config uses other attribute names pass their own `dims`; `set_rope` is how a family
+takes new rope parameters (model.pos_encoding.type rope_ntk; None: the family refuses it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 
@@ -39,19 +40,32 @@ def llama_dims(config) -> Dims:
                 initializer_range=float(getattr(config, "initializer_range", 0.02)))
 
 
+def llama_set_rope(model: nn.Module, params: dict) -> None:
+    """Llama-style: one rotary module at model.model.rotary_emb, built from config.rope_parameters.
+    The parameters go into the config (so a saved base says how it rotates), then the module is rebuilt
+    from it: its inv_freq is transformers' own for that rope type (a non-persistent buffer, no weights)."""
+    config = model.config
+    config.rope_parameters = {**config.rope_parameters, **params}
+    config.validate_rope()
+    old = model.model.rotary_emb
+    model.model.rotary_emb = type(old)(config=config).to(old.inv_freq.device)
+
+
 @dataclass(frozen=True)
 class Family:
     layers: Callable[[nn.Module], nn.ModuleList]  # the CausalLM → its decoder layers, in order
     dims: Callable[[object], Dims] = llama_dims  # its config → widths
+    set_rope: Optional[Callable[[nn.Module, dict], None]] = llama_set_rope  # new rope_parameters → the model
 
 
 FAMILIES: Dict[str, Family] = {}
 
 
 def register_family(model_type: str, layers: Callable[[nn.Module], nn.ModuleList],
-                    dims: Callable[[object], Dims] = llama_dims) -> None:
+                    dims: Callable[[object], Dims] = llama_dims,
+                    set_rope: Optional[Callable[[nn.Module, dict], None]] = llama_set_rope) -> None:
     """Make memory injection available for HF models whose `config.model_type` is model_type."""
-    FAMILIES[model_type] = Family(layers, dims)
+    FAMILIES[model_type] = Family(layers, dims, set_rope)
 
 
 for _name in ("llama", "mistral", "qwen2", "qwen3"):
