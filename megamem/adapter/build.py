@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..config import ConfigError, MegamemConfig, memory_problems
 from ..config.trainable import lora_enabled, trainable_policy
+from ..config.validate_attractor import validate_attractor
 from ..model import build_model
 from .base import load_base
 from .families import family_of
@@ -34,6 +35,7 @@ def check_against_base(cfg: MegamemConfig, hf_config) -> None:
                                 intermediate_dim=dims.intermediate_size, vocab_size=hf_config.vocab_size,
                                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
     problems = memory_problems(dataclasses.replace(cfg, model=model)) + rope_problems(cfg, hf_config)
+    validate_attractor(dataclasses.replace(model, base_model_name=None), problems)  # its layers in the base's depth
     if problems:
         raise ConfigError(f"base model '{cfg.model.base_model_name}' ({hf_config.model_type}, "
                           f"{dims.num_layers} layers, hidden {dims.hidden_size}, {dims.num_heads} heads): "

@@ -9,7 +9,7 @@ from .layer_selection import peer_placement
 from .progressive import progressive_problems
 from .trunk_lora import trunk_lora_problems
 from .schema import RULER_TASKS, MegamemConfig, MLAConfig
-from .validate_attractor import validate_attractor
+from .validate_attractor import validate_adapter_attractor, validate_attractor
 
 
 def _positive(problems: List[str], section: str, obj, *names: str) -> None:
@@ -79,6 +79,7 @@ def _validate_model(cfg: MegamemConfig, problems: List[str]) -> None:
     problems += alias_conflicts(m)
     _validate_positions(m, problems)
     validate_attractor(m, problems)
+    validate_adapter_attractor(cfg, problems)
     _validate_mla(m, problems)
     kv = m.num_kv_heads
     if kv is not None and kv > 0 and m.num_heads > 0 and m.num_heads % kv:
