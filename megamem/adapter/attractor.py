@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..config import ConfigError, MegamemConfig, ModelConfig
 from ..config.layer_selection import attractor_layers
-from ..model.branches.attractor import AttractorBranch, attractor_branch
+from ..model.branches.attractor import attractor_branch
 
 
 def attractor_model_config(branch_config: ModelConfig, cfg: MegamemConfig) -> ModelConfig:
@@ -36,11 +36,3 @@ def check_attention_mask(attention_mask: Optional[torch.Tensor]) -> None:
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ConfigError("model.attractor on an adapter model: an attention_mask with padded positions would put "
                           "the padding into the attractor state; pass unpadded rows (or no attention_mask)")
-
-
-def init_attractor_module(module: nn.Module) -> bool:
-    """The attractor's own parameters (a learned α's logit); True when module was one."""
-    if isinstance(module, AttractorBranch):
-        module.reset_parameters()
-        return True
-    return False

@@ -6,7 +6,8 @@ MLP), and a pre-hook on the base materialises each bank once per forward. Hooks 
 wrapper modules, so the base's state dict, LoRA names and ZeRO-3 weight loading are unchanged,
 and HF `generate()` (which calls the base directly) reads memory too. With wo_init_zero every
 branch starts as the identity, so the adapted model starts exactly as the base model. The attractor
-(model.attractor, attractor.py) runs in the same layer hook, after the memory branch, always zero-init.
+(model.attractor, attractor.py) runs in the same layer hook, after the memory branch, always zero-init;
+pos_encoding.type pi_spiral adds a gated spiral to the input embeddings (spiral.py, gate 0 at init).
 While generating, the memory and attractor state live in megamem's DecodingState (see decoding.py).
 """
 from __future__ import annotations
@@ -19,19 +20,22 @@ import torch
 import torch.nn as nn
 
 from ..config import MegamemConfig, ModelConfig
+from ..config.aliases import position_type
 from ..memory.bank import build_bank
 from ..memory.chapters import routing_stats
 from ..memory.placement import bank_assignment, memory_layers, num_banks
 from ..memory.router import ChapterRouter
 from ..model.branches import MemoryBranch
+from ..model.branches.attractor import AttractorBranch
 from ..model.context import ForwardContext
 from ..model.loss import causal_lm_loss
 from ..model.flops import full_numel
 from ..model.transformer import CausalLMOutput
-from .attractor import attractor_model_config, build_attractors, check_attention_mask, init_attractor_module
+from .attractor import attractor_model_config, build_attractors, check_attention_mask
 from .decoding import DecodingState, DecodingStateError, find_hf_cache, refuse_stateless_decoding
 from .families import Dims, family_of
 from .lora import is_lora_name
+from .spiral import SpiralGate, embedding_hook
 
 
 def branch_model_config(dims: Dims) -> ModelConfig:
@@ -60,17 +64,23 @@ class AdapterModel(nn.Module):
             for i in self.memory_layers[1:]:
                 self.branches[str(i)].attn.router = router
         self.attractors = build_attractors(attractor_model_config(self.model_config, cfg), cfg)
+        self.spiral = SpiralGate(self.dims.hidden_size, cfg.model.pos_encoding.irrational or "pi") \
+            if position_type(cfg.model) == "pi_spiral" else None
         dtype = base.get_input_embeddings().weight.dtype
         self.banks.to(dtype)
         self.branches.to(dtype)
         self.attractors.to(dtype)
+        if self.spiral is not None:
+            self.spiral.to(dtype)
         self._ctx = ForwardContext()  # the base forward's context for the memory hooks (banks, decoding state)
         self._decoding: Optional[DecodingState] = None  # open while generating (decoding())
         hooked = sorted(set(self.memory_layers) | {int(i) for i in self.attractors})
-        if hooked:
-            layers = family_of(base.config).layers(base)
-            for i in hooked:
-                layers[i].register_forward_hook(self._layer_hook(i))
+        layers = family_of(base.config).layers(base)
+        for i in hooked:
+            layers[i].register_forward_hook(self._layer_hook(i))
+        if self.spiral is not None:
+            base.get_input_embeddings().register_forward_hook(embedding_hook(self.spiral, lambda: self._ctx.past))
+        if hooked or self.spiral is not None:
             base.register_forward_pre_hook(self._before_base, with_kwargs=True)
 
     # ------------------------------------------------------------------ hooks
@@ -197,7 +207,8 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------- init
     def memory_modules(self) -> List[nn.Module]:
-        return list(self.banks.modules()) + list(self.branches.modules()) + list(self.attractors.modules())
+        return list(self.banks.modules()) + list(self.branches.modules()) + list(self.attractors.modules()) + \
+            (list(self.spiral.modules()) if self.spiral is not None else [])
 
     def zero_init_ids(self) -> set:
         """Output layers that start at zero: the memory branches' with wo_init_zero, the attractors' always."""
@@ -210,8 +221,8 @@ class AdapterModel(nn.Module):
         """Initialise one memory module (the base keeps its pretrained weights)."""
         if any(module is bank for bank in self.banks) or isinstance(module, ChapterRouter):
             module.reset_parameters()
-        elif init_attractor_module(module):
-            pass
+        elif isinstance(module, (AttractorBranch, SpiralGate)):  # their own parameters: learned α, the gate
+            module.reset_parameters()
         elif isinstance(module, nn.Linear):
             if id(module) in zero_ids:
                 nn.init.zeros_(module.weight)
@@ -227,8 +238,9 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------- accounting
     def memory_parameters(self) -> List[nn.Parameter]:
-        """Banks, memory branches and attractors: the new parameters (the `memory` part and optimizer group)."""
-        return list(self.banks.parameters()) + list(self.branches.parameters()) + list(self.attractors.parameters())
+        """Banks, memory branches, attractors, the spiral gate: the new parameters (the `memory` part and group)."""
+        return list(self.banks.parameters()) + list(self.branches.parameters()) + \
+            list(self.attractors.parameters()) + (list(self.spiral.parameters()) if self.spiral is not None else [])
 
     def lora_parameters(self) -> List[nn.Parameter]:
         return [p for n, p in self.base.named_parameters() if is_lora_name(n)]

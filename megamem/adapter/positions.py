@@ -35,10 +35,13 @@ def rotary_dim(hf_config) -> int:
 
 
 def rope_problems(cfg: MegamemConfig, hf_config) -> List[str]:
-    """rope_ntk checked against the base's own rope parameters. θ is always the base's rope_theta (model.rope_theta,
+    """rope_ntk (and pi_spiral's width) checked against the base's own rope parameters. θ is always the base's rope_theta (model.rope_theta,
     like the other widths, is the base's on an adapter run)."""
     p, rope, problems = cfg.model.pos_encoding, _rope(hf_config), []
     theta, kind = rope.get("rope_theta"), rope.get("rope_type", "default")
+    if position_type(cfg.model) == "pi_spiral" and hf_config.hidden_size % 2:
+        problems.append(f"model.pos_encoding.type pi_spiral needs an even hidden size; the base's is "
+                        f"{hf_config.hidden_size}: use pos_encoding.type rope")
     if position_type(cfg.model) != "rope_ntk":
         return problems
     family = FAMILIES.get(hf_config.model_type)

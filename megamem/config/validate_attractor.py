@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import List
 
+from .aliases import position_type
+
 
 def validate_attractor(m, problems: List[str]) -> None:
     """Ranges of the attractor keys. On an adapter run (model.base_model_name) the layer and width checks wait for
@@ -34,9 +36,15 @@ def validate_attractor(m, problems: List[str]) -> None:
 
 
 def validate_adapter_attractor(cfg, problems: List[str]) -> None:
-    """On an adapter run the attractor's parameters are the `memory` part: they train only with the memory adapter."""
+    """On an adapter run the attractor's and the spiral gate's parameters are the `memory` part: they train only
+    with the memory adapter."""
     m, mem = cfg.model, cfg.memory
-    if m.attractor.use_attractor and m.base_model_name is not None and (not mem.use_memory_adapter or mem.vanilla_mode):
+    if m.base_model_name is None or (mem.use_memory_adapter and not mem.vanilla_mode):
+        return
+    fix = "set memory.use_memory_adapter: true and vanilla_mode: false, or"
+    if m.attractor.use_attractor:
         problems.append("model.attractor.use_attractor on an adapter run trains with the memory adapter (the memory "
-                        "optimizer group): set memory.use_memory_adapter: true and vanilla_mode: false, or "
-                        "use_attractor: false")
+                        f"optimizer group): {fix} use_attractor: false")
+    if position_type(m) == "pi_spiral":
+        problems.append("model.pos_encoding.type pi_spiral on an adapter run (a gated spiral) trains with the memory "
+                        f"adapter (the memory optimizer group): {fix} pos_encoding.type rope")
