@@ -127,7 +127,7 @@ def test_refused_for_a_family_without_rope_hook(tmp_path, monkeypatch):
     (["model.pos_encoding.type=learned"], "model.pos_encoding.type learned applies to from-scratch models"),
     (["model.pos_encoding.type=hybrid", "model.pos_encoding.hybrid_K=8"],
      "model.pos_encoding.hybrid_K applies to from-scratch models"),
-    (["model.window_size=16"], "model.window_size applies to from-scratch models"),
+    (["model.pos_encoding.type=none"], "model.pos_encoding.type none applies to from-scratch models"),
 ])
 def test_other_position_options_refused_on_adapter_runs(keys, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,4 +1,4 @@
-"""model.pos_encoding on a pretrained base: NTK-scaled RoPE through the family's rope parameters.
+"""model.pos_encoding and model.window_size on a pretrained base, through the family's hooks (families.py).
 
 The base keeps its own attention; only its rotary frequencies change, set through transformers'
 `rope_parameters` by the family's `set_rope` hook (families.py), so HF generate() and the KV cache
@@ -9,6 +9,9 @@ rotate exactly as the unmodified transformers model built with those parameters 
   (s = 1 leaves the base bit for bit).
 - dynamic: {rope_type: dynamic, factor: s}: transformers' dynamic NTK with L0 = the base's
   max_position_embeddings (megamem's from-scratch formula with ntk_original_max_seq_len = L0).
+
+model.window_size w: the family's `set_window` makes every layer a transformers sliding-window layer
+(query i sees keys i − w < j ≤ i, megamem's rule; DynamicCache keeps w keys per layer).
 
 Formulas and what stays refused on adapter runs: docs/positions.md#on-pretrained-models-adapter-runs.
 """
@@ -35,10 +38,15 @@ def rotary_dim(hf_config) -> int:
 
 
 def rope_problems(cfg: MegamemConfig, hf_config) -> List[str]:
-    """rope_ntk (and pi_spiral's width) checked against the base's own rope parameters. θ is always the base's rope_theta (model.rope_theta,
+    """rope_ntk (and pi_spiral's width, window_size's family) checked against the base's own rope parameters. θ is always the base's rope_theta (model.rope_theta,
     like the other widths, is the base's on an adapter run)."""
     p, rope, problems = cfg.model.pos_encoding, _rope(hf_config), []
     theta, kind = rope.get("rope_theta"), rope.get("rope_type", "default")
+    window = cfg.model.window_size
+    if window is not None and (family := FAMILIES.get(hf_config.model_type)) is not None and family.set_window is None:
+        supported = ", ".join(sorted(n for n, f in FAMILIES.items() if f.set_window is not None))
+        problems.append(f"model.window_size: model type '{hf_config.model_type}' has no sliding-window attention in "
+                        f"transformers (supported: {supported}); set window_size: null")
     if position_type(cfg.model) == "pi_spiral" and hf_config.hidden_size % 2:
         problems.append(f"model.pos_encoding.type pi_spiral needs an even hidden size; the base's is "
                         f"{hf_config.hidden_size}: use pos_encoding.type rope")
@@ -71,7 +79,9 @@ def rope_parameters(cfg: MegamemConfig, hf_config) -> Optional[dict]:
 
 
 def apply_positions(base: nn.Module, cfg: MegamemConfig) -> None:
-    """Give the (already checked) base the configured rope parameters, before LoRA wraps it."""
-    params = rope_parameters(cfg, base.config)
+    """Give the (already checked) base the configured rope parameters and window, before LoRA wraps it."""
+    family, params = FAMILIES[base.config.model_type], rope_parameters(cfg, base.config)
     if params is not None:
-        FAMILIES[base.config.model_type].set_rope(base, params)
+        family.set_rope(base, params)
+    if cfg.model.window_size is not None:
+        family.set_window(base, cfg.model.window_size)

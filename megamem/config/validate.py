@@ -54,7 +54,6 @@ def _validate_positions(m, problems: List[str]) -> None:
                             f"(model.base_model_name) takes {' / '.join(ADAPTER_TYPES)} (its base's RoPE)")
         given = [f"model.pos_encoding.{key}" for key, types in _ONLY_FOR.items()
                  if getattr(p, key) is not None and not set(types) & set(ADAPTER_TYPES)]
-        given += ["model.window_size"] if m.window_size is not None else []
         if given:
             problems.append(f"{', '.join(given)} applies to from-scratch models; an adapter run "
                             f"(model.base_model_name) keeps its pretrained model's positions and attention")
