@@ -71,7 +71,8 @@ def _reference_hook(branch, alpha, eps):
 
 def test_injected_residual_attractor_equals_a_float64_recurrence(tmp_path):
     path, base = saved_base(tmp_path, "llama")
-    model = build_adapter_model(_cfg(path, "model.attractor.attractor_inject=residual", "model.attractor.alpha_policy=fixed",
+    model = build_adapter_model(_cfg(path, "model.attractor.attractor_inject=residual",
+                                     "model.attractor.alpha_policy=fixed",
                                      "model.attractor.alpha_value=0.9", "model.attractor.inject_layers=[1]"),
                                 seed=0).eval()
     _randomise(model)

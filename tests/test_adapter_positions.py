@@ -171,3 +171,19 @@ def test_smollm2_ntk_equals_transformers_and_fresh_attractor_and_spiral_equal_ba
     assert sorted(map(int, model.attractors)) == [28, 29] and model.spiral is not None
     with torch.no_grad():
         assert torch.equal(model(ids).logits, _reference(out, {})(ids).logits)
+
+
+def test_merged_lora_export_keeps_the_ntk_scaling(tmp_path):
+    """A LoRA-only rope_ntk run converted with --merge-lora is a plain transformers folder that scales as trained."""
+    from transformers import AutoModelForCausalLM
+
+    from megamem.hf.convert import convert_to_hf
+    from test_hf_adapters import LORA, trained
+
+    model, _ = trained(tmp_path, *LORA, "model.pos_encoding.type=rope_ntk", "model.pos_encoding.ntk_factor=2.0",
+                       "model.pos_encoding.ntk_scaling=dynamic")
+    hf = AutoModelForCausalLM.from_pretrained(convert_to_hf(str(tmp_path / "final"), str(tmp_path / "hf"),
+                                                            merge_lora=True)).eval()
+    assert hf.config.rope_parameters["rope_type"] == "dynamic" and hf.config.rope_parameters["factor"] == 2.0
+    with torch.no_grad():
+        assert (hf(LONG).logits - model(LONG).logits).abs().max() <= 1e-5

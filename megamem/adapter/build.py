@@ -24,7 +24,7 @@ from .base import load_base
 from .families import family_of
 from .lora import apply_lora, is_lora_name
 from .model import AdapterModel
-from .positions import apply_positions, rope_problems
+from .positions import apply_positions, position_problems
 
 
 def check_against_base(cfg: MegamemConfig, hf_config) -> None:
@@ -34,7 +34,7 @@ def check_against_base(cfg: MegamemConfig, hf_config) -> None:
                                 num_kv_heads=dims.num_kv_heads, num_layers=dims.num_layers,
                                 intermediate_dim=dims.intermediate_size, vocab_size=hf_config.vocab_size,
                                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    problems = memory_problems(dataclasses.replace(cfg, model=model)) + rope_problems(cfg, hf_config)
+    problems = memory_problems(dataclasses.replace(cfg, model=model)) + position_problems(cfg, hf_config)
     validate_attractor(dataclasses.replace(model, base_model_name=None), problems)  # its layers in the base's depth
     if problems:
         raise ConfigError(f"base model '{cfg.model.base_model_name}' ({hf_config.model_type}, "

@@ -236,6 +236,11 @@ class AdapterModel(nn.Module):
         for module in self.memory_modules():
             self.init_module(module, zero_ids)
 
+    @property
+    def has_injections(self) -> bool:
+        """Memory branches, attractors or the spiral gate: what a plain folder of the base's architecture lacks."""
+        return bool(self.memory_layers) or len(self.attractors) > 0 or self.spiral is not None
+
     # ------------------------------------------------------------- accounting
     def memory_parameters(self) -> List[nn.Parameter]:
         """Banks, memory branches, attractors, the spiral gate: the new parameters (the `memory` part and group)."""

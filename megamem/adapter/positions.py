@@ -37,22 +37,25 @@ def rotary_dim(hf_config) -> int:
     return int(head_dim * _rope(hf_config).get("partial_rotary_factor", 1.0))
 
 
-def rope_problems(cfg: MegamemConfig, hf_config) -> List[str]:
-    """rope_ntk (and pi_spiral's width, window_size's family) checked against the base's own rope parameters. θ is always the base's rope_theta (model.rope_theta,
-    like the other widths, is the base's on an adapter run)."""
-    p, rope, problems = cfg.model.pos_encoding, _rope(hf_config), []
-    theta, kind = rope.get("rope_theta"), rope.get("rope_type", "default")
-    window = cfg.model.window_size
-    if window is not None and (family := FAMILIES.get(hf_config.model_type)) is not None and family.set_window is None:
+def position_problems(cfg: MegamemConfig, hf_config) -> List[str]:
+    """Position keys checked against the base: window_size needs the family's hook, pi_spiral an even width,
+    rope_ntk plain RoPE. θ is always the base's rope_theta (model.rope_theta, like the widths, is the base's)."""
+    family, problems = FAMILIES.get(hf_config.model_type), []
+    if cfg.model.window_size is not None and family is not None and family.set_window is None:
         supported = ", ".join(sorted(n for n, f in FAMILIES.items() if f.set_window is not None))
         problems.append(f"model.window_size: model type '{hf_config.model_type}' has no sliding-window attention in "
                         f"transformers (supported: {supported}); set window_size: null")
     if position_type(cfg.model) == "pi_spiral" and hf_config.hidden_size % 2:
         problems.append(f"model.pos_encoding.type pi_spiral needs an even hidden size; the base's is "
                         f"{hf_config.hidden_size}: use pos_encoding.type rope")
-    if position_type(cfg.model) != "rope_ntk":
-        return problems
-    family = FAMILIES.get(hf_config.model_type)
+    if position_type(cfg.model) == "rope_ntk":
+        problems += _ntk_problems(cfg, hf_config, family)
+    return problems
+
+
+def _ntk_problems(cfg: MegamemConfig, hf_config, family) -> List[str]:
+    p, rope, problems = cfg.model.pos_encoding, _rope(hf_config), []
+    theta, kind = rope.get("rope_theta"), rope.get("rope_type", "default")
     if family is not None and family.set_rope is None:
         problems.append(f"model.pos_encoding.type rope_ntk: model type '{hf_config.model_type}' has no rope hook "
                         "(megamem.adapter.register_family(..., set_rope=...)); use pos_encoding.type rope")

@@ -29,7 +29,8 @@ def _fraction(problems: List[str], section: str, obj, *names: str, closed: bool 
 
 ROTARY = ("rope", "rope_ntk", "hybrid")
 SPIRAL = ("pi_spiral", "hybrid")
-ADAPTER_TYPES = ("rope", "rope_ntk", "pi_spiral")  # what an adapter run can do to its base's positions (megamem/adapter/)
+# what an adapter run can do to its base's positions (megamem/adapter/positions.py, spiral.py)
+ADAPTER_TYPES = ("rope", "rope_ntk", "pi_spiral")
 # pos_encoding keys that only one family of encodings reads: given for another type, they are refused
 _ONLY_FOR = {"ntk_factor": ("rope_ntk",), "ntk_scaling": ("rope_ntk",), "ntk_original_max_seq_len": ("rope_ntk",),
              "irrational": SPIRAL, "hybrid_K": ("hybrid",), "transition_width": ("hybrid",)}
@@ -48,10 +49,10 @@ def _validate_positions(m, problems: List[str]) -> None:
     for key in ("hybrid_K", "transition_width"):
         if getattr(p, key) is not None and getattr(p, key) < 0:
             problems.append(f"model.pos_encoding.{key} must be >= 0, got {getattr(p, key)}")
-    if m.base_model_name is not None:  # an adapter run keeps its base's attention; rope_ntk rescales its RoPE
+    if m.base_model_name is not None:  # an adapter run keeps its base's attention and RoPE (docs/positions.md)
         if p.type is not None and kind not in ADAPTER_TYPES:
             problems.append(f"model.pos_encoding.type {kind} applies to from-scratch models; an adapter run "
-                            f"(model.base_model_name) takes {' / '.join(ADAPTER_TYPES)} (its base's RoPE)")
+                            f"(model.base_model_name) takes {' / '.join(ADAPTER_TYPES)} (the base keeps its RoPE)")
         given = [f"model.pos_encoding.{key}" for key, types in _ONLY_FOR.items()
                  if getattr(p, key) is not None and not set(types) & set(ADAPTER_TYPES)]
         if given:
