@@ -18,21 +18,24 @@ import torch.nn as nn
 
 from ..config import ConfigError, MegamemConfig, memory_problems
 from ..config.trainable import lora_enabled, trainable_policy
+from ..config.validate_attractor import validate_attractor
 from ..model import build_model
 from .base import load_base
 from .families import family_of
 from .lora import apply_lora, is_lora_name
 from .model import AdapterModel
+from .positions import apply_positions, position_problems
 
 
 def check_against_base(cfg: MegamemConfig, hf_config) -> None:
-    """Memory keys that depend on the base's widths and depth, checked against its real config."""
+    """Memory and position keys that depend on the base's widths, depth and RoPE, checked against its real config."""
     dims = family_of(hf_config).dims(hf_config)
     model = dataclasses.replace(cfg.model, hidden_dim=dims.hidden_size, num_heads=dims.num_heads,
                                 num_kv_heads=dims.num_kv_heads, num_layers=dims.num_layers,
                                 intermediate_dim=dims.intermediate_size, vocab_size=hf_config.vocab_size,
                                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    problems = memory_problems(dataclasses.replace(cfg, model=model))
+    problems = memory_problems(dataclasses.replace(cfg, model=model)) + position_problems(cfg, hf_config)
+    validate_attractor(dataclasses.replace(model, base_model_name=None), problems)  # its layers in the base's depth
     if problems:
         raise ConfigError(f"base model '{cfg.model.base_model_name}' ({hf_config.model_type}, "
                           f"{dims.num_layers} layers, hidden {dims.hidden_size}, {dims.num_heads} heads): "
@@ -66,6 +69,7 @@ def build_adapter_model(cfg: MegamemConfig, seed: Optional[int] = None, base: Op
         base = load_base(cfg)
     else:
         check_against_base(cfg, base.config)
+    apply_positions(base, cfg)
     if seed is not None:
         torch.manual_seed(seed)
     if lora_enabled(cfg):

@@ -4,12 +4,14 @@ Injection needs only these facts, so supporting a new family is one `register_fa
 
     register_family("gemma", layers=lambda m: m.model.layers)
 
-Families whose config uses other attribute names pass their own `dims`.
+Families whose config uses other attribute names pass their own `dims`; `set_rope` is how a family
+takes new rope parameters (model.pos_encoding.type rope_ntk), `set_window` a sliding window for every
+layer (model.window_size); None: the family refuses that key.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 
@@ -39,23 +41,60 @@ def llama_dims(config) -> Dims:
                 initializer_range=float(getattr(config, "initializer_range", 0.02)))
 
 
+def llama_set_rope(model: nn.Module, params: dict) -> None:
+    """Llama-style: one rotary module at model.model.rotary_emb, built from config.rope_parameters.
+    The parameters go into the config (so a saved base says how it rotates), then the module is rebuilt
+    from it: its inv_freq is transformers' own for that rope type (a non-persistent buffer, no weights)."""
+    config = model.config
+    config.rope_parameters = {**config.rope_parameters, **params}
+    config.validate_rope()
+    old = model.model.rotary_emb
+    model.model.rotary_emb = type(old)(config=config).to(old.inv_freq.device)
+
+
+def mistral_set_window(model: nn.Module, window: int) -> None:
+    """Mistral reads config.sliding_window at every forward (attention, mask, DynamicCache's sliding layers)."""
+    model.config.sliding_window = window
+
+
+def qwen_set_window(model: nn.Module, window: int) -> None:
+    """Qwen2/Qwen3 fix each layer's type when built: every layer becomes a sliding_attention layer, in the
+    config (masks, DynamicCache) and in each attention module."""
+    config = model.config
+    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, window, 0
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    model.model.has_sliding_layers = True
+    for layer in model.model.layers:
+        layer.self_attn.layer_type, layer.self_attn.sliding_window = "sliding_attention", window
+
+
 @dataclass(frozen=True)
 class Family:
     layers: Callable[[nn.Module], nn.ModuleList]  # the CausalLM → its decoder layers, in order
     dims: Callable[[object], Dims] = llama_dims  # its config → widths
+    set_rope: Optional[Callable[[nn.Module, dict], None]] = llama_set_rope  # new rope_parameters → the model
+    set_window: Optional[Callable[[nn.Module, int], None]] = None  # a sliding window on every layer
 
 
 FAMILIES: Dict[str, Family] = {}
 
 
 def register_family(model_type: str, layers: Callable[[nn.Module], nn.ModuleList],
-                    dims: Callable[[object], Dims] = llama_dims) -> None:
+                    dims: Callable[[object], Dims] = llama_dims,
+                    set_rope: Optional[Callable[[nn.Module, dict], None]] = llama_set_rope,
+                    set_window: Optional[Callable[[nn.Module, int], None]] = None) -> None:
     """Make memory injection available for HF models whose `config.model_type` is model_type."""
-    FAMILIES[model_type] = Family(layers, dims)
+    FAMILIES[model_type] = Family(layers, dims, set_rope, set_window)
 
 
-for _name in ("llama", "mistral", "qwen2", "qwen3"):
-    register_family(_name, layers=lambda m: m.model.layers)
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+register_family("llama", layers=_decoder_layers)  # transformers' Llama has no sliding window
+register_family("mistral", layers=_decoder_layers, set_window=mistral_set_window)
+register_family("qwen2", layers=_decoder_layers, set_window=qwen_set_window)
+register_family("qwen3", layers=_decoder_layers, set_window=qwen_set_window)
 
 
 def family_of(config) -> Family:

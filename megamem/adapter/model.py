@@ -5,30 +5,37 @@ layer adds the memory branch to that layer's output (x → x + memory(x), layout
 MLP), and a pre-hook on the base materialises each bank once per forward. Hooks instead of
 wrapper modules, so the base's state dict, LoRA names and ZeRO-3 weight loading are unchanged,
 and HF `generate()` (which calls the base directly) reads memory too. With wo_init_zero every
-branch starts as the identity, so the adapted model starts exactly as the base model.
-While generating, the memory state lives in megamem's DecodingState (see decoding.py).
+branch starts as the identity, so the adapted model starts exactly as the base model. The attractor
+(model.attractor, attractor.py) runs in the same layer hook, after the memory branch, always zero-init;
+pos_encoding.type pi_spiral adds a gated spiral to the input embeddings (spiral.py, gate 0 at init).
+While generating, the memory and attractor state live in megamem's DecodingState (see decoding.py).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import MegamemConfig, ModelConfig
+from ..config.aliases import position_type
 from ..memory.bank import build_bank
 from ..memory.chapters import routing_stats
 from ..memory.placement import bank_assignment, memory_layers, num_banks
 from ..memory.router import ChapterRouter
 from ..model.branches import MemoryBranch
+from ..model.branches.attractor import AttractorBranch
 from ..model.context import ForwardContext
 from ..model.loss import causal_lm_loss
 from ..model.flops import full_numel
 from ..model.transformer import CausalLMOutput
+from .attractor import attractor_model_config, build_attractors, check_attention_mask
 from .decoding import DecodingState, DecodingStateError, find_hf_cache, refuse_stateless_decoding
 from .families import Dims, family_of
 from .lora import is_lora_name
+from .spiral import SpiralGate, embedding_hook
 
 
 def branch_model_config(dims: Dims) -> ModelConfig:
@@ -56,15 +63,24 @@ class AdapterModel(nn.Module):
             router = self.branches[str(self.memory_layers[0])].attn.router
             for i in self.memory_layers[1:]:
                 self.branches[str(i)].attn.router = router
+        self.attractors = build_attractors(attractor_model_config(self.model_config, cfg), cfg)
+        self.spiral = SpiralGate(self.dims.hidden_size, cfg.model.pos_encoding.irrational or "pi") \
+            if position_type(cfg.model) == "pi_spiral" else None
         dtype = base.get_input_embeddings().weight.dtype
         self.banks.to(dtype)
         self.branches.to(dtype)
+        self.attractors.to(dtype)
+        if self.spiral is not None:
+            self.spiral.to(dtype)
         self._ctx = ForwardContext()  # the base forward's context for the memory hooks (banks, decoding state)
         self._decoding: Optional[DecodingState] = None  # open while generating (decoding())
-        if self.memory_layers:
-            layers = family_of(base.config).layers(base)
-            for i in self.memory_layers:
-                layers[i].register_forward_hook(self._layer_hook(i))
+        hooked = sorted(set(self.memory_layers) | {int(i) for i in self.attractors})
+        layers = family_of(base.config).layers(base)
+        for i in hooked:
+            layers[i].register_forward_hook(self._layer_hook(i))
+        if self.spiral is not None:
+            base.get_input_embeddings().register_forward_hook(embedding_hook(self.spiral, lambda: self._ctx.past))
+        if hooked or self.spiral is not None:
             base.register_forward_pre_hook(self._before_base, with_kwargs=True)
 
     # ------------------------------------------------------------------ hooks
@@ -77,6 +93,8 @@ class AdapterModel(nn.Module):
         if state is not None and hf_cache is None:
             raise DecodingStateError("memory adapter: decoding() needs generation with the HF KV cache; "
                                      "use_cache=False is not supported inside it")
+        if len(self.attractors):
+            check_attention_mask(kwargs.get("attention_mask"))
         if self.memory_config.use_chapters:
             self._routing_stats()  # drop stats of forwards nobody collected (e.g. a generate() without cache)
         if state is not None:
@@ -87,11 +105,22 @@ class AdapterModel(nn.Module):
         self._ctx = ForwardContext(cache=state, banks=dict(enumerate(banks)))
 
     def _layer_hook(self, layer: int):
+        memory, attractor = self.branches[str(layer)] if str(layer) in self.branches else None, \
+            self.attractors[str(layer)] if str(layer) in self.attractors else None
+
+        def residual(x: torch.Tensor) -> torch.Tensor:
+            ctx = self._ctx.at(layer)
+            if memory is not None:
+                x = memory.residual(x, ctx)
+            if attractor is not None:  # positions of this forward's tokens, after those already cached
+                positions = torch.arange(ctx.past, ctx.past + x.shape[1], device=x.device)
+                x = attractor.residual(x, dataclasses.replace(ctx, positions=positions))
+            return x
+
         def hook(module, args, output):
-            branch, ctx = self.branches[str(layer)], self._ctx.at(layer)
             if isinstance(output, tuple):
-                return (branch.residual(output[0], ctx),) + tuple(output[1:])
-            return branch.residual(output, ctx)
+                return (residual(output[0]),) + tuple(output[1:])
+            return residual(output)
         return hook
 
     # ---------------------------------------------------------------- forward
@@ -178,16 +207,21 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------- init
     def memory_modules(self) -> List[nn.Module]:
-        return list(self.banks.modules()) + list(self.branches.modules())
+        return list(self.banks.modules()) + list(self.branches.modules()) + list(self.attractors.modules()) + \
+            (list(self.spiral.modules()) if self.spiral is not None else [])
 
     def zero_init_ids(self) -> set:
+        """Output layers that start at zero: the memory branches' with wo_init_zero, the attractors' always."""
+        ids = {id(m) for branch in self.attractors.values() for m in branch.output_layers()}
         if not self.memory_config.wo_init_zero:
-            return set()
-        return {id(m) for branch in self.branches.values() for m in branch.output_layers()}
+            return ids
+        return ids | {id(m) for branch in self.branches.values() for m in branch.output_layers()}
 
     def init_module(self, module: nn.Module, zero_ids: set) -> None:
         """Initialise one memory module (the base keeps its pretrained weights)."""
         if any(module is bank for bank in self.banks) or isinstance(module, ChapterRouter):
+            module.reset_parameters()
+        elif isinstance(module, (AttractorBranch, SpiralGate)):  # their own parameters: learned α, the gate
             module.reset_parameters()
         elif isinstance(module, nn.Linear):
             if id(module) in zero_ids:
@@ -202,9 +236,16 @@ class AdapterModel(nn.Module):
         for module in self.memory_modules():
             self.init_module(module, zero_ids)
 
+    @property
+    def has_injections(self) -> bool:
+        """Memory branches, attractors or the spiral gate: what a plain folder of the base's architecture lacks."""
+        return bool(self.memory_layers) or len(self.attractors) > 0 or self.spiral is not None
+
     # ------------------------------------------------------------- accounting
     def memory_parameters(self) -> List[nn.Parameter]:
-        return list(self.banks.parameters()) + list(self.branches.parameters())
+        """Banks, memory branches, attractors, the spiral gate: the new parameters (the `memory` part and group)."""
+        return list(self.banks.parameters()) + list(self.branches.parameters()) + \
+            list(self.attractors.parameters()) + (list(self.spiral.parameters()) if self.spiral is not None else [])
 
     def lora_parameters(self) -> List[nn.Parameter]:
         return [p for n, p in self.base.named_parameters() if is_lora_name(n)]
@@ -214,7 +255,7 @@ class AdapterModel(nn.Module):
         base_trains = not self.adapter_config.model.freeze_base_model
         names = [n for n, p in self.named_parameters()
                  if not n.startswith("base.") or is_lora_name(n) or (base_trains and p.requires_grad)]
-        names += [n for n, _ in self.named_buffers() if n.startswith(("banks.", "branches."))]
+        names += [n for n, _ in self.named_buffers() if n.startswith(("banks.", "branches.", "attractors."))]
         return names
 
     def parameter_counts(self) -> Dict[str, object]:

@@ -10,7 +10,7 @@ from .masking import masking_problems
 from .progressive import progressive_problems
 from .trunk_lora import trunk_lora_problems
 from .schema import RULER_TASKS, MegamemConfig, MLAConfig
-from .validate_attractor import validate_attractor
+from .validate_attractor import validate_adapter_attractor, validate_attractor
 
 
 def _positive(problems: List[str], section: str, obj, *names: str) -> None:
@@ -30,6 +30,8 @@ def _fraction(problems: List[str], section: str, obj, *names: str, closed: bool 
 
 ROTARY = ("rope", "rope_ntk", "hybrid")
 SPIRAL = ("pi_spiral", "hybrid")
+# what an adapter run can do to its base's positions (megamem/adapter/positions.py, spiral.py)
+ADAPTER_TYPES = ("rope", "rope_ntk", "pi_spiral")
 # pos_encoding keys that only one family of encodings reads: given for another type, they are refused
 _ONLY_FOR = {"ntk_factor": ("rope_ntk",), "ntk_scaling": ("rope_ntk",), "ntk_original_max_seq_len": ("rope_ntk",),
              "irrational": SPIRAL, "hybrid_K": ("hybrid",), "transition_width": ("hybrid",)}
@@ -48,9 +50,12 @@ def _validate_positions(m, problems: List[str]) -> None:
     for key in ("hybrid_K", "transition_width"):
         if getattr(p, key) is not None and getattr(p, key) < 0:
             problems.append(f"model.pos_encoding.{key} must be >= 0, got {getattr(p, key)}")
-    if m.base_model_name is not None:  # an adapter run keeps its pretrained model's positions and attention
-        given = [f"model.pos_encoding.{key}" for key in _ONLY_FOR if getattr(p, key) is not None]
-        given += ["model.window_size"] if m.window_size is not None else []
+    if m.base_model_name is not None:  # an adapter run keeps its base's attention and RoPE (docs/positions.md)
+        if p.type is not None and kind not in ADAPTER_TYPES:
+            problems.append(f"model.pos_encoding.type {kind} applies to from-scratch models; an adapter run "
+                            f"(model.base_model_name) takes {' / '.join(ADAPTER_TYPES)} (the base keeps its RoPE)")
+        given = [f"model.pos_encoding.{key}" for key, types in _ONLY_FOR.items()
+                 if getattr(p, key) is not None and not set(types) & set(ADAPTER_TYPES)]
         if given:
             problems.append(f"{', '.join(given)} applies to from-scratch models; an adapter run "
                             f"(model.base_model_name) keeps its pretrained model's positions and attention")
@@ -75,6 +80,7 @@ def _validate_model(cfg: MegamemConfig, problems: List[str]) -> None:
     problems += alias_conflicts(m)
     _validate_positions(m, problems)
     validate_attractor(m, problems)
+    validate_adapter_attractor(cfg, problems)
     _validate_mla(m, problems)
     kv = m.num_kv_heads
     if kv is not None and kv > 0 and m.num_heads > 0 and m.num_heads % kv:

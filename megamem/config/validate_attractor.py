@@ -3,21 +3,23 @@ from __future__ import annotations
 
 from typing import List
 
+from .aliases import position_type
+
 
 def validate_attractor(m, problems: List[str]) -> None:
-    """Ranges of the attractor keys; the branch exists on from-scratch models only."""
+    """Ranges of the attractor keys. On an adapter run (model.base_model_name) the layer and width checks wait for
+    the base's config (megamem.adapter.build.check_against_base runs them with the base's depth and width)."""
     a = m.attractor
     if not a.use_attractor:
         return
-    if m.base_model_name is not None:
-        problems.append("model.attractor.use_attractor applies to from-scratch models; an adapter run "
-                        "(model.base_model_name) has no attractor: set use_attractor: false")
     if not 0.0 < a.alpha_value < 1.0:
         problems.append(f"model.attractor.alpha_value must be in (0, 1), got {a.alpha_value}")
     if not a.c_value > 0:
         problems.append(f"model.attractor.c_value must be > 0, got {a.c_value}")
     if a.d_state is not None and a.d_state <= 0:
         problems.append(f"model.attractor.d_state must be > 0 or null, got {a.d_state}")
+    if m.base_model_name is not None:
+        return
     if a.inject_layers == "last_N" and not 0 < a.N_inject <= m.num_layers:
         problems.append(f"model.attractor.N_inject must be in [1, {m.num_layers}] (model.num_layers) "
                         f"for inject_layers: last_N, got {a.N_inject}")
@@ -31,3 +33,18 @@ def validate_attractor(m, problems: List[str]) -> None:
     if m.max_seq_len >= 2 ** 31:
         problems.append(f"model.attractor: model.max_seq_len = {m.max_seq_len}; the π-spiral e_t is exact below "
                         f"2^31 positions only")
+
+
+def validate_adapter_attractor(cfg, problems: List[str]) -> None:
+    """On an adapter run the attractor's and the spiral gate's parameters are the `memory` part: they train only
+    with the memory adapter."""
+    m, mem = cfg.model, cfg.memory
+    if m.base_model_name is None or (mem.use_memory_adapter and not mem.vanilla_mode):
+        return
+    fix = "set memory.use_memory_adapter: true and vanilla_mode: false, or"
+    if m.attractor.use_attractor:
+        problems.append("model.attractor.use_attractor on an adapter run trains with the memory adapter (the memory "
+                        f"optimizer group): {fix} use_attractor: false")
+    if position_type(m) == "pi_spiral":
+        problems.append("model.pos_encoding.type pi_spiral on an adapter run (a gated spiral) trains with the memory "
+                        f"adapter (the memory optimizer group): {fix} pos_encoding.type rope")

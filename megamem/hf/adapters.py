@@ -54,12 +54,12 @@ def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool)
     (LoRA merged, a trained base as trained); with memory → base + adapter (see copy_base_and_adapter)."""
     model, cfg, tokenizer = load_adapter(source, dtype=torch.float32)
     lora = cfg.memory.use_lora or cfg.memory.use_both_memory_and_lora
-    if merge_lora and model.memory_layers:
-        raise ConfigError(f"--merge-lora: {source} has memory adapters, which cannot be merged into the base; "
-                          "convert without --merge-lora (base + adapter)")
+    if merge_lora and model.has_injections:
+        raise ConfigError(f"--merge-lora: {source} has memory adapters (or an attractor / spiral gate), which cannot "
+                          "be merged into the base; convert without --merge-lora (base + adapter)")
     if merge_lora and not lora:
         raise ConfigError(f"--merge-lora: {source} has no LoRA weights")
-    if not model.memory_layers and (merge_lora or not lora):  # LoRA merged, or a finetuned base: plain folder
+    if not model.has_injections and (merge_lora or not lora):  # LoRA merged, or a finetuned base: plain folder
         merged_lora_base(model).to(SAVE_DTYPES[dtype]).save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
