@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Write synthetic key→value training data in the NIAH format (train.jsonl, validation.jsonl).
 
-    python tools/make_niah_data.py --out data/niah --tokenizer data/tokenizers/niah-512 --vocab-size 512
+    python tools/make_niah_data.py --out data/niah --tokenizer data/tokenizers/niah-640 --vocab-size 640 \
+        --min-length 104 --max-length 144
     python tools/make_niah_data.py --out data/niah --tokenizer data/tokenizers/kjv-4096   # an existing tokenizer
 
 Each record is one needle-in-a-haystack sample of the evaluation's own generator
 (megamem.eval.long_context, `--task`, default niah_single_1: a random 7-digit value for a random
-key in RULER's noise haystack) and its answer, its prompt filling `--min-length` to `--max-length`
-tokens of the tokenizer, the needle at a random depth: `--format chat` (default) writes
+key in RULER's noise haystack) and its answer, its prompt filling a budget of `--min-length` to `--max-length`
+tokens of the tokenizer (whole haystack sentences), the needle at a random depth: `--format chat` (default) writes
 {"messages": [user: the question, assistant: the answer prefix and value]}, read the way
 `scripts/eval.py` reads a model with a chat template; `--format text` writes {"text": ...}, the
 plain prompt and answer (`--chat-template off`). Samples are drawn from seeds apart from
@@ -39,8 +40,8 @@ def parse_args(argv):
     p.add_argument("--vocab-size", type=int, help="train a SentencePiece tokenizer of this size at --tokenizer first")
     p.add_argument("--train-docs", type=int, default=4000)
     p.add_argument("--eval-docs", type=int, default=200)
-    p.add_argument("--min-length", type=int, default=96, help="shortest prompt, in tokens")
-    p.add_argument("--max-length", type=int, default=256, help="longest prompt, in tokens")
+    p.add_argument("--min-length", type=int, default=104, help="shortest prompt budget, in tokens")
+    p.add_argument("--max-length", type=int, default=144, help="longest prompt budget, in tokens")
     p.add_argument("--task", choices=list(NIAH), default="niah_single_1")
     p.add_argument("--haystack", help="noise | corpus | a text file (default: the task's own)")
     p.add_argument("--format", choices=["chat", "text"], default="chat",
