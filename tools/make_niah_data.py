@@ -14,8 +14,8 @@ tokens of the tokenizer (whole haystack sentences), the needle at a random depth
 plain prompt and answer (`--chat-template off`). Samples are drawn from seeds apart from
 the evaluation's, so `scripts/eval.py --benchmarks niah` asks about needles never trained on.
 With `--vocab-size` the tokenizer is first trained here (SentencePiece, as tools/train_tokenizer.py)
-on NIAH text and saved at `--tokenizer`. configs/niah_tiny.yaml trains on it (`training_mode: instruction_finetuning`: the answer alone
-carries loss).
+on NIAH text and saved at `--tokenizer`. configs/niah_tiny.yaml trains on it
+(`training_mode: instruction_finetuning`: the answer alone carries loss).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ TOKENIZER_DOCS = (400, 100, 300)  # the tokenizer's training text: NIAH document
 def parse_args(argv):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for train.jsonl and validation.jsonl")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder that sizes the documents (made with --vocab-size)")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer folder that sizes the documents (made here with --vocab-size)")
     p.add_argument("--vocab-size", type=int, help="train a SentencePiece tokenizer of this size at --tokenizer first")
     p.add_argument("--train-docs", type=int, default=4000)
     p.add_argument("--eval-docs", type=int, default=200)
