@@ -131,8 +131,11 @@ def test_ablation_runs_two_arms_writes_the_table_and_skips_finished_arms(tmp_pat
     (out / "memory.num_memory_tokens=8" / "eval.json").unlink()  # only the missing evaluation is redone
     assert ablate.main(["--config", config, "--output", str(out)]) == 0
     assert calls == ["eval.py"]
-    with pytest.raises(ConfigError, match="attractor: not available, megamem has no attractor state yet"):
-        ablate.main(["--config", config, "--ablation-mode", "attractor", "--ablation-values", "true", "false"])
+    assert ablate.dotted_key("attractor", config, [], "true") == "model.attractor.use_attractor"
+    assert ablate.dotted_key("alpha_policy", config, ["--model.attractor.use_attractor=true"], "fixed") == \
+        "model.attractor.alpha_policy"
+    with pytest.raises(ConfigError, match="--ablation-mode alpha_policy = bogus: .*alpha_policy"):
+        ablate.main(["--config", config, "--ablation-mode", "alpha_policy", "--ablation-values", "bogus"])
     with pytest.raises(ConfigError, match="--ablation-mode memory.nonexistent"):
         ablate.main(["--config", config, "--ablation-mode", "memory.nonexistent", "--ablation-values", "1"])
     assert ablate.dotted_key("irrational", config, ["--model.pos_encoding.type=pi_spiral"], "e") == \

@@ -32,7 +32,7 @@ from megamem.config import ConfigError, load_config  # noqa: E402
 MODES = {"irrational": "model.pos_encoding.irrational", "hybrid_k": "model.pos_encoding.hybrid_K",
          "data_mix": "data.data_mix", "experts": "model.peer_config.num_experts",
          "selection_heads": "model.peer_config.num_heads",
-         "attractor": "model.attractor.enabled", "alpha_policy": "model.attractor.alpha_policy"}
+         "attractor": "model.attractor.use_attractor", "alpha_policy": "model.attractor.alpha_policy"}
 
 
 def run_step(cmd: List[str], log: str) -> None:
@@ -50,13 +50,10 @@ def dotted_key(mode: str, config: str, overrides: List[str], value: str) -> str:
     key = MODES.get(mode, mode)
     if "." not in key:
         raise ConfigError(f"--ablation-mode {mode}: give a dotted config key (memory.num_memory_tokens) or one of "
-                          f"{', '.join(m for m in MODES if m not in ('attractor', 'alpha_policy'))}")
+                          f"{', '.join(MODES)}")
     try:
         load_config(config, [*overrides, f"--{key}={value}"])
     except ConfigError as e:
-        if mode in ("attractor", "alpha_policy") and "attractor" in str(e):
-            raise ConfigError(f"--ablation-mode {mode}: not available, megamem has no attractor state yet "
-                              f"({key} is not a config key)") from None
         raise ConfigError(f"--ablation-mode {mode} = {value}: {e}") from None
     return key
 
