@@ -19,6 +19,7 @@ def _phase(out, stage, batch, p):
     from synthetic_data import factory
 
     cfg = phase_config(make_cfg(out, *SCHEDULE, f"training.batch_size={batch}"), p)
+    cfg.training.init_data_from = None  # phase 0 ran on 1 rank for both layouts; a data position is per rank
     return Trainer(cfg, ZERO[stage], factory(61, batch, 16)).fit()
 
 

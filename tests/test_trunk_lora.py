@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 from dist_utils import run_ranks
 from synthetic_data import SyntheticLoader
-from test_train import ZERO, make_cfg
+from test_train import ZERO, _preempt_during, make_cfg
 
 DUAL = ("training.mode=fused", "training.block_size=1", "training.total_blocks=3", "model.num_layers=3",
         "training.qlora_enabled=true", "training.progressive.qlora_strategy=progressive",
@@ -187,8 +187,6 @@ def test_lora_at_init_is_the_identity_and_adapters_equal_their_merged_weights(tm
 
 def _resumable_phase(out, stop_after, resume):
     """Phase 1 of DUAL (init_from a phase-0 export made here), 4 steps, optionally preempted after stop_after."""
-    import signal
-
     from megamem.folders import export_model
     from megamem.model import build_model
     from megamem.train.progressive import phase_config
@@ -201,15 +199,9 @@ def _resumable_phase(out, stop_after, resume):
         torch.manual_seed(3)
         export_model(build_model(first).state_dict(), first, None, final, 1)
     phase = phase_config(cfg, 1, resume=resume)
+    phase.training.init_data_from = None  # phase 0 is an export made here, not a run: no data position to read on
     if stop_after is not None:
-        original = Trainer.train_step
-
-        def step_and_signal(self, batches):
-            if self.step + 1 == stop_after:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return original(self, batches)
-
-        Trainer.train_step = step_and_signal
+        _preempt_during(stop_after)
     trainer = Trainer(phase, ZERO[1], lambda split, rank, world: SyntheticLoader(61, 2, 16, rank, world, split))
     result = trainer.fit()
     result["lora"] = {n: q.detach().clone() for n, q in trainer.model.named_parameters() if "lora_" in n}
