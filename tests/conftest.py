@@ -22,6 +22,28 @@ def tiny_config(*overrides: str, **sections):
     return load_config(None, base + [f"--{o}" for o in overrides])
 
 
+def decode_in_chunks(model, ids, chunks, cache, after_each=None):
+    """Logits of ids fed in chunks of the given sizes through one decoding cache (after_each(cache) after every
+    chunk): the cached path a test compares with the full forward."""
+    out, at = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model(ids[:, at:at + n], cache=cache).logits)
+            at += n
+            if after_each is not None:
+                after_each(cache)
+    return torch.cat(out, 1)
+
+
+def assert_future_never_changes_the_past(model, ids, t, vocab):
+    """Changing the tokens from position t on leaves every logit before t bitwise as it was, and changes later ones."""
+    changed = ids.clone()
+    changed[:, t:] = (changed[:, t:] + 1) % vocab
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    assert (a[:, t:] - b[:, t:]).abs().max() > 0
+
+
 @pytest.fixture
 def root():
     return ROOT

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megamem.memory.routed_attention import merge_partials, pair_attention
 from megamem.model import build_model
 
-from conftest import tiny_config
+from conftest import decode_in_chunks, tiny_config
 
 
 def chapter_model(*overrides):
@@ -26,10 +26,8 @@ def test_token_routing_with_kv_cache_equals_full_forward():
     ids = torch.randint(0, 61, (2, 12))
     with torch.no_grad():
         full = model(ids).logits
-        cache = model.new_cache(2, 12)
-        steps = [model(ids[:, :5], cache=cache).logits]
-        steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(5, 12)]
-    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+    cached = decode_in_chunks(model, ids, [5] + [1] * 7, model.new_cache(2, 12))
+    assert (cached - full).abs().max() <= 1e-5
     out = model.generate(ids[:, :5], max_new_tokens=6)
     for t in range(5, 11):  # greedy generate equals an argmax loop over full token-routed forwards
         with torch.no_grad():

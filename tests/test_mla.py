@@ -14,7 +14,7 @@ from megamem.model.context import ForwardContext
 from megamem.model.decoding_cache import DecodingCache
 from megamem.model.positions import POSITIONS, PositionEncoding
 
-from conftest import tiny_config
+from conftest import decode_in_chunks, tiny_config
 
 DC, DR, DN, DV = 12, 6, 8, 10  # kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim
 MLA = ("model.attention_type=mla", "model.num_kv_heads=null", f"model.mla_config.kv_lora_rank={DC}",
@@ -177,12 +177,8 @@ def mla_model(*extra, seed=0):
 
 def decode(model, ids, chunks, capacity=3):
     """Logits of ids fed in chunks of the given sizes through one decoding cache."""
-    cache, out, at = model.new_cache(ids.shape[0], ids.shape[1], capacity), [], 0
-    with torch.no_grad():
-        for n in chunks:
-            out.append(model(ids[:, at:at + n], cache=cache).logits)
-            at += n
-    return torch.cat(out, 1), cache
+    cache = model.new_cache(ids.shape[0], ids.shape[1], capacity)
+    return decode_in_chunks(model, ids, chunks, cache), cache
 
 
 @pytest.mark.parametrize("q", list(Q_LORA))

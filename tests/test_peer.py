@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import decode_in_chunks, tiny_config
 from dist_utils import run_ranks
 from synthetic_data import SyntheticLoader
 from test_train import ZERO, make_cfg
@@ -233,10 +233,8 @@ def test_whole_model_kv_cache_and_generate_equal_the_full_forward(bn):
     ids = torch.randint(0, 61, (2, 13))
     with torch.no_grad():
         full = model(ids).logits
-        cache = model.new_cache(2, 20)
-        chunks = [model(ids[:, :5], cache=cache).logits]
-        chunks += [model(ids[:, t:t + 1], cache=cache).logits for t in range(5, 13)]
-        assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
+        cached = decode_in_chunks(model, ids, [5] + [1] * 8, model.new_cache(2, 20))
+        assert torch.allclose(cached, full, atol=1e-5, rtol=0)
         out = model.generate(ids[:, :5], max_new_tokens=6)
         ref = ids[:, :5]
         for _ in range(6):
