@@ -199,6 +199,26 @@ def ablation(args, overrides, loaded):
     return rows
 
 
+def plot_path(explicit, output, suffix):
+    """A plot's file: the flag's, else beside --output (its name + suffix), else none."""
+    return explicit or (os.path.splitext(output)[0] + suffix if output else None)
+
+
+def chapter_report(args, usage, results) -> None:
+    """Chapter models: per-layer chapter usage over the evaluated tokens, printed, in the JSON, and plotted."""
+    from megamem.eval.chapter_stats import plot_usage, usage_summary
+
+    summary = usage_summary(usage)
+    results["chapter_usage"] = {str(k): v for k, v in summary.items()}
+    for layer, s in summary.items():
+        print(f"chapters, layer {layer}: normalised entropy {s['normalised_entropy']:.3f}, max share "
+              f"{s['max_share']:.3f}, unused {s['unused']}/{len(s['shares'])}")
+    plot = plot_path(args.plot, args.output, ".png")
+    if plot:
+        results["chapter_plot"] = plot_usage(usage, plot)
+        print(f"wrote {plot}")
+
+
 def expert_report(args, loaded, experts, results) -> None:
     """PEER models: per-layer expert usage over the evaluated tokens, printed, in the JSON, and plotted."""
     from megamem.config.schema import PeerConfig
@@ -210,7 +230,7 @@ def expert_report(args, loaded, experts, results) -> None:
     for layer, s in summary.items():
         print(f"experts, layer {layer}: used {s['usage']:.3f}, unevenness {s['unevenness']:.3f}, "
               f"hot {s['hot_experts']}, max share {s['max_share']:.4f}")
-    plot = args.expert_plot or (os.path.splitext(args.output)[0] + "_experts.png" if args.output else None)
+    plot = plot_path(args.expert_plot, args.output, "_experts.png")
     if plot:
         results["expert_plot"] = plot_expert_usage(experts, plot)
         print(f"wrote {plot}")
@@ -220,7 +240,6 @@ def main(argv=None) -> int:
     import torch
 
     from megamem.eval import load_any, perplexity
-    from megamem.eval.chapter_stats import plot_usage, usage_summary
 
     args, overrides = parse_args(argv)
     if args.max_batches is not None and args.max_batches < 1:
@@ -243,14 +262,7 @@ def main(argv=None) -> int:
         results["perplexity"] = {"split": args.split, **ppl}
         print(f"{args.split}: loss {ppl['loss']:.4f}  perplexity {ppl['ppl']:.2f}  over {ppl['tokens']} tokens")
         if usage:
-            results["chapter_usage"] = {str(k): v for k, v in usage_summary(usage).items()}
-            for layer, s in usage_summary(usage).items():
-                print(f"chapters, layer {layer}: normalised entropy {s['normalised_entropy']:.3f}, max share "
-                      f"{s['max_share']:.3f}, unused {s['unused']}/{len(s['shares'])}")
-            plot = args.plot or (os.path.splitext(args.output)[0] + ".png" if args.output else None)
-            if plot:
-                results["chapter_plot"] = plot_usage(usage, plot)
-                print(f"wrote {plot}")
+            chapter_report(args, usage, results)
         if experts:
             expert_report(args, loaded, experts, results)
     if {"niah", "ruler"} & set(ev.benchmarks):
