@@ -75,6 +75,14 @@ def test_fresh_hybrid_equals_the_base(tmp_path, family, W):
     assert torch.equal(got, want)
 
 
+def test_fresh_hybrid_with_lora_equals_the_base(tmp_path):
+    path, base = saved_base(tmp_path, "qwen2")
+    model = _hybrid(path, 4, "memory.use_both_memory_and_lora=true", "memory.lora_rank=4")
+    assert model.lora_parameters()  # peft injected in place: the rotary module is still the family's
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, base(IDS).logits)  # LoRA B = 0, zero-init memory, gate 0
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("W", [0, 4])
 def test_open_gate_angles_and_logits_equal_float64_references(tmp_path, family, W):
