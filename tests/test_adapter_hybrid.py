@@ -98,7 +98,7 @@ def test_open_gate_angles_and_logits_equal_float64_references(tmp_path, family, 
     angles = torch.atan2(sin[0].double(), cos[0].double())[:, :cos.shape[-1] // 2]
     want = _angles64(base.config, range(IDS.shape[1]), 1.0, W)
     wrapped = torch.remainder(angles - want + math.pi, 2 * math.pi) - math.pi
-    assert wrapped.abs().max() <= 1e-5, wrapped.abs().max()
+    assert wrapped.abs().max() <= 2e-6, wrapped.abs().max()  # float32 tables: measured ≤ 2.6e-7
     for g in (1.0, 0.5):
         with torch.no_grad():
             model.hybrid.gate.fill_(g)
