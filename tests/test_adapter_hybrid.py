@@ -19,8 +19,9 @@ K = 16  # positions 0 … 39 cross K
 
 
 def _hybrid(path, W=4, *keys):
-    return build_adapter_model(adapter_config(path, "model.pos_encoding.type=hybrid", f"model.pos_encoding.hybrid_K={K}",
-                                              f"model.pos_encoding.transition_width={W}", *keys), seed=0).eval()
+    cfg = adapter_config(path, "model.pos_encoding.type=hybrid", f"model.pos_encoding.hybrid_K={K}",
+                         f"model.pos_encoding.transition_width={W}", *keys)
+    return build_adapter_model(cfg, seed=0).eval()
 
 
 def _w64(n, W):
