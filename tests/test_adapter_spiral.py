@@ -71,5 +71,5 @@ def test_refusals():
     with pytest.raises(ConfigError, match="pi_spiral on an adapter run .* trains with the memory adapter"):
         adapter_config("some/base", "model.pos_encoding.type=pi_spiral", "memory.use_memory_adapter=false",
                        "memory.use_lora=true")
-    with pytest.raises(ConfigError, match="model.pos_encoding.type hybrid applies to from-scratch models"):
-        adapter_config("some/base", "model.pos_encoding.type=hybrid")
+    with pytest.raises(ConfigError, match="model.pos_encoding.type alibi applies to from-scratch models"):
+        adapter_config("some/base", "model.pos_encoding.type=alibi")

@@ -49,7 +49,7 @@ def test_memory_adapter_exports_base_plus_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, base = trained(tmp_path, "memory.use_both_memory_and_lora=true")
-    with pytest.raises(ConfigError, match=r"has memory adapters \(or an attractor / spiral gate\), which cannot be merged"):
+    with pytest.raises(ConfigError, match=r"has memory adapters \(or an attractor / spiral or hybrid gate\), which cannot be merged"):
         convert_to_hf(str(tmp_path / "final"), str(tmp_path / "hf"), merge_lora=True)
     folder = convert_to_hf(str(tmp_path / "final"), str(tmp_path / "hf"))
     assert {"adapter.safetensors", "adapter.json"} <= set(os.listdir(folder)) and "config.json" not in os.listdir(folder)

@@ -6,7 +6,8 @@ Injection needs only these facts, so supporting a new family is one `register_fa
 
 Families whose config uses other attribute names pass their own `dims`; `set_rope` is how a family
 takes new rope parameters (model.pos_encoding.type rope_ntk), `set_window` a sliding window for every
-layer (model.window_size); None: the family refuses that key.
+layer (model.window_size), `rotary` its rotary module, whose output (cos, sin) pos_encoding.type hybrid
+replaces through a forward hook (hybrid.py); None: the family refuses that key.
 """
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ def llama_set_rope(model: nn.Module, params: dict) -> None:
     model.model.rotary_emb = type(old)(config=config).to(old.inv_freq.device)
 
 
+def llama_rotary(model: nn.Module) -> nn.Module:
+    """Llama-style: the one rotary module every layer's rotation comes from, called as (x, position_ids) and
+    returning (cos, sin) = (cos, sin)(position_ids·inv_freq)·attention_scaling in x's dtype."""
+    return model.model.rotary_emb
+
+
 def mistral_set_window(model: nn.Module, window: int) -> None:
     """Mistral reads config.sliding_window at every forward (attention, mask, DynamicCache's sliding layers)."""
     model.config.sliding_window = window
@@ -74,6 +81,7 @@ class Family:
     dims: Callable[[object], Dims] = llama_dims  # its config → widths
     set_rope: Optional[Callable[[nn.Module, dict], None]] = llama_set_rope  # new rope_parameters → the model
     set_window: Optional[Callable[[nn.Module, int], None]] = None  # a sliding window on every layer
+    rotary: Optional[Callable[[nn.Module], nn.Module]] = llama_rotary  # the CausalLM → its rotary module
 
 
 FAMILIES: Dict[str, Family] = {}
@@ -82,9 +90,10 @@ FAMILIES: Dict[str, Family] = {}
 def register_family(model_type: str, layers: Callable[[nn.Module], nn.ModuleList],
                     dims: Callable[[object], Dims] = llama_dims,
                     set_rope: Optional[Callable[[nn.Module, dict], None]] = llama_set_rope,
-                    set_window: Optional[Callable[[nn.Module, int], None]] = None) -> None:
+                    set_window: Optional[Callable[[nn.Module, int], None]] = None,
+                    rotary: Optional[Callable[[nn.Module], nn.Module]] = llama_rotary) -> None:
     """Make memory injection available for HF models whose `config.model_type` is model_type."""
-    FAMILIES[model_type] = Family(layers, dims, set_rope, set_window)
+    FAMILIES[model_type] = Family(layers, dims, set_rope, set_window, rotary)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -7,7 +7,8 @@ wrapper modules, so the base's state dict, LoRA names and ZeRO-3 weight loading 
 and HF `generate()` (which calls the base directly) reads memory too. With wo_init_zero every
 branch starts as the identity, so the adapted model starts exactly as the base model. The attractor
 (model.attractor, attractor.py) runs in the same layer hook, after the memory branch, always zero-init;
-pos_encoding.type pi_spiral adds a gated spiral to the input embeddings (spiral.py, gate 0 at init).
+pos_encoding.type pi_spiral adds a gated spiral to the input embeddings (spiral.py, gate 0 at init);
+hybrid gates the from-scratch hybrid into the base's rotary module and first layer (hybrid.py, gate 0 at init).
 While generating, the memory and attractor state live in megamem's DecodingState (see decoding.py).
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ..model.transformer import CausalLMOutput
 from .attractor import attractor_model_config, build_attractors, check_attention_mask
 from .decoding import DecodingState, DecodingStateError, find_hf_cache, refuse_stateless_decoding
 from .families import Dims, family_of
+from .hybrid import HybridGate, embedding_pre_hook, rotary_hook
 from .lora import is_lora_name
 from .spiral import SpiralGate, embedding_hook
 
@@ -44,6 +46,15 @@ def branch_model_config(dims: Dims) -> ModelConfig:
                        num_layers=dims.num_layers, intermediate_dim=dims.intermediate_size, norm_eps=dims.norm_eps,
                        use_rms_norm=True, hidden_activation="silu", initializer_range=dims.initializer_range,
                        dropout=0.0)
+
+
+def hybrid_gate(cfg: MegamemConfig, width: int) -> Optional[HybridGate]:
+    """pos_encoding.type hybrid's gate, with the from-scratch defaults K = 8000, W = 1000 (None for other types)."""
+    p = cfg.model.pos_encoding
+    if position_type(cfg.model) != "hybrid":
+        return None
+    return HybridGate(width, p.irrational or "pi", p.hybrid_K if p.hybrid_K is not None else 8000,
+                      p.transition_width if p.transition_width is not None else 1000)
 
 
 class AdapterModel(nn.Module):
@@ -66,12 +77,14 @@ class AdapterModel(nn.Module):
         self.attractors = build_attractors(attractor_model_config(self.model_config, cfg), cfg)
         self.spiral = SpiralGate(self.dims.hidden_size, cfg.model.pos_encoding.irrational or "pi") \
             if position_type(cfg.model) == "pi_spiral" else None
+        self.hybrid = hybrid_gate(cfg, self.dims.hidden_size)
         dtype = base.get_input_embeddings().weight.dtype
         self.banks.to(dtype)
         self.branches.to(dtype)
         self.attractors.to(dtype)
-        if self.spiral is not None:
-            self.spiral.to(dtype)
+        for gate in (self.spiral, self.hybrid):
+            if gate is not None:
+                gate.to(dtype)
         self._ctx = ForwardContext()  # the base forward's context for the memory hooks (banks, decoding state)
         self._decoding: Optional[DecodingState] = None  # open while generating (decoding())
         hooked = sorted(set(self.memory_layers) | {int(i) for i in self.attractors})
@@ -80,6 +93,9 @@ class AdapterModel(nn.Module):
             layers[i].register_forward_hook(self._layer_hook(i))
         if self.spiral is not None:
             base.get_input_embeddings().register_forward_hook(embedding_hook(self.spiral, lambda: self._ctx.past))
+        if self.hybrid is not None:  # n = the position_ids of the base's decoder (continuing after its cache)
+            family_of(base.config).rotary(base).register_forward_hook(rotary_hook(self.hybrid), with_kwargs=True)
+            layers[0].register_forward_pre_hook(embedding_pre_hook(self.hybrid), with_kwargs=True)
         if hooked or self.spiral is not None:
             base.register_forward_pre_hook(self._before_base, with_kwargs=True)
 
@@ -208,7 +224,7 @@ class AdapterModel(nn.Module):
     # ------------------------------------------------------------------- init
     def memory_modules(self) -> List[nn.Module]:
         return list(self.banks.modules()) + list(self.branches.modules()) + list(self.attractors.modules()) + \
-            (list(self.spiral.modules()) if self.spiral is not None else [])
+            [m for gate in (self.spiral, self.hybrid) if gate is not None for m in gate.modules()]
 
     def zero_init_ids(self) -> set:
         """Output layers that start at zero: the memory branches' with wo_init_zero, the attractors' always."""
@@ -221,7 +237,7 @@ class AdapterModel(nn.Module):
         """Initialise one memory module (the base keeps its pretrained weights)."""
         if any(module is bank for bank in self.banks) or isinstance(module, ChapterRouter):
             module.reset_parameters()
-        elif isinstance(module, (AttractorBranch, SpiralGate)):  # their own parameters: learned α, the gate
+        elif isinstance(module, (AttractorBranch, SpiralGate, HybridGate)):  # their own parameters: learned α, gates
             module.reset_parameters()
         elif isinstance(module, nn.Linear):
             if id(module) in zero_ids:
@@ -238,14 +254,16 @@ class AdapterModel(nn.Module):
 
     @property
     def has_injections(self) -> bool:
-        """Memory branches, attractors or the spiral gate: what a plain folder of the base's architecture lacks."""
-        return bool(self.memory_layers) or len(self.attractors) > 0 or self.spiral is not None
+        """Memory branches, attractors or a position gate: what a plain folder of the base's architecture lacks."""
+        return bool(self.memory_layers) or len(self.attractors) > 0 or self.spiral is not None or \
+            self.hybrid is not None
 
     # ------------------------------------------------------------- accounting
     def memory_parameters(self) -> List[nn.Parameter]:
-        """Banks, memory branches, attractors, the spiral gate: the new parameters (the `memory` part and group)."""
-        return list(self.banks.parameters()) + list(self.branches.parameters()) + \
-            list(self.attractors.parameters()) + (list(self.spiral.parameters()) if self.spiral is not None else [])
+        """Banks, memory branches, attractors, the spiral or hybrid gate: the new parameters (the `memory` part
+        and group)."""
+        return list(self.banks.parameters()) + list(self.branches.parameters()) + list(self.attractors.parameters()) + \
+            [p for gate in (self.spiral, self.hybrid) if gate is not None for p in gate.parameters()]
 
     def lora_parameters(self) -> List[nn.Parameter]:
         return [p for n, p in self.base.named_parameters() if is_lora_name(n)]

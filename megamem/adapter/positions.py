@@ -13,6 +13,7 @@ rotate exactly as the unmodified transformers model built with those parameters 
 model.window_size w: the family's `set_window` makes every layer a transformers sliding-window layer
 (query i sees keys i − w < j ≤ i, megamem's rule; DynamicCache keeps w keys per layer).
 
+pos_encoding.type pi_spiral and hybrid add gated branches instead (spiral.py, hybrid.py).
 Formulas and what stays refused on adapter runs: docs/positions.md#on-pretrained-models-adapter-runs.
 """
 from __future__ import annotations
@@ -38,17 +39,22 @@ def rotary_dim(hf_config) -> int:
 
 
 def position_problems(cfg: MegamemConfig, hf_config) -> List[str]:
-    """Position keys checked against the base: window_size needs the family's hook, pi_spiral an even width,
-    rope_ntk plain RoPE. θ is always the base's rope_theta (model.rope_theta, like the widths, is the base's)."""
+    """Position keys checked against the base: window_size needs the family's hook, pi_spiral and hybrid an even
+    width, hybrid the family's rotary module, rope_ntk plain RoPE. θ is always the base's rope_theta
+    (model.rope_theta, like the widths, is the base's)."""
     family, problems = FAMILIES.get(hf_config.model_type), []
     if cfg.model.window_size is not None and family is not None and family.set_window is None:
         supported = ", ".join(sorted(n for n, f in FAMILIES.items() if f.set_window is not None))
         problems.append(f"model.window_size: model type '{hf_config.model_type}' has no sliding-window attention in "
                         f"transformers (supported: {supported}); set window_size: null")
-    if position_type(cfg.model) == "pi_spiral" and hf_config.hidden_size % 2:
-        problems.append(f"model.pos_encoding.type pi_spiral needs an even hidden size; the base's is "
+    kind = position_type(cfg.model)
+    if kind in ("pi_spiral", "hybrid") and hf_config.hidden_size % 2:
+        problems.append(f"model.pos_encoding.type {kind} needs an even hidden size; the base's is "
                         f"{hf_config.hidden_size}: use pos_encoding.type rope")
-    if position_type(cfg.model) == "rope_ntk":
+    if kind == "hybrid" and family is not None and family.rotary is None:
+        problems.append(f"model.pos_encoding.type hybrid: model type '{hf_config.model_type}' has no rotary hook "
+                        "(megamem.adapter.register_family(..., rotary=...)); use pos_encoding.type rope or pi_spiral")
+    if kind == "rope_ntk":
         problems += _ntk_problems(cfg, hf_config, family)
     return problems
 

@@ -31,8 +31,8 @@ def _fraction(problems: List[str], section: str, obj, *names: str, closed: bool 
 
 ROTARY = ("rope", "rope_ntk", "hybrid")
 SPIRAL = ("pi_spiral", "hybrid")
-# what an adapter run can do to its base's positions (megamem/adapter/positions.py, spiral.py)
-ADAPTER_TYPES = ("rope", "rope_ntk", "pi_spiral")
+# what an adapter run can do to its base's positions (megamem/adapter/positions.py, spiral.py, hybrid.py)
+ADAPTER_TYPES = ("rope", "rope_ntk", "pi_spiral", "hybrid")
 # pos_encoding keys that only one family of encodings reads: given for another type, they are refused
 _ONLY_FOR = {"ntk_factor": ("rope_ntk",), "ntk_scaling": ("rope_ntk",), "ntk_original_max_seq_len": ("rope_ntk",),
              "irrational": SPIRAL, "hybrid_K": ("hybrid",), "transition_width": ("hybrid",)}

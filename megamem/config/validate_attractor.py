@@ -36,8 +36,8 @@ def validate_attractor(m, problems: List[str]) -> None:
 
 
 def validate_adapter_attractor(cfg, problems: List[str]) -> None:
-    """On an adapter run the attractor's and the spiral gate's parameters are the `memory` part: they train only
-    with the memory adapter."""
+    """On an adapter run the attractor's and the spiral or hybrid gate's parameters are the `memory` part: they
+    train only with the memory adapter."""
     m, mem = cfg.model, cfg.memory
     if m.base_model_name is None or (mem.use_memory_adapter and not mem.vanilla_mode):
         return
@@ -45,6 +45,6 @@ def validate_adapter_attractor(cfg, problems: List[str]) -> None:
     if m.attractor.use_attractor:
         problems.append("model.attractor.use_attractor on an adapter run trains with the memory adapter (the memory "
                         f"optimizer group): {fix} use_attractor: false")
-    if position_type(m) == "pi_spiral":
-        problems.append("model.pos_encoding.type pi_spiral on an adapter run (a gated spiral) trains with the memory "
-                        f"adapter (the memory optimizer group): {fix} pos_encoding.type rope")
+    if position_type(m) in ("pi_spiral", "hybrid"):
+        problems.append(f"model.pos_encoding.type {position_type(m)} on an adapter run (a gated {position_type(m)}) "
+                        f"trains with the memory adapter (the memory optimizer group): {fix} pos_encoding.type rope")

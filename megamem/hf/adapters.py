@@ -55,7 +55,7 @@ def write_adapter_folder(folder: str, source: str, dtype: str, merge_lora: bool)
     model, cfg, tokenizer = load_adapter(source, dtype=torch.float32)
     lora = cfg.memory.use_lora or cfg.memory.use_both_memory_and_lora
     if merge_lora and model.has_injections:
-        raise ConfigError(f"--merge-lora: {source} has memory adapters (or an attractor / spiral gate), which cannot "
+        raise ConfigError(f"--merge-lora: {source} has memory adapters (or an attractor / spiral or hybrid gate), which cannot "
                           "be merged into the base; convert without --merge-lora (base + adapter)")
     if merge_lora and not lora:
         raise ConfigError(f"--merge-lora: {source} has no LoRA weights")
