@@ -98,3 +98,17 @@ def test_top_k_diagnostic_is_the_entropy_of_the_read_rows():
     torch.testing.assert_close(got["entropy"].double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["entropy_norm"].double(), ref / math.log(6), rtol=1e-5, atol=1e-6)
     assert entropy(torch.zeros(3, 6)).allclose(torch.full((3,), math.log(6)))
+
+
+def test_sharp_reads_zero3_two_ranks_match_one_rank(tmp_path):
+    """The learned temperature is read inside its module's forward: ZeRO-3 gathers it (a partitioned read would fail)."""
+    from dist_utils import run_ranks
+    from test_train import ZERO, _fit
+
+    steps = ("training.max_steps=4", "memory.memory_top_k=4", "memory.memory_qk_norm=true",
+             "memory.memory_qk_temperature=20")
+    one = run_ranks(_fit, str(tmp_path / "one"), ZERO[0], 4, steps, world_size=1, tmp_path=tmp_path / "r1")[0]
+    two = run_ranks(_fit, str(tmp_path / "two"), ZERO[3], 2, steps, world_size=2, tmp_path=tmp_path / "r2")[0]
+    assert one["train_losses"][0] > one["train_losses"][-1]
+    assert torch.allclose(torch.tensor(two["train_losses"]), torch.tensor(one["train_losses"]), atol=1e-4, rtol=0)
+    assert any("log_temperature" in n for n in two["group_names"]["memory_no_decay"])

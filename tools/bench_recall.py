@@ -35,7 +35,7 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="benchmark folder: data/, runs/<arm>-s<seed>/, recall.{md,json,png}")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["vanilla", "matched", "memory"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--people", type=int, default=1500, help="people in the knowledge base (2 facts each)")
+    p.add_argument("--people", type=int, default=150, help="people in the knowledge base (2 facts each)")
     p.add_argument("--repeats", type=int, default=8, help="times each fact is stated in the training corpus")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--deepspeed", help="DeepSpeed JSON for every run (default: scripts/train.py's own)")

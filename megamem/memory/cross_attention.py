@@ -80,7 +80,7 @@ class MemoryCrossAttention(nn.Module):
         k, v = kv
         q = self.q_proj(x).view(1, B * S, H, hd).transpose(1, 2)
         if self.qk_norm is not None:  # k is normalised when projected (memory_kv), once per bank
-            q = QKNorm.normalise(q) * self.qk_norm.scale().to(q.dtype)
+            q = self.qk_norm(q)
         scale = 1 / math.sqrt(hd)
         if self.diagnose:
             self.diag = dense_entropy(q, k, scale) if self.top_k is None else top_k_entropy(q, k, scale, self.top_k)

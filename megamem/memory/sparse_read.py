@@ -38,9 +38,12 @@ class QKNorm(nn.Module):
     def normalise(x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), eps=QK_NORM_EPS)
 
-    def scale(self) -> torch.Tensor:
-        """[H, 1, 1]: multiplies q (normalised) so that q·k/√hd = temperature · cos(q, k) for unit-RMS q and k."""
-        return (self.log_temperature.exp() / math.sqrt(self.head_dim)).view(-1, 1, 1)
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """q [1, H, n, hd] → normalised and scaled so that q·k/√hd = temperature · cos(q, k) for a normalised k.
+
+        The temperature is read inside this module's forward, where ZeRO-3 has gathered it."""
+        scale = (self.log_temperature.exp() / math.sqrt(self.head_dim)).view(-1, 1, 1)
+        return self.normalise(q) * scale.to(q.dtype)
 
 
 def top_k_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, top_k: int, scale: float) -> torch.Tensor:

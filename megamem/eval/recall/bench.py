@@ -4,7 +4,8 @@ Arms (ARMS, a registry: name → the config overrides that make it from the benc
   vanilla  the config without memory (memory.vanilla_mode), the same seed's base weights (fair twins);
   matched  vanilla with model.intermediate_dim widened until it has at least the memory model's parameters;
   memory   the config as given (configs/recall_tiny.yaml: the recipe of docs/diagnostics.md);
-  dense    the memory model read the old way: a softmax over every row, no qk-norm (what the recipe replaced).
+  dense    the memory model as it was before the recipe: a softmax over every row, no qk-norm, bank std 0.02,
+           W_o zero-initialised.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .corpus import KnowledgeBase, documents
 from .score import word_tokenizer
 
 ARMS: Dict[str, Callable[[Any], List[str]]] = {}
+FILLER_PER_FACT = 0.5  # filler sentences per fact statement in the training documents
 
 
 def arm(name: str):
@@ -68,7 +70,8 @@ def _memory(cfg) -> List[str]:
 
 @arm("dense")
 def _dense(cfg) -> List[str]:
-    return [*_memory(cfg), "--memory.memory_top_k=null", "--memory.memory_qk_norm=false"]
+    return [*_memory(cfg), "--memory.memory_top_k=null", "--memory.memory_qk_norm=false",
+            "--memory.memory_qk_temperature=null", "--memory.memory_init_std=0.02", "--memory.wo_init_zero=true"]
 
 
 def write_data(out: str, people: int, repeats: int, seed: int) -> Dict[str, str]:
@@ -87,8 +90,8 @@ def write_data(out: str, people: int, repeats: int, seed: int) -> Dict[str, str]
     os.makedirs(out, exist_ok=True)
     word_tokenizer(kb.vocabulary, paths["tokenizer"])
     lines = lambda docs: "".join(json.dumps({"text": d}) + "\n" for d in docs)  # noqa: E731
-    write_text_file(paths["train"], lines(documents(kb, repeats, 4, 1.0, seed + 1)))
-    write_text_file(paths["validation"], lines(documents(kb, 1, 4, 1.0, seed + 2)[:64]))
+    write_text_file(paths["train"], lines(documents(kb, repeats, 4, FILLER_PER_FACT, seed + 1)))
+    write_text_file(paths["validation"], lines(documents(kb, 1, 4, FILLER_PER_FACT, seed + 2)[:64]))
     write_text_file(paths["prompts"], "".join(json.dumps({"prompt": p, "value": v}) + "\n" for p, v in kb.prompts()))
     write_json_file(spec_path, spec)
     return paths
