@@ -3,8 +3,8 @@
 Arms (ARMS, a registry: name → the config overrides that make it from the benchmark's config):
   vanilla  the config without memory (memory.vanilla_mode), the same seed's base weights (fair twins);
   matched  vanilla with model.intermediate_dim widened until it has at least the memory model's parameters;
-  memory   the config as given (configs/recall_tiny.yaml: the recipe of docs/diagnostics.md);
-  dense    the memory model as it was before the recipe: a softmax over every row, no qk-norm, bank std 0.02,
+  memory   the config as given (configs/recall_tiny.yaml: sharp reads, docs/diagnostics.md);
+  dense    the memory model with megamem's default reads: a softmax over every row, no qk-norm, bank std 0.02,
            W_o zero-initialised.
 """
 from __future__ import annotations
