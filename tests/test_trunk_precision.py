@@ -1,0 +1,166 @@
+"""A progressive phase's frozen trunk held at bf16 / fp16 under an fp32 engine (training.quantization_type;
+megamem.train.trunk_precision, docs/progressive.md). References are independent of the precision code: an fp32 run
+of the same phase whose init_from export has the trunk's weights rounded to bf16 here, byte counts from the plain
+model's shapes, and merged weights computed in float64 from the trained tensors."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from dist_utils import run_ranks
+from synthetic_data import SyntheticLoader
+from test_train import ZERO, make_cfg
+
+PHASES = ("training.mode=fused", "training.block_size=1", "training.total_blocks=3", "model.num_layers=3",
+          "memory.memory_layer_placement=all", "training.qlora_enabled=true", "training.qlora_rank=2",
+          "training.qlora_alpha=4", "training.learning_rate=0.01", "training.memory_lr=0.02",
+          "training.current_block_lr=0.05", "training.qlora_lr=0.03", "training.warmup_steps=0",
+          "training.batch_size=2", "training.steps_per_phase=3")
+# plain SGD: an update is linear in its gradient, so O(u) gradient differences stay O(u) (Adam's first steps are
+# ≈ lr·sign(g): they turn a rounding-sized difference of a near-zero gradient into a full step)
+SGD = ("training.optimizer=sgd", "training.learning_rate=0.2", "training.memory_lr=0.2",
+       "training.current_block_lr=0.5", "training.qlora_lr=0.5")
+HELD = ("training.quantization_enabled=true", "training.quantization_type=bf16")
+
+
+def _model(cfg, seed=0):
+    from megamem.model import build_model
+
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_the_trunk_is_held_at_half_the_bytes_and_only_the_trunk(tmp_path, name, dtype):
+    from megamem.train.trainable import apply_training_policy
+
+    cfg = make_cfg(str(tmp_path), *PHASES, "training.phase=2", "training.quantization_enabled=true",
+                   f"training.quantization_type={name}")
+    model = _model(cfg)
+    shapes = {n: p.shape for n, p in model.named_parameters()}  # the plain model's: the byte reference
+    counts = apply_training_policy(model, cfg, seed=0)
+    trunk = {n for n in shapes if n.startswith(("blocks.0.", "blocks.1."))}
+    numel = sum(shapes[n].numel() for n in trunk)
+    assert counts["trunk_parameters"] == numel
+    assert counts["trunk_bytes_fp32"] == 4 * numel and counts["trunk_bytes"] == 2 * numel
+    for n, p in model.named_parameters():
+        plain = n.replace(".base_layer.", ".")
+        if "lora_" in n:  # the adapters on the trunk: fp32, trained
+            assert p.dtype == torch.float32 and p.requires_grad, n
+        elif plain in trunk:
+            assert p.dtype == dtype and not p.requires_grad, n
+            assert p.untyped_storage().nbytes() == 2 * shapes[plain].numel(), n  # the storage itself is half
+        else:  # the current block, embeddings, head, banks
+            assert p.dtype == torch.float32, n
+    assert [b.compute_dtype for b in model.blocks] == [dtype, dtype, None]
+
+
+def test_phase_0_has_no_trunk_to_hold(tmp_path):
+    from megamem.train.trainable import apply_training_policy
+
+    cfg = make_cfg(str(tmp_path), *PHASES, "training.phase=0", "model.num_layers=1", *HELD)
+    model = _model(cfg)
+    assert apply_training_policy(model, cfg, seed=0)["trunk_parameters"] == 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(b.compute_dtype is None for b in model.blocks)
+
+
+def _phase_1(out, held, rounded, stage=0, extra=()):
+    """Phase 1 of PHASES through the real Trainer (ZeRO-0, fp32 engine) from a phase-0 export made here; the
+    trunk held at bf16 (held), or an fp32 run whose export has blocks.0.* rounded to bf16 (rounded)."""
+    from megamem.folders import export_model
+    from megamem.train.progressive import phase_config
+    from megamem.train.trainer import Trainer
+
+    cfg = make_cfg(out, *PHASES, "training.steps_per_phase=4", *SGD, *(HELD if held else ()), *extra)
+    first = phase_config(cfg, 0)
+    state = _model(first, seed=3).state_dict()
+    if rounded:
+        state = {k: v.to(torch.bfloat16).float() if k.startswith("blocks.0.") else v for k, v in state.items()}
+    export_model(state, first, None, os.path.join(first.training.output_dir, "final"), 1)
+    phase = phase_config(cfg, 1)
+    phase.training.init_data_from = None  # phase 0 is an export made here, not a run
+    trainer = Trainer(phase, ZERO[stage], lambda split, rank, world: SyntheticLoader(61, 2, 16, rank, world, split))
+    before = {n: q.detach().clone() for n, q in trainer.model.named_parameters()}
+    result = trainer.fit()
+    result.update(before=before, after={n: q.detach().clone() for n, q in trainer.model.named_parameters()},
+                  export=load_file(os.path.join(phase.training.output_dir, "final", "model.safetensors")))
+    return result
+
+
+def test_a_bf16_trunk_trains_like_an_fp32_run_on_the_rounded_trunk(tmp_path):
+    held = run_ranks(_phase_1, str(tmp_path / "held"), True, False, world_size=1, tmp_path=tmp_path / "r1")[0]
+    ref = run_ranks(_phase_1, str(tmp_path / "ref"), False, True, world_size=1, tmp_path=tmp_path / "r2")[0]
+    a, b = torch.tensor(held["train_losses"]), torch.tensor(ref["train_losses"])
+    assert len(a) == 4
+    # The weights are the same numbers; what differs is the rounding of activations inside the held trunk's matmuls
+    # and attention (bf16's unit roundoff u = 2^-8 ≈ 3.9e-3): each trunk output moves by O(u) relative, the loss (a
+    # mean over 32 tokens, after an identity-initialised block) by far less, and with SGD each update by O(u) of
+    # itself. Measured: ≤ 4e-5 over the 4 steps; 2e-4 (5e-5 of the loss) leaves room for other CPUs' kernels,
+    # while the loss falls by 0.2 over the steps. (Rounding the trunk's weights itself moves this loss by less than
+    # that too: that the weights are the rounded ones is checked bitwise below.)
+    assert (a - b).abs().max() <= 2e-4, (a, b)
+    assert a[0] - a[-1] > 0.1
+    trunk = [n for n in held["after"] if n.startswith("blocks.0.")]
+    lora = [n for n in trunk if "lora_" in n]
+    assert lora
+    for n in trunk:
+        if "lora_" in n:  # the adapters train, in fp32
+            assert held["after"][n].dtype == torch.float32 and not torch.equal(held["before"][n], held["after"][n]), n
+        else:  # the held trunk: bf16, bitwise unchanged, equal to the export rounded once
+            plain = n.replace(".base_layer.", ".")
+            assert held["after"][n].dtype == torch.bfloat16, n
+            assert torch.equal(held["before"][n], held["after"][n]), n
+            assert torch.equal(held["after"][n].float(), ref["before"][n]), n
+    # the export: fp32, no LoRA keys, W (the held bf16 values) + (α/r)·B·A in float64 from the trained tensors
+    export = held["export"]
+    assert all(v.dtype == torch.float32 for v in export.values())
+    assert not any("lora_" in k or "base_layer" in k for k in export)
+    for n in lora:
+        if ".lora_A." not in n:
+            continue
+        module = n.split(".lora_A.")[0]
+        after = held["after"]
+        want = after[f"{module}.base_layer.weight"].double() + 4 / 2 * (
+            after[f"{module}.lora_B.stack.weight"].double() @ after[f"{module}.lora_A.stack.weight"].double())
+        assert (export[f"{module}.weight"].double() - want).abs().max() <= 1e-6, module
+
+
+ADAMW = ("training.optimizer=adamw", "training.learning_rate=0.01", "training.memory_lr=0.01",
+         "training.current_block_lr=0.01", "training.qlora_lr=0.01")
+
+
+def _zero_phase(out, stage, batch):
+    """Phase 1 with the trunk held at bf16 on a ZeRO layout; the trunk's stored dtypes and bytes on this rank."""
+    from megamem.folders import export_model
+    from megamem.train.progressive import phase_config
+    from megamem.train.trainer import Trainer
+    from synthetic_data import factory
+
+    cfg = make_cfg(out, *PHASES, "training.steps_per_phase=3", *ADAMW, *HELD, f"training.batch_size={batch}")
+    first = phase_config(cfg, 0)
+    export_model(_model(first, seed=3).state_dict(), first, None, os.path.join(first.training.output_dir, "final"), 1)
+    phase = phase_config(cfg, 1)
+    phase.training.init_data_from = None
+    trainer = Trainer(phase, ZERO[stage], factory(61, batch, 16))
+    stored = {n: getattr(q, "ds_tensor", q) for n, q in trainer.model.named_parameters() if n.startswith("blocks.0.")}
+    result = trainer.fit()
+    result["dtypes"] = {n: t.dtype for n, t in stored.items()}
+    result["bytes"] = sum(t.numel() * t.element_size() for n, t in stored.items() if "lora_" not in n)
+    result["elements"] = sum(t.numel() for n, t in stored.items() if "lora_" not in n)
+    return result
+
+
+def test_zero3_holds_the_trunk_partitioned_at_bf16_and_trains_like_zero0(tmp_path):
+    one = run_ranks(_zero_phase, str(tmp_path / "one"), 0, 4, world_size=1, tmp_path=tmp_path / "r1")[0]
+    two = run_ranks(_zero_phase, str(tmp_path / "two"), 3, 2, world_size=2, tmp_path=tmp_path / "r2")
+    for r in (one, *two):
+        assert {d for n, d in r["dtypes"].items() if "lora_" not in n} == {torch.bfloat16}
+        assert {d for n, d in r["dtypes"].items() if "lora_" in n} == {torch.float32}
+        assert r["bytes"] == 2 * r["elements"]
+    assert sum(r["elements"] for r in two) >= one["elements"]  # each rank holds its (padded) share of the trunk
+    assert max(r["elements"] for r in two) < one["elements"]
+    a, b = torch.tensor(one["train_losses"]), torch.tensor(two[0]["train_losses"])
+    assert len(a) == 3 and torch.allclose(a, b, atol=1e-4, rtol=0), (a, b)  # the same arithmetic, other layout
