@@ -164,3 +164,62 @@ def test_zero3_holds_the_trunk_partitioned_at_bf16_and_trains_like_zero0(tmp_pat
     assert max(r["elements"] for r in two) < one["elements"]
     a, b = torch.tensor(one["train_losses"]), torch.tensor(two[0]["train_losses"])
     assert len(a) == 3 and torch.allclose(a, b, atol=1e-4, rtol=0), (a, b)  # the same arithmetic, other layout
+
+
+def test_phases_continue_and_a_preempted_held_phase_resumes_like_the_unbroken_schedule(tmp_path, capsys):
+    """tools/progressive.py chaining three phases (the real Trainer in process, as scripts/train.py runs it): each
+    phase starts from the previous export (fp32, merged), holds its trunk again; a phase preempted mid-way and
+    rerun ends bitwise where the unbroken schedule ends."""
+    from megamem.config import save_config
+    from test_progressive import _tool
+    from test_progressive_resume import _run_in_process
+
+    tool = _tool()
+
+    def config_file(out):
+        path = str(tmp_path / f"{os.path.basename(out)}.yaml")
+        save_config(make_cfg(out, *PHASES, *SGD, *HELD, "training.steps_per_phase=3"), path)
+        return path
+
+    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+    assert tool.main(["--config", config_file(whole)], run=_run_in_process()) == 0
+    path = config_file(broken)
+    assert tool.main(["--config", path], run=_run_in_process(preempt_at=(2, 2))) == 75  # phase 2: 2 trunk blocks
+    assert "phase 2 was preempted" in capsys.readouterr().err
+    assert tool.main(["--config", path], run=_run_in_process()) == 0
+    for p in range(3):
+        a = load_file(os.path.join(whole, f"phase_{p}", "final", "model.safetensors"))
+        b = load_file(os.path.join(broken, f"phase_{p}", "final", "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), p
+        assert all(v.dtype == torch.float32 for v in a.values()) and not any("lora_" in k for k in a)
+        if p > 0:  # the trunk's frozen weights (norms: no adapter) are the previous export's, rounded once
+            prev = load_file(os.path.join(whole, f"phase_{p - 1}", "final", "model.safetensors"))
+            norm = "blocks.0.attn_norm.weight"
+            assert torch.equal(a[norm], prev[norm].to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("training.mixed_precision=no", *HELD), "training.quantization_type: bf16 holds a progressive phase's frozen "
+                                             "trunk: set training.mode"),
+    (("training.mixed_precision=no", "training.mode=fused", "training.block_size=2", "training.total_blocks=2",
+      "training.fusion_mode=trainable", *HELD), "with fusion_mode: trainable the trunk trains at the engine's fp32"),
+    (("training.mixed_precision=bf16", "training.quantization_enabled=true", "training.quantization_type=fp16"),
+     "fp16 would hold the trunk apart from a training.mixed_precision: bf16 engine"),
+    (("training.mixed_precision=bf16", "training.quantization_enabled=true", "training.quantization_type=fp32"),
+     "needs training.mixed_precision: no, else set training.quantization_type: bf16"),
+])
+def test_refusals_name_their_key(overrides, message):
+    from megamem.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        tiny_config(*overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_dry_run_reports_the_held_bytes(tmp_path):
+    from megamem.cli import parameter_report
+
+    report = parameter_report(make_cfg(str(tmp_path), *PHASES, "training.phase=2", *HELD))
+    cfg = make_cfg(str(tmp_path), *PHASES, "training.phase=2")
+    numel = sum(p.numel() for n, p in _model(cfg).named_parameters() if n.startswith(("blocks.0.", "blocks.1.")))
+    assert f"trunk held at bf16: {numel:,} frozen parameters" in report
