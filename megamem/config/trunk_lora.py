@@ -212,7 +212,9 @@ def precision_problem(cfg: MegamemConfig, on_cuda: bool) -> Optional[str]:
     if not on_cuda:
         return (f"training.quantization_type: {t.quantization_type} (a 4-bit QLoRA trunk) needs CUDA and bitsandbytes; "
                 "on CPU training.qlora_enabled / trunk_strategy: qlora means LoRA on a full-precision frozen trunk: "
-                "set training.quantization_enabled: false")
+                "set training.quantization_enabled: false (or quantization_type: bf16 with mixed_precision: no for a "
+                "half-precision one)")
     return (f"training.quantization_type: {t.quantization_type}: 4-bit trunks of from-scratch stacks are not "
             "implemented in this version (the adapter runs' model.load_in_4bit is); set "
-            "training.quantization_enabled: false for LoRA on a full-precision frozen trunk")
+            "training.quantization_enabled: false for LoRA on a full-precision frozen trunk, or quantization_type: "
+            "bf16 with mixed_precision: no for a half-precision one")
