@@ -223,3 +223,27 @@ def test_the_dry_run_reports_the_held_bytes(tmp_path):
     cfg = make_cfg(str(tmp_path), *PHASES, "training.phase=2")
     numel = sum(p.numel() for n, p in _model(cfg).named_parameters() if n.startswith(("blocks.0.", "blocks.1.")))
     assert f"trunk held at bf16: {numel:,} frozen parameters" in report
+
+
+def test_activation_checkpointing_recomputes_the_held_trunk_under_its_autocast(tmp_path):
+    """gradient_checkpointing wraps each block's forward; the held trunk's recompute must run at its dtype again,
+    or the saved and recomputed activations would differ. Reference: the same held model without it."""
+    from megamem.parallel.checkpointing import set_activation_checkpointing
+    from megamem.train.trainable import apply_training_policy
+
+    cfg = make_cfg(str(tmp_path), *PHASES, "training.phase=2", *HELD)
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointed in (False, True):
+        model = _model(cfg)
+        set_activation_checkpointing(model, checkpointed)  # as the Trainer does: before the policy
+        apply_training_policy(model, cfg, seed=0)
+        for name, q in model.named_parameters():  # B ≠ 0, so the adapters act on the forward
+            if ".lora_B." in name:
+                with torch.no_grad():
+                    q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        model.train()(ids, labels=ids).loss.backward()
+        grads.append({n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    for name, g in grads[0].items():
+        assert torch.equal(g, grads[1][name]), name
