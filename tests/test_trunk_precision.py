@@ -153,10 +153,13 @@ def _zero_phase(out, stage, batch):
     return result
 
 
-def test_zero3_holds_the_trunk_partitioned_at_bf16_and_trains_like_zero0(tmp_path):
+def test_zero2_and_zero3_hold_the_trunk_at_bf16_and_train_like_zero0(tmp_path):
     one = run_ranks(_zero_phase, str(tmp_path / "one"), 0, 4, world_size=1, tmp_path=tmp_path / "r1")[0]
+    zero2 = run_ranks(_zero_phase, str(tmp_path / "z2"), 2, 4, world_size=1, tmp_path=tmp_path / "r3")[0]
     two = run_ranks(_zero_phase, str(tmp_path / "two"), 3, 2, world_size=2, tmp_path=tmp_path / "r2")
-    for r in (one, *two):
+    assert zero2["bytes"] == one["bytes"] and torch.allclose(torch.tensor(zero2["train_losses"]),
+                                                             torch.tensor(one["train_losses"]), atol=1e-5, rtol=0)
+    for r in (one, zero2, *two):
         assert {d for n, d in r["dtypes"].items() if "lora_" not in n} == {torch.bfloat16}
         assert {d for n, d in r["dtypes"].items() if "lora_" in n} == {torch.float32}
         assert r["bytes"] == 2 * r["elements"]
