@@ -25,6 +25,14 @@ SGD = ("training.optimizer=sgd", "training.learning_rate=0.2", "training.memory_
 HELD = ("training.quantization_enabled=true", "training.quantization_type=bf16")
 
 
+def _norm_names(model):
+    """Parameters of the plain model's normalisation layers (held fp32: their kernels take the input's dtype)."""
+    from megamem.model.layers import RMSNorm
+
+    return {f"{m_name}.{n}" for m_name, m in model.named_modules() if isinstance(m, (RMSNorm, torch.nn.LayerNorm))
+            for n, _ in m.named_parameters()}
+
+
 def _model(cfg, seed=0):
     from megamem.model import build_model
 
@@ -40,8 +48,10 @@ def test_the_trunk_is_held_at_half_the_bytes_and_only_the_trunk(tmp_path, name, 
                    f"training.quantization_type={name}")
     model = _model(cfg)
     shapes = {n: p.shape for n, p in model.named_parameters()}  # the plain model's: the byte reference
+    norms = _norm_names(model)
     counts = apply_training_policy(model, cfg, seed=0)
-    trunk = {n for n in shapes if n.startswith(("blocks.0.", "blocks.1."))}
+    trunk = {n for n in shapes if n.startswith(("blocks.0.", "blocks.1.")) and n not in norms}
+    assert norms & {n for n in shapes if n.startswith("blocks.0.")}
     numel = sum(shapes[n].numel() for n in trunk)
     assert counts["trunk_parameters"] == numel
     assert counts["trunk_bytes_fp32"] == 4 * numel and counts["trunk_bytes"] == 2 * numel
@@ -52,7 +62,7 @@ def test_the_trunk_is_held_at_half_the_bytes_and_only_the_trunk(tmp_path, name, 
         elif plain in trunk:
             assert p.dtype == dtype and not p.requires_grad, n
             assert p.untyped_storage().nbytes() == 2 * shapes[plain].numel(), n  # the storage itself is half
-        else:  # the current block, embeddings, head, banks
+        else:  # the current block, embeddings, head, banks, the norms' weights (CPU layer_norm wants fp32 ones)
             assert p.dtype == torch.float32, n
     assert [b.compute_dtype for b in model.blocks] == [dtype, dtype, None]
 
@@ -195,10 +205,11 @@ def test_phases_continue_and_a_preempted_held_phase_resumes_like_the_unbroken_sc
         b = load_file(os.path.join(broken, f"phase_{p}", "final", "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), p
         assert all(v.dtype == torch.float32 for v in a.values()) and not any("lora_" in k for k in a)
-        if p > 0:  # the trunk's frozen weights (norms: no adapter) are the previous export's, rounded once
+        if p > 0:  # the trunk's frozen weights without adapters are the previous export's, rounded once
             prev = load_file(os.path.join(whole, f"phase_{p - 1}", "final", "model.safetensors"))
-            norm = "blocks.0.attn_norm.weight"
-            assert torch.equal(a[norm], prev[norm].to(torch.bfloat16).float())
+            kept = [k for k in a if k.startswith("blocks.0.") and torch.equal(a[k], prev[k])]
+            assert kept and all(torch.equal(a[k], prev[k].to(torch.bfloat16).float()) for k in kept
+                                if "norm" not in k)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -223,8 +234,9 @@ def test_the_dry_run_reports_the_held_bytes(tmp_path):
     from megamem.cli import parameter_report
 
     report = parameter_report(make_cfg(str(tmp_path), *PHASES, "training.phase=2", *HELD))
-    cfg = make_cfg(str(tmp_path), *PHASES, "training.phase=2")
-    numel = sum(p.numel() for n, p in _model(cfg).named_parameters() if n.startswith(("blocks.0.", "blocks.1.")))
+    model = _model(make_cfg(str(tmp_path), *PHASES, "training.phase=2"))
+    numel = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("blocks.0.", "blocks.1."))
+                and n not in _norm_names(model))
     assert f"trunk held at bf16: {numel:,} frozen parameters" in report
 
 
@@ -250,3 +262,29 @@ def test_activation_checkpointing_recomputes_the_held_trunk_under_its_autocast(t
     assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
     for name, g in grads[0].items():
         assert torch.equal(g, grads[1][name]), name
+
+
+@pytest.mark.parametrize("kind", [("model.use_rms_norm=false",), ("model.attention_type=mla", "model.num_kv_heads=null"),
+                                  ("model.use_peer=true",),
+                                  ("memory.use_chapters=true", "memory.num_chapters=4", "memory.tokens_per_chapter=4",
+                                   "memory.top_k_chapters=2", "memory.routing_strategy_train=token")])
+def test_every_block_kind_runs_held_like_fp32_on_its_rounded_weights(tmp_path, kind):
+    """LayerNorm, MLA, PEER (embedding_bag) and token-routed chapters in a held trunk: the loss of an fp32 model
+    loaded with the held model's (rounded) weights, and gradients for every trainable tensor."""
+    from megamem.train.trainable import apply_training_policy
+
+    models = []
+    for held in (True, False):
+        cfg = make_cfg(str(tmp_path), *PHASES, "training.phase=2", "memory.wo_init_zero=false", *kind,
+                       *(HELD if held else ()))
+        model = _model(cfg)
+        apply_training_policy(model, cfg, seed=0)
+        models.append(model)
+    models[1].load_state_dict({k: v.float() for k, v in models[0].state_dict().items()})
+    assert any(p.dtype == torch.bfloat16 for n, p in models[0].named_parameters() if ".mlp." in n or ".memory." in n)
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+    held, ref = models[0](ids, labels=ids).loss, models[1](ids, labels=ids).loss
+    assert abs(held.item() - ref.item()) <= 1e-3  # one forward: activations rounded at u = 2^-8, the loss a mean
+    held.backward()
+    for n, p in models[0].named_parameters():
+        assert (p.grad is not None and bool(torch.isfinite(p.grad).all())) == p.requires_grad, n

@@ -5,9 +5,9 @@ init_from's weights are loaded and LoRA is injected and before DeepSpeed sees th
 the bytes. Each trunk block then runs under torch.autocast at that dtype (Block.compute_dtype): its matmuls
 and attention compute in bf16/fp16 from the held weights, while the residual stream, the norms' statistics
 and the block's output stay fp32 — an fp32 stack and an fp32 loss on top, fp32 memory banks read through
-autocast's casts. Trainable tensors stay fp32 wherever they sit: the trunk's LoRA adapters (computed under
-the same autocast, their gradients and Adam state fp32) and any parameter a trunk block shares with a
-trained module. Later frozen blocks (layerwise / blockwise) are not the trunk and stay fp32.
+autocast's casts. What stays fp32 in the trunk: its LoRA adapters (they train: computed under the same
+autocast, their weights, gradients and Adam state fp32), any parameter a trunk block shares with a trained
+module, and the norms' weights (NORMS). Later frozen blocks (layerwise / blockwise) are not the trunk: fp32.
 """
 from __future__ import annotations
 
@@ -19,8 +19,12 @@ import torch.nn as nn
 from ..config import MegamemConfig
 from ..config.progressive import current_layers
 from ..config.trunk_lora import held_trunk_type
+from ..model.layers import RMSNorm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# normalisation layers keep fp32 weights: they normalise in fp32, and CPU layer_norm / batch_norm refuse a weight
+# of another dtype than their input (autocast leaves them alone there); a norm's weight is one row of numbers
+NORMS = (RMSNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
 def trunk_dtype(cfg: MegamemConfig) -> Optional[torch.dtype]:
@@ -44,6 +48,7 @@ def hold_trunk(model: nn.Module, cfg: MegamemConfig) -> Dict[str, int]:
         return out
     trunk = tuple(f"blocks.{i}." for i in range(current_layers(cfg.training).start))
     outside = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(trunk)}
+    outside |= {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters()}
     cast = {id(p): p for n, p in model.named_parameters() if n.startswith(trunk) and not p.requires_grad
             and id(p) not in outside and p.is_floating_point()}
     for p in cast.values():
