@@ -89,6 +89,9 @@ def parameter_report(cfg: MegamemConfig, bank_shards: int = 1) -> str:
              f"memory:    {counts['memory']:>14,}  ({_fmt(counts['memory'])})",
              *([f"lora:      {counts['lora']:>14,}  ({_fmt(counts['lora'])})"] if counts.get("lora") else []),
              f"trainable: {counts['trainable']:>14,}  ({_fmt(counts['trainable'])})",
+             *([f"trunk held at {cfg.training.quantization_type}: {policy['trunk_parameters']:,} frozen parameters, "
+                f"{_fmt(policy['trunk_bytes'])} bytes (fp32: {_fmt(policy['trunk_bytes_fp32'])})"]
+               if policy.get("trunk_parameters") else []),
              f"memory layers: {model.memory_layers or 'none'}"]
     peers = peer_modules(model)  # PEER layers: product-key expert retrieval in place of the MLP
     lines.append(f"peer layers: {sorted(peers) or 'none'}")

@@ -276,7 +276,7 @@ ON = (*FUSED, "training.qlora_enabled=true")
     (("training.quantization_enabled=true", "training.quantization_type=nvfp4"), "nvfp4 needs Blackwell GPUs"),
     (("training.quantization_enabled=true", "training.quantization_type=fp8"), "fp8 is not a trunk storage"),
     (("training.mixed_precision=bf16", "training.quantization_enabled=true", "training.quantization_type=fp32"),
-     "fp32 would hold the trunk apart from the stack"),
+     "fp32 would hold the trunk apart from a training.mixed_precision: bf16 engine"),
     (("training.quantization_enabled=true", "training.quantization_type=nf4"), "nf4 is a QLoRA trunk: it needs "
                                                                                 "training.qlora_enabled: true"),
 ])

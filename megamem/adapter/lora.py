@@ -81,15 +81,17 @@ def checkpoint_scalings(state: Dict[str, torch.Tensor], cfg) -> Dict[str, Dict[s
 
 def merge_lora_state(state: Dict[str, torch.Tensor], scalings: Dict[str, Dict[str, float]]) -> Dict[str, torch.Tensor]:
     """A state dict of an in-place LoRA model → the plain model's (W + Σ_adapters scaling·B·A under the module's
-    own name, computed in fp32, stored in W's dtype; LoRA keys dropped). Works on gathered ZeRO-3 states."""
+    own name, computed in fp32, stored in the wider of W's and the adapters' dtypes — a bf16 trunk's W with fp32
+    adapters merges to fp32; LoRA keys dropped). Works on gathered ZeRO-3 states."""
     out = dict(state)
     for name, scales in scalings.items():
         base = out.pop(f"{name}.base_layer.weight")
-        merged = base.float()
+        merged, dtype = base.float(), base.dtype
         for adapter, scale in scales.items():
             a, b = out.pop(f"{name}.lora_A.{adapter}.weight"), out.pop(f"{name}.lora_B.{adapter}.weight")
             merged = merged + scale * (b.float() @ a.float())
-        out[f"{name}.weight"] = merged.to(base.dtype)
+            dtype = torch.promote_types(dtype, a.dtype)
+        out[f"{name}.weight"] = merged.to(dtype)
         if f"{name}.base_layer.bias" in out:
             out[f"{name}.bias"] = out.pop(f"{name}.base_layer.bias")
     return out

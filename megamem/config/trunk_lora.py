@@ -20,8 +20,22 @@ RANK_PATTERNS = {"constant": lambda v, k: v, "increasing": lambda v, k: v * 2 **
 ALPHA_PATTERNS = {"constant": lambda v, k: v, "increasing": lambda v, k: v * 2 ** k,
                   "decreasing": lambda v, k: v // 2 ** k, "linear": lambda v, k: v + 16 * k}
 
-# engine precision (training.mixed_precision) each precision name stands for; megamem holds every stack at it
+# engine precision (training.mixed_precision) each precision name stands for; megamem trains every stack at it
 ENGINE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "full": "no", "bfloat16": "bf16", "half": "fp16"}
+# training.quantization_type values a frozen trunk can be held at under an fp32 engine (megamem.train.trunk_precision)
+HALF = ("bf16", "fp16")
+
+
+def _engine_name(mixed_precision: str) -> str:
+    return {"no": "fp32"}.get(mixed_precision, mixed_precision)
+
+
+def held_trunk_type(t: TrainingConfig) -> Optional[str]:
+    """The dtype name (bf16 / fp16) a phase's frozen trunk is held at apart from the fp32 engine, or None (the
+    trunk is at the engine's precision). Valid configs only (see _precision_problems)."""
+    if t.quantization_enabled and t.quantization_type in HALF and t.mixed_precision == "no" and t.mode != "full":
+        return t.quantization_type
+    return None
 
 
 def trunk_lora_on(t: TrainingConfig) -> bool:
@@ -144,8 +158,9 @@ def _rank_problems(cfg: MegamemConfig, problems: List[str]) -> None:
 
 
 def _precision_problems(cfg: MegamemConfig, problems: List[str]) -> None:
-    """Precisions megamem holds a stack at: the engine's (training.mixed_precision) for every stack. The 4-bit
-    trunk types are refused by the device check (precision_problem), which knows whether CUDA is there."""
+    """Precisions megamem holds a stack at: the engine's (training.mixed_precision) for every trained stack; the
+    frozen trunk at the engine's, or at bf16/fp16 under an fp32 engine. The 4-bit trunk types are refused by the
+    device check (precision_problem), which knows whether CUDA is there."""
     t, pr = cfg.training, cfg.training.progressive
     if pr.new_stack_precision == "nvfp4":
         problems.append("training.progressive.new_stack_precision: nvfp4 needs Blackwell GPUs and a library megamem "
@@ -161,7 +176,7 @@ def _precision_problems(cfg: MegamemConfig, problems: List[str]) -> None:
         return
     if t.quantization_type is None:
         problems.append("training.quantization_enabled needs training.quantization_type (fp32, bf16, fp16: the "
-                        "engine's precision; nf4/fp4: 4-bit on CUDA)")
+                        "engine's precision, or bf16/fp16 under mixed_precision: no; nf4/fp4: 4-bit on CUDA)")
     elif t.quantization_type == "nvfp4":
         problems.append("training.quantization_type: nvfp4 needs Blackwell GPUs and a library megamem does not use; "
                         "set training.quantization_enabled: false")
@@ -169,11 +184,21 @@ def _precision_problems(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append("training.quantization_type: fp8 is not a trunk storage megamem has; float8 compute is "
                         "training.mixed_precision: fp8 (CUDA ≥ 8.9, torchao); set training.quantization_enabled: "
                         "false")
+    elif t.quantization_type in HALF and t.mixed_precision == "no":  # a half trunk under an fp32 engine
+        if t.mode == "full":
+            problems.append(f"training.quantization_type: {t.quantization_type} holds a progressive phase's frozen "
+                            "trunk: set training.mode: layerwise | blockwise | fused (tools/progressive.py), or "
+                            "training.quantization_enabled: false")
+        elif t.fusion_mode != "frozen":
+            problems.append(f"training.quantization_type: {t.quantization_type}: with fusion_mode: trainable the "
+                            "trunk trains at the engine's fp32; a trunk held at half precision needs training."
+                            "fusion_mode: frozen")
     elif t.quantization_type in ENGINE and ENGINE[t.quantization_type] != t.mixed_precision:
-        problems.append(f"training.quantization_type: {t.quantization_type} would hold the trunk apart from the "
-                        f"stack, which megamem does not do (DeepSpeed holds every weight at training.mixed_precision,"
-                        f" here {t.mixed_precision}); set training.mixed_precision: {ENGINE[t.quantization_type]} "
-                        "or training.quantization_enabled: false")
+        problems.append(f"training.quantization_type: {t.quantization_type} would hold the trunk apart from a "
+                        f"training.mixed_precision: {t.mixed_precision} engine, which casts every weight to its dtype;"
+                        " a trunk held apart (bf16 or fp16) needs training.mixed_precision: no, else set "
+                        f"training.quantization_type: {_engine_name(t.mixed_precision)} or "
+                        "training.quantization_enabled: false")
     elif t.quantization_type in ("nf4", "fp4") and not trunk_lora_on(t):
         problems.append(f"training.quantization_type: {t.quantization_type} is a QLoRA trunk: it needs "
                         "training.qlora_enabled: true")
@@ -187,7 +212,9 @@ def precision_problem(cfg: MegamemConfig, on_cuda: bool) -> Optional[str]:
     if not on_cuda:
         return (f"training.quantization_type: {t.quantization_type} (a 4-bit QLoRA trunk) needs CUDA and bitsandbytes; "
                 "on CPU training.qlora_enabled / trunk_strategy: qlora means LoRA on a full-precision frozen trunk: "
-                "set training.quantization_enabled: false")
+                "set training.quantization_enabled: false (or quantization_type: bf16 with mixed_precision: no for a "
+                "half-precision one)")
     return (f"training.quantization_type: {t.quantization_type}: 4-bit trunks of from-scratch stacks are not "
             "implemented in this version (the adapter runs' model.load_in_4bit is); set "
-            "training.quantization_enabled: false for LoRA on a full-precision frozen trunk")
+            "training.quantization_enabled: false for LoRA on a full-precision frozen trunk, or quantization_type: "
+            "bf16 with mixed_precision: no for a half-precision one")

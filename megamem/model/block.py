@@ -4,10 +4,14 @@
 
 Each registered branch (megamem.model.branches) that applies to this layer is held under its name
 (`block.memory`); a branch that does not apply is None.
+
+`compute_dtype` (None by default) runs the block under torch.autocast at that dtype and returns its output at the
+input's dtype: how a progressive phase's frozen trunk held at bf16/fp16 runs inside an fp32 model
+(megamem.train.trunk_precision).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +25,8 @@ from .mlp import build_mlp
 
 
 class Block(nn.Module):
+    compute_dtype: Optional[torch.dtype] = None  # autocast dtype of this block's forward (None: as its inputs)
+
     def __init__(self, model: ModelConfig, mem: MemoryConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -48,6 +54,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         """ctx: the forward's ForwardContext, at this block's layer (ctx.at(layer_idx))."""
+        if self.compute_dtype is None:
+            return self._forward(x, ctx)
+        with torch.autocast(x.device.type, dtype=self.compute_dtype):
+            return self._forward(x, ctx).to(x.dtype)
+
+    def _forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), ctx)
         x = self._run_slot("after_attention", x, ctx)
         x = x + self.mlp(self.mlp_norm(x))

@@ -18,6 +18,7 @@ from ..adapter.lora import apply_lora, is_lora_name, lora_scalings, merge_lora_s
 from ..config import ConfigError, MegamemConfig
 from ..config.trainable import lora_enabled
 from .trunk_lora import add_trunk_lora, train_trunk_lora, trunk_adapters
+from .trunk_precision import hold_trunk
 
 
 def memory_module_names(model: nn.Module) -> list:
@@ -41,9 +42,11 @@ def add_lora(model: nn.Module, cfg: MegamemConfig, seed: Optional[int] = None) -
 
 
 def apply_training_policy(model: nn.Module, cfg: MegamemConfig, seed: Optional[int] = None) -> Dict[str, int]:
-    """LoRA (from-scratch models, when memory.use_lora) and requires_grad from the trainable policy.
+    """LoRA (from-scratch models, when memory.use_lora) and requires_grad from the trainable policy; a progressive
+    phase's frozen trunk then cast to training.quantization_type (megamem.train.trunk_precision).
 
-    Returns {"trainable", "frozen", "lora"} element counts. Refuses a policy that leaves nothing to train.
+    Returns {"trainable", "frozen", "lora"} element counts and hold_trunk's {"trunk_parameters",
+    "trunk_bytes_fp32", "trunk_bytes"}. Refuses a policy that leaves nothing to train.
     """
     from_scratch = cfg.model.base_model_name is None
     if from_scratch and lora_enabled(cfg) and not has_lora(model):
@@ -66,6 +69,8 @@ def apply_training_policy(model: nn.Module, cfg: MegamemConfig, seed: Optional[i
     if _banks_frozen(model, cfg):
         raise ConfigError("training.trainable / frozen freeze memory banks that train outside the DeepSpeed engine "
                           "(parallel.ep_size > 1 or memory.sparse_bank_grad); train the banks or turn those off")
+    if from_scratch:
+        counts.update(hold_trunk(model, cfg))
     return counts
 
 

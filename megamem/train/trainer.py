@@ -370,9 +370,9 @@ class Trainer:
 
             state = gathered_plain_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank)
         elif names is None and has_lora(self.model):  # from scratch with LoRA: merged in fp32, stored at save_precision
-            state = gathered_state_dict(self.model, torch.float32, self.rank)
+            state = gathered_state_dict(self.model, torch.float32, self.rank)  # empty on ranks > 0: nothing to merge
             state = {k: v.to(SAVE_DTYPES[self.t.save_precision]) if v.is_floating_point() else v
-                     for k, v in plain_state(state, self.model).items()}
+                     for k, v in (plain_state(state, self.model) if self.rank == 0 else state).items()}
         else:
             state = gathered_state_dict(self.model, SAVE_DTYPES[self.t.save_precision], self.rank, names)
         if self.banks is not None:  # expert-parallel shards → whole banks

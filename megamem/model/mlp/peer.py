@@ -129,8 +129,8 @@ class PEER(nn.Module):
         down = gather_rows(self.expert_down.to(flat.dtype), rows, sparse)  # [T, h·k·he, hidden]
         act = F.gelu(torch.einsum("td,tmd->tm", flat, down))
         weights = act * gates.repeat_interleave(he, dim=-1).flatten(1).to(act.dtype)
-        out = F.embedding_bag(rows, self.expert_up.to(flat.dtype), per_sample_weights=weights, mode="sum",
-                              sparse=sparse)
+        up = self.expert_up.to(flat.dtype)  # per-sample weights at the table's dtype (under autocast they are not)
+        out = F.embedding_bag(rows, up, per_sample_weights=weights.to(up.dtype), mode="sum", sparse=sparse)
         return self.dropout(out.view(shape))
 
 
