@@ -23,6 +23,9 @@ for run in memory vanilla; do
 done
 echo "== validation =="
 $PY tools/compare_runs.py "$OUT/memory" "$OUT/vanilla" --plot "$OUT/loss_curves.png"
+echo "== the memory's contribution: validation loss with it on, off, and each bank replaced by its mean =="
+$PY scripts/eval.py --model "$OUT/memory/final" --ablate-memory --max-batches 20 2>&1 \
+  | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"
 echo "== a sample from the memory model =="
 $PY scripts/inference.py --model "$OUT/memory/final" --prompt "And God said" --max-new-tokens 48 2>&1 \
   | grep -v -E "^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]"

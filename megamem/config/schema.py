@@ -140,6 +140,9 @@ class MemoryConfig:
     memory_sharing_k: int = 2
     memory_block_variant: Literal["A", "B"] = "A"
     memory_dropout: float = 0.0
+    memory_top_k: Optional[int] = None  # each query head reads its k best-scoring rows only; null = all rows
+    memory_qk_norm: bool = False  # RMS-normalised queries/keys with a learned per-head temperature
+    memory_qk_temperature: Optional[float] = None  # its initial value; null = sqrt(head_dim)
     # low rank
     use_low_rank_memory: bool = False
     memory_rank: int = 64

@@ -11,6 +11,7 @@ from .progressive import progressive_problems
 from .trunk_lora import trunk_lora_problems
 from .schema import RULER_TASKS, MegamemConfig, MLAConfig
 from .validate_attractor import validate_adapter_attractor, validate_attractor
+from .validate_memory_read import validate_memory_read
 
 
 def _positive(problems: List[str], section: str, obj, *names: str) -> None:
@@ -166,6 +167,7 @@ def _validate_memory(cfg: MegamemConfig, problems: List[str]) -> None:
               "memory_num_kv_heads", "memory_layer_k", "memory_layer_n", "memory_sharing_k",
               "memory_rank", "projection_rank", "memory_init_std")
     _fraction(problems, "memory", mem, "memory_dropout")
+    validate_memory_read(cfg, problems)
     heads = mem.memory_num_heads or m.num_heads
     kv_heads = mem.memory_num_kv_heads or heads
     if heads > 0 and m.hidden_dim % heads:

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from ..ops import Linear, sdpa
-from .diagnostics import dense_entropy
+from .diagnostics import dense_entropy, top_k_entropy
+from .sparse_read import QKNorm, top_k_read
 
 if TYPE_CHECKING:  # the cache lives with the model; only its type is needed here
     from ..model.decoding_cache import LayerCache
@@ -44,8 +45,11 @@ class MemoryCrossAttention(nn.Module):
     diag = None
 
     def __init__(self, dim: int, bank_dim: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0,
-                 projection_rank: Optional[int] = None):
+                 projection_rank: Optional[int] = None, top_k: Optional[int] = None, qk_norm: bool = False,
+                 qk_temperature: Optional[float] = None):
         super().__init__()
+        self.top_k = top_k  # None: softmax over every row (memory.memory_top_k)
+        self.qk_norm = QKNorm(num_heads, dim // num_heads, qk_temperature) if qk_norm else None
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.q_proj = _projection(dim, num_heads * self.head_dim, projection_rank)
@@ -62,7 +66,7 @@ class MemoryCrossAttention(nn.Module):
         N = memory.shape[0]
         k = self.k_proj(memory).view(1, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(memory).view(1, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        return (QKNorm.normalise(k) if self.qk_norm is not None else k), v
 
     def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor], cache: Optional["LayerCache"] = None) -> torch.Tensor:
         """cache: this layer's decoding state while generating; the bank's K/V are projected once per generation."""
@@ -75,8 +79,14 @@ class MemoryCrossAttention(nn.Module):
                 cache.state["memory_kv"] = kv
         k, v = kv
         q = self.q_proj(x).view(1, B * S, H, hd).transpose(1, 2)
+        if self.qk_norm is not None:  # k is normalised when projected (memory_kv), once per bank
+            q = self.qk_norm(q)
+        scale = 1 / math.sqrt(hd)
         if self.diagnose:
-            self.diag = dense_entropy(q, k, 1 / math.sqrt(hd))
-        y = sdpa(q, k, v, enable_gqa=self.num_kv_heads != H)
+            self.diag = dense_entropy(q, k, scale) if self.top_k is None else top_k_entropy(q, k, scale, self.top_k)
+        if self.top_k is not None:
+            y = top_k_read(q, k, v, self.top_k, scale)
+        else:
+            y = sdpa(q, k, v, enable_gqa=self.num_kv_heads != H)
         y = y.transpose(1, 2).reshape(B, S, H * hd)
         return self.dropout(self.o_proj(y))

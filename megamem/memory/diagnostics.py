@@ -46,6 +46,16 @@ def dense_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> Dict[str, t
 
 
 @torch.no_grad()
+def top_k_entropy(q: torch.Tensor, k: torch.Tensor, scale: float, top_k: int) -> Dict[str, torch.Tensor]:
+    """As dense_entropy, for reads of each query head's top_k rows (memory.memory_top_k): the softmax over those."""
+    idx = sample_positions(q.shape[2], q.device)
+    H, N = q.shape[1], k.shape[2]
+    keys = k[0].float().repeat_interleave(H // k.shape[1], 0)
+    logits = q[0][:, idx].float() @ keys.transpose(1, 2) * scale
+    return summary(entropy(logits.topk(min(top_k, N), dim=-1).values), min(top_k, N))
+
+
+@torch.no_grad()
 def sequence_entropy(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], rows_per_chapter: int,
                      scale: float) -> Dict[str, torch.Tensor]:
     """Sequence routing: q [B, H, S, hd]; k [B, KV, m·T, hd] the chosen chapters' rows of each sequence;

@@ -43,7 +43,8 @@ class MemoryBranch(ResidualBranch):
         if mem.use_chapters:  # routed chapters of the bank instead of the whole bank
             self.attn = ChapterMemoryAttention(*args, mem, mem.memory_dropout, rank)
         else:
-            self.attn = MemoryCrossAttention(*args, mem.memory_dropout, rank)
+            self.attn = MemoryCrossAttention(*args, mem.memory_dropout, rank, mem.memory_top_k, mem.memory_qk_norm,
+                                             mem.memory_qk_temperature)
         if mem.memory_block_variant == "B":
             self.mlp_norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
             self.mlp = build_mlp(model, layer_idx)
