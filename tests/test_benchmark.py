@@ -62,8 +62,14 @@ def test_every_sub_benchmark_reports_finite_ratios(quick):
     assert [(v["context"], v["model"]) for v in wa] == [(c, m) for c in (4, 12, 48)
                                                          for m in ("plain", "window", "window_attractor")]
     assert all(_positive(v["tokens_per_s_vs_plain"]) and v["cache_bytes"] > 0 for v in wa)
+    rr = r["routed_rows"]["rows"]  # sequence-routed banks vs a dense bank of the k·T rows they attend
+    assert [(v["dtype"], v["memory_tokens"], v["memory_dim"]) for v in rr] == [
+        (d, n, w) for d in ("fp32", "bf16") for n, w in ((64, 32), (256, 32), (1024, 16))]
+    for v in rr:
+        assert v["attended_rows"] == 16 and 1 <= v["distinct_chapters_per_layer"] <= v["picks_per_layer"] == 4
+        assert v["vs_dense_attended"] == pytest.approx(v["step_s"] / v["dense_step_s"]) and _positive(v["step_s"])
     table = benchmark.table(quick)
-    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4 + 2 + 4 + 3 * 2 * 2  # one row per measured ratio
+    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4 + 2 + 4 + 3 * 2 * 2 + 6  # one row per measured ratio
 
 
 def test_window_attractor_cache_bytes_follow_the_formula(tmp_path):

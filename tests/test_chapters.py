@@ -36,7 +36,8 @@ def close(a, b, atol=1e-5):
     assert (a - b).abs().max().item() <= atol, (a - b).abs().max().item()
 
 
-CASES = [("sequence", "auto"), ("token", "absorbed"), ("token", "projected")]
+CASES = [("sequence", "auto"), ("sequence", "absorbed"), ("sequence", "projected"), ("token", "absorbed"),
+         ("token", "projected")]
 
 
 @pytest.mark.parametrize("zero_router", [True, False])
@@ -49,7 +50,7 @@ def test_all_chapters_equal_dense_memory_attention(strategy, form, low_rank, zer
     (then dL/dx equals dense too). With a trained router every other gradient still equals dense.
     """
     attn = make_attn(f"memory.top_k_chapters={C}", f"memory.routing_strategy_train={strategy}",
-                     f"memory.token_routing_formulation={form}", low_rank=low_rank)
+                     f"memory.{strategy}_routing_formulation={form}", low_rank=low_rank)
     if zero_router:
         torch.nn.init.zeros_(attn.router.weight)
     dense = MemoryCrossAttention(D, BANK_D, 4, 2, projection_rank=8 if low_rank else None)
@@ -91,7 +92,7 @@ def test_routing_equals_naive_gather(strategy, form, shared, k):
     """k < num_chapters, shared chapters and routed_scaling_factor included: forward and all gradients."""
     attn = make_attn(f"memory.top_k_chapters={k}", f"memory.num_shared_chapters={shared}",
                      "memory.routed_scaling_factor=1.7", f"memory.routing_strategy_train={strategy}",
-                     f"memory.token_routing_formulation={form}")
+                     f"memory.{strategy}_routing_formulation={form}")
     x = torch.randn(2, 5, D, requires_grad=True)
     memory = torch.randn(C * T, BANK_D, requires_grad=True)
     y, ref = attn(x, memory), naive_routed(attn, x, memory, strategy == "token")

@@ -8,7 +8,8 @@ from megamem.model import build_model
 from conftest import tiny_config
 
 
-@pytest.mark.parametrize("strategy,form", [("sequence", "auto"), ("token", "absorbed"), ("token", "projected")])
+@pytest.mark.parametrize("strategy,form", [("sequence", "absorbed"), ("sequence", "projected"), ("token", "absorbed"),
+                                           ("token", "projected")])
 def test_sparse_bank_gradient_equals_dense(strategy, form):
     grads = []
     for sparse in (False, True):
@@ -17,7 +18,7 @@ def test_sparse_bank_gradient_equals_dense(strategy, form):
             "memory.use_chapters=true", "memory.num_chapters=8", "memory.num_memory_tokens=32",
             "memory.top_k_chapters=2", "memory.num_shared_chapters=1", "memory.wo_init_zero=false",
             "memory.memory_layer_placement=last_k", "memory.memory_layer_k=1",
-            f"memory.routing_strategy_train={strategy}", f"memory.token_routing_formulation={form}",
+            f"memory.routing_strategy_train={strategy}", f"memory.{strategy}_routing_formulation={form}",
             f"memory.sparse_bank_grad={str(sparse).lower()}"))
         ids = torch.randint(0, 61, (1, 2), generator=torch.Generator().manual_seed(0))
         out = model(ids, labels=ids)

@@ -14,7 +14,8 @@ measured here), generation (generate() vs transformers generate()), distributed 
 ZeRO-3, bank gather, expert-parallel all-to-all), peer_mla (PEER vs a dense MLP of the same active
 neurons: step time and loss; MLA vs GQA: KV-cache bytes per token and decode tokens/s), window_attractor
 (decode memory and tokens/s vs context length: plain RoPE, a sliding window, window + attractor; its own
-table too). Writes JSON (--json) and PNG plots (--plot-dir).
+table too), routed_rows (sequence-routed chapters vs a dense bank of the rows they attend, fp32 and bf16).
+Writes JSON (--json) and PNG plots (--plot-dir).
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ PEER_MLA = dict(dim=256, layers=4, heads=8, kv_heads=4, seq=128, batch=4, max_le
 # decoding at growing context: plain RoPE vs window W vs window + attractor (last `layers` layers, d_state rows)
 WINDOW_ATTRACTOR = dict(dim=256, inter=688, layers=4, heads=8, kv_heads=4, window=512, chunk=256, new_tokens=32,
                         contexts=[256, 512, 1024, 2048, 4096, 8192], attractor=dict(layers=2, d_state=64))
+# sequence-routed chapters (k = 8 chapters of 256 rows per sequence, row-sparse bank updates) vs a dense bank of
+# the 2,048 rows they attend, memory in every layer of the targets' model at batch 8; 1M rows at memory_dim 128
+ROUTED_ROWS = dict(MODEL, batch=8, chapter=256, k=8, banks=[16_384, 131_072],
+                   small_dim=dict(memory_dim=128, banks=[1_048_576]))
 SIZES = {
     "quick": dict(model=dict(vocab=256, dim=64, inter=96, layers=2, heads=4, kv_heads=2, seq=32, batch=2),
                   banks=[64, 256], gen=dict(new_tokens=4, gen_batch=1, prompt=8), gen_memory=64,
@@ -49,22 +54,25 @@ SIZES = {
                                 mla=dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)),
                   window_attractor=dict(dim=32, inter=48, layers=2, heads=4, kv_heads=2, window=16, chunk=8,
                                         new_tokens=2, contexts=[4, 12, 48], attractor=dict(layers=1, d_state=8)),
+                  routed_rows=dict(vocab=256, dim=32, inter=48, layers=2, heads=4, kv_heads=2, seq=16, batch=2,
+                                   chapter=8, k=2, banks=[64, 256], small_dim=dict(memory_dim=16, banks=[1024])),
                   iters=1, warmup=1),
     "default": dict(model=dict(MODEL, batch=2, batch_bf16=1, batch_memory=1), banks=[1024, 4096, 16384],
                     gen=dict(new_tokens=64, gen_batch=1, prompt=32), gen_memory=4096,
                     chapters=None, chapter_banks=[16_384, 131_072, 1_048_576],
                     dist=dict(vocab=8192, dim=256, inter=688, layers=4, heads=8, kv_heads=4, seq=128, batch=2,
                               memory_tokens=4096, chapter_tokens=65_536, chapters=256, top_k=8),
-                    peer_mla=PEER_MLA, window_attractor=WINDOW_ATTRACTOR, iters=3, warmup=1),
+                    peer_mla=PEER_MLA, window_attractor=WINDOW_ATTRACTOR, routed_rows=ROUTED_ROWS, iters=3, warmup=1),
     "full": dict(model=dict(MODEL, batch=8), banks=[1024, 4096, 16384],
                  gen=dict(new_tokens=128, gen_batch=1, prompt=64), gen_memory=16384,
                  chapters=None, chapter_banks=[16_384, 131_072, 1_048_576],
                  dist=dict(MODEL, batch=4, memory_tokens=16384, chapter_tokens=1_048_576, chapters=4096, top_k=8),
                  peer_mla=dict(PEER_MLA, steps=400, contexts=[1024, 4096, 16384], max_len=16416),
                  window_attractor=dict(WINDOW_ATTRACTOR, new_tokens=64, contexts=[256, 1024, 4096, 16384, 32768]),
-                 iters=5, warmup=1),
+                 routed_rows=ROUTED_ROWS, iters=5, warmup=1),
 }
-ALL = ["vanilla", "memory", "chapters", "mfu", "generation", "distributed", "peer_mla", "window_attractor"]
+ALL = ["vanilla", "memory", "chapters", "mfu", "generation", "distributed", "peer_mla", "window_attractor",
+       "routed_rows"]
 
 
 def machine() -> dict:
@@ -141,6 +149,10 @@ def run(only, level: str = "default", iters=None, warmup=None, threads: int = 1,
             from perf import window_attractor
 
             res = window_attractor.run(s["window_attractor"], it, wu)
+        elif name == "routed_rows":
+            from perf import routed_rows
+
+            res = routed_rows.run(s["routed_rows"], ["fp32", "bf16"], it, wu)
         else:
             raise SystemExit(f"unknown sub-benchmark {name!r}; valid: {', '.join(ALL)}")
         out["results"][name] = res
@@ -217,6 +229,11 @@ def table(out: dict) -> str:
         rss = "" if v["peak_rss_vs_plain"] is None else f"; peak RSS Δ {v['peak_rss_vs_plain']:.2f}× plain"
         rows.append((f"decode cache bytes, {what} / plain RoPE at {v['context']:,} context ({v['cache_bytes']:,} / "
                      f"{plain['cache_bytes']:,}{rss})", v["cache_bytes_vs_plain"], "", ""))
+    for v in r.get("routed_rows", {}).get("rows", []):
+        rows.append((f"step time, sequence-routed {v['memory_tokens']:,}-row bank ({v['chapters']:,} chapters, width "
+                     f"{v['memory_dim']}, {v['distinct_chapters_per_layer']:.1f} distinct of {v['picks_per_layer']} picks "
+                     f"per layer) / dense {v['attended_rows']:,}-row bank, {v['dtype']}", v["vs_dense_attended"],
+                     f"≤ {v['target']}", v["met"]))
     lines = ["| measurement | ratio | target | met |", "|---|---|---|---|"]
     lines += [f"| {w} | {_fmt(x)} | {t} | {'yes' if m is True else 'no' if m is False else ''} |" for w, x, t, m in rows]
     return "\n".join(lines)

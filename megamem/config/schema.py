@@ -168,6 +168,7 @@ class MemoryConfig:
     rolling_interval: int = 16  # rolling inference: re-route every this many generated tokens
     rolling_window: int = 64  # rolling inference: route on the mean of this many most recent tokens
     token_routing_formulation: Literal["auto", "absorbed", "projected"] = "auto"  # see docs/chapters.md
+    sequence_routing_formulation: Literal["auto", "absorbed", "projected"] = "auto"  # see docs/chapters.md
     sparse_bank_grad: bool = False  # chapters: the bank gets a row-sparse gradient (update it with RowSparseAdamW)
     # quantisation
     quantize_memory: bool = False

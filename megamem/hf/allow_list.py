@@ -29,7 +29,8 @@ INERT_MEMORY_FIELDS = {
     "tokens_per_chapter", "top_k_chapters", "num_shared_chapters", "routed_scaling_factor",
     "routing_strategy_train", "routing_strategy_inference", "use_load_balance_loss", "load_balance_coefficient",
     "use_auxiliary_loss", "auxiliary_loss_coefficient", "use_z_loss", "z_loss_coefficient", "shared_router",
-    "rolling_interval", "rolling_window", "token_routing_formulation", "sparse_bank_grad", "quantize_memory",
+    "rolling_interval", "rolling_window", "token_routing_formulation",
+    "sequence_routing_formulation", "sparse_bank_grad", "quantize_memory",
     "memory_quant_bits", "wo_init_zero", "memory_init_std", "memory_gradient_checkpointing", "use_lora",
     "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_memory_adapter", "use_both_memory_and_lora",
 }

@@ -2,7 +2,9 @@
 (or token) reads. One softmax over the union of the chosen chapters, exactly.
 
 - sequence routing: the mean-pooled hidden state picks k chapters per sequence; their rows are
-  selected by indexing the bank (never expanded across the batch) and projected to K/V.
+  selected by indexing the bank (never expanded across the batch); each distinct chapter of the
+  batch is projected to K/V once, or (absorbed) none is: `sequence_routing_formulation: auto`
+  picks the cheaper per call (megamem/memory/sequence_routing.py).
 - token routing: each token picks its own chapters; (token, chapter) pairs go through
   `pair_attention` (grouped by chapter, memory-bounded) and a log-sum-exp merge. The absorbed
   formulation, logits = (q·W_kᵀ)·Mᵀ and out = (p·M)·W_vᵀ, reads raw bank rows so no bank row is
@@ -18,13 +20,13 @@ import math
 from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..config import MemoryConfig
 from .cross_attention import LowRankLinear, MemoryCrossAttention
 from .diagnostics import sequence_entropy, token_entropy
 from .routed_attention import merge_partials, pair_attention, routed_attention
 from .router import ChapterRouter, Routing, chapter_usage, router_losses
+from .sequence_routing import absorbed_attention, absorbed_is_cheaper, attend, projected_kv
 from .sparse_rows import gather_chapters, keep_chapter_rows
 
 if TYPE_CHECKING:  # the cache lives with the model; only its type is needed here
@@ -57,6 +59,10 @@ def routing_stats(attns: Dict[int, "ChapterMemoryAttention"]):
 def _weight(proj: torch.nn.Module) -> torch.Tensor:
     """The [out, in] matrix of a bias-free projection (a low-rank one multiplied out)."""
     return proj.up.weight @ proj.down.weight if isinstance(proj, LowRankLinear) else proj.weight
+
+
+def _in_features(proj: torch.nn.Module) -> int:
+    return proj.down.in_features if isinstance(proj, LowRankLinear) else proj.in_features
 
 
 def absorbed_pairs(q, memory, rows_per_chapter, tok, chap, bias, scale, sparse: bool):
@@ -111,16 +117,29 @@ class ChapterMemoryAttention(MemoryCrossAttention):
             rep = lambda t: t.repeat_interleave(S, 0)  # noqa: E731
             return self.token_attention(x.reshape(B * S, -1), memory, rep(routing.chapters),
                                         rep(routing.bias)).view(B, S, -1)
-        k, v = self._chapter_kv(memory, routing.chapters)
-        return self._attend(x, k, v, routing.bias)
+        if self.diagnose or not self._sequence_absorbed(S, routing.chapters):  # diagnostics read projected keys
+            k, v = self._chapter_kv(memory, routing.chapters)
+            return self._attend(x, k, v, routing.bias)
+        r, hd = self.num_heads // self.num_kv_heads, self.head_dim
+        wk, wv = (_weight(p).view(self.num_kv_heads, hd, -1).repeat_interleave(r, 0) for p in (self.k_proj, self.v_proj))
+        q = self.q_proj(x).view(B, S, self.num_heads, hd)
+        return absorbed_attention(q, memory, routing.chapters, self.chapter_len, wk, wv, routing.bias,
+                                  1 / math.sqrt(hd), self.cfg.sparse_bank_grad)
 
     def _chapter_kv(self, memory: torch.Tensor, chapters: torch.Tensor):
-        """K/V [B, kv_heads, m·T, hd] of each sequence's chapters, the bank rows selected by index."""
+        """K/V [B, kv_heads, m·T, hd] of each sequence's chapters, each distinct chapter projected once."""
+        return projected_kv(memory, chapters, self.chapter_len, self.k_proj, self.v_proj, self.num_kv_heads,
+                            self.head_dim, self.cfg.sparse_bank_grad)
+
+    def _sequence_absorbed(self, S: int, chapters: torch.Tensor) -> bool:
+        """`sequence_routing_formulation`, or with auto the cheaper of the two by their flop counts."""
+        mode = self.cfg.sequence_routing_formulation
+        if mode != "auto":
+            return mode == "absorbed"
         B, m = chapters.shape
-        rows = gather_chapters(memory, chapters, self.chapter_len, self.cfg.sparse_bank_grad).flatten(1, 2)
-        k = self.k_proj(rows).view(B, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(rows).view(B, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return k, v
+        T, d = self.chapter_len, _in_features(self.k_proj)
+        return absorbed_is_cheaper(B, S, self.num_heads, self.head_dim, d, self.num_kv_heads, m * T,
+                                   torch.unique(chapters).numel() * T)
 
     def _attend(self, x, k, v, bias):
         B, S, _ = x.shape
@@ -128,11 +147,7 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         q = self.q_proj(x).view(B, S, H, hd).transpose(1, 2)
         if self.diagnose:  # entropy over the rows of the sequence's chapters (expert shards: not computed)
             self.diag = sequence_entropy(q, k, bias if bias.requires_grad else None, self.chapter_len, 1 / math.sqrt(hd))
-        if bias.requires_grad:  # gate as an extra q/k column: a mask with grad would force SDPA's math path
-            col = (bias * math.sqrt(hd)).to(x.dtype).repeat_interleave(self.chapter_len, 1)
-            k = torch.cat([k, col[:, None, :, None].expand(B, k.shape[1], -1, 1)], -1)
-            q = torch.cat([q, q.new_ones(B, H, S, 1)], -1)
-        y = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(hd), enable_gqa=self.num_kv_heads != H)
+        y = attend(q, k, v, bias, self.chapter_len, 1 / math.sqrt(hd))
         return y.transpose(1, 2).reshape(B, S, H * hd)
 
     def _cached_sequence(self, x, memory, cache: "LayerCache", rolling: bool):
@@ -196,6 +211,6 @@ class ChapterMemoryAttention(MemoryCrossAttention):
         if mode != "auto":
             return mode == "absorbed"
         H, hd, T = self.num_heads, self.head_dim, self.chapter_len
-        d = self.k_proj.in_features if isinstance(self.k_proj, torch.nn.Linear) else self.k_proj.down.in_features
+        d = _in_features(self.k_proj)
         touched = torch.unique(chap).numel()
         return pairs * H * T * d < touched * T * d * self.num_kv_heads * hd + pairs * H * T * hd
