@@ -141,6 +141,18 @@ def write_text_file(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_figure(fig, path: str, dpi: int = 120) -> str:
+    """Save a matplotlib figure atomically, in the format its extension names, and close it."""
+    import matplotlib.pyplot as plt
+
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp-{os.getpid()}{ext}"
+    fig.savefig(tmp, dpi=dpi, format=ext.lstrip(".") or "png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def write_json_file(path: str, obj: Any) -> None:
     """`write_text_file` of obj as indented JSON (values JSON cannot hold are written as their str())."""
     write_text_file(path, json.dumps(obj, indent=1, default=str))

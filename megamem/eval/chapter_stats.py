@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
+from ..folders import write_figure
+
 
 def usage_summary(usage: Dict[int, List[float]]) -> Dict[int, Dict[str, float]]:
     """Per memory layer: share of reads per chapter, normalised entropy (1 = uniform), max share, unused chapters."""
@@ -34,6 +36,4 @@ def plot_usage(usage: Dict[int, List[float]], path: str) -> str:
     axes[-1, 0].set_xlabel("chapter")
     fig.suptitle("share of chapter reads (dashed: uniform)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path, dpi=100)

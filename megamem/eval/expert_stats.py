@@ -5,6 +5,8 @@ from typing import Dict, List
 
 import torch
 
+from ..folders import write_figure
+
 
 def expert_summary(usage: Dict[int, List[float]], threshold: float) -> Dict[int, Dict[str, float]]:
     """Per PEER layer: training's usage record (usage, unevenness, hot experts; megamem.model.mlp.peer.usage_stats)
@@ -38,6 +40,4 @@ def plot_expert_usage(usage: Dict[int, List[float]], path: str) -> str:
            title="PEER expert usage (dashed: uniform)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path, dpi=100)

@@ -12,6 +12,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from ..config import MegamemConfig
+from ..folders import write_figure
 from ..train.progressive import block_size, phase_dir, total_blocks
 
 
@@ -96,10 +97,7 @@ def plot_phases(summaries: List[Dict[str, Any]], path: str, title: str = "") -> 
     ax.set_title(title or "progressive training: loss by phase")
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    write_figure(fig, path)
 
 
 def plot_arms(arms: Dict[str, List[Dict[str, Any]]], path: str, title: str = "") -> None:
@@ -129,7 +127,4 @@ def plot_arms(arms: Dict[str, List[Dict[str, Any]]], path: str, title: str = "")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    write_figure(fig, path)

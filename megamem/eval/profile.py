@@ -15,6 +15,7 @@ from typing import Any, Dict, Sequence
 import torch
 
 from ..config import ConfigError
+from ..folders import write_figure
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -131,6 +132,4 @@ def plot_profile(result: Dict[str, Any], path: str) -> str:
     b.set(xlabel="context length (tokens)", ylabel="MiB", title="memory")
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path, dpi=100)

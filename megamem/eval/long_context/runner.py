@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ...config import ConfigError
+from ...folders import write_figure
 from .scoring import METRICS, averages, effective_length
 from .tasks import ANSWER, NIAH, TASKS, Sample, make_sample
 
@@ -171,9 +172,7 @@ def plot_niah(result: Dict, path: str) -> str:
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="score")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path)
 
 
 def plot_ruler(result: Dict, path: str) -> str:
@@ -194,6 +193,4 @@ def plot_ruler(result: Dict, path: str) -> str:
     ax.legend(fontsize=7)
     ax.set_title(f"RULER tasks (effective length: {result['effective_length']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return write_figure(fig, path)

@@ -15,7 +15,7 @@ import statistics
 from typing import Any, Callable, Dict, List
 
 from ...config import ConfigError
-from ...folders import write_json_file, write_text_file
+from ...folders import write_figure, write_json_file, write_text_file
 from .corpus import KnowledgeBase, documents
 from .score import word_tokenizer
 
@@ -150,7 +150,4 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    write_figure(fig, path)
