@@ -16,7 +16,8 @@ from .schema import (
     PositionEncodingConfig,
     TrainingConfig,
 )
-from .validate import memory_problems, validate
+from .validate import validate
+from .validate_memory import memory_problems
 
 __all__ = [
     "AttractorConfig",
