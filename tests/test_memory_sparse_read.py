@@ -87,11 +87,11 @@ def test_sharp_memory_model_is_causal_and_decodes_like_its_full_forward():
 
 
 def test_top_k_diagnostic_is_the_entropy_of_the_read_rows():
-    from megamem.memory.diagnostics import top_k_entropy
+    from megamem.memory.diagnostics import dense_entropy
 
     torch.manual_seed(4)
     q, k = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 40, 8)
-    got = top_k_entropy(q, k, 0.5, 6)
+    got = dense_entropy(q, k, 0.5, 6)
     logits = (q[0].double() @ k[0].double().transpose(1, 2)) * 0.5
     p = logits.topk(6, -1).values.softmax(-1)
     ref = -(p * p.log()).sum(-1).mean()

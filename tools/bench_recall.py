@@ -48,13 +48,11 @@ def parse_args(argv):
     return args, overrides
 
 
-def score(run_dir: str, prompts_path: str):
+def score(run_dir: str, prompts):
     from megamem.eval.loading import load_any
     from megamem.eval.recall import encode_prompts, recall_table
 
     loaded = load_any(os.path.join(run_dir, "final"))
-    with open(prompts_path, encoding="utf-8") as f:
-        prompts = [(r["prompt"], r["value"]) for r in map(json.loads, f)]
     model = loaded.megamem
     return recall_table(model, encode_prompts(loaded.tokenizer, prompts)), sum(p.numel() for p in model.parameters())
 
@@ -72,6 +70,8 @@ def main(argv=None) -> int:
     common = [*overrides, "--model.tokenizer_name", data["tokenizer"], "--data.datasets", datasets]
     base = load_config(args.config, common)
     ds = ["--deepspeed", os.path.abspath(args.deepspeed)] if args.deepspeed else []
+    with open(data["prompts"], encoding="utf-8") as f:
+        prompts = [(r["prompt"], r["value"]) for r in map(json.loads, f)]
     runs = []
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     for name in args.arms:
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                           *common, *extra, "--training.seed", str(seed), "--training.output_dir", run_dir],
                          os.path.join(out, "runs", f"{name}-s{seed}.log"))
                 print(f"{name} seed {seed}: trained in {time.perf_counter() - start:.0f} s", flush=True)
-            table, params = score(run_dir, data["prompts"])
+            table, params = score(run_dir, prompts)
             runs.append({"arm": name, "seed": seed, "parameters": params, "recall": table, "overrides": extra})
             print(f"{name} seed {seed}: recall " + ", ".join(f"{k} {v:.1f}" for k, v in table.items()), flush=True)
     rows = summarise(runs)

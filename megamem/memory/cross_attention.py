@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import Linear, sdpa
-from .diagnostics import dense_entropy, top_k_entropy
+from .diagnostics import dense_entropy
 from .sparse_read import QKNorm, top_k_read
 
 if TYPE_CHECKING:  # the cache lives with the model; only its type is needed here
@@ -83,7 +83,7 @@ class MemoryCrossAttention(nn.Module):
             q = self.qk_norm(q)
         scale = 1 / math.sqrt(hd)
         if self.diagnose:
-            self.diag = dense_entropy(q, k, scale) if self.top_k is None else top_k_entropy(q, k, scale, self.top_k)
+            self.diag = dense_entropy(q, k, scale, self.top_k)
         if self.top_k is not None:
             y = top_k_read(q, k, v, self.top_k, scale)
         else:

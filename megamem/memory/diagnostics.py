@@ -36,23 +36,17 @@ def summary(ent: torch.Tensor, rows: int) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def dense_entropy(q: torch.Tensor, k: torch.Tensor, scale: float) -> Dict[str, torch.Tensor]:
-    """q [1, H, n, hd] (batch folded into n), k [1, KV, N, hd]: every token reads all N rows."""
+def dense_entropy(q: torch.Tensor, k: torch.Tensor, scale: float, top_k: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """q [1, H, n, hd] (batch folded into n), k [1, KV, N, hd]: every token reads all N rows, or with top_k
+    (memory.memory_top_k) only its top_k best-scoring rows: the entropy of the softmax over those."""
     idx = sample_positions(q.shape[2], q.device)
     H, N = q.shape[1], k.shape[2]
     keys = k[0].float().repeat_interleave(H // k.shape[1], 0)  # [H, N, hd]
     logits = q[0][:, idx].float() @ keys.transpose(1, 2) * scale  # [H, n, N]
-    return summary(entropy(logits), N)
-
-
-@torch.no_grad()
-def top_k_entropy(q: torch.Tensor, k: torch.Tensor, scale: float, top_k: int) -> Dict[str, torch.Tensor]:
-    """As dense_entropy, for reads of each query head's top_k rows (memory.memory_top_k): the softmax over those."""
-    idx = sample_positions(q.shape[2], q.device)
-    H, N = q.shape[1], k.shape[2]
-    keys = k[0].float().repeat_interleave(H // k.shape[1], 0)
-    logits = q[0][:, idx].float() @ keys.transpose(1, 2) * scale
-    return summary(entropy(logits.topk(min(top_k, N), dim=-1).values), min(top_k, N))
+    rows = N if top_k is None else min(top_k, N)
+    if rows < N:
+        logits = logits.topk(rows, dim=-1).values
+    return summary(entropy(logits), rows)
 
 
 @torch.no_grad()

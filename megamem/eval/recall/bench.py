@@ -134,14 +134,14 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = {"on": "recall", "off": "memory off"}  # each legend entry on its first bar only
     for i, r in enumerate(rows):
         for j, (key, color) in enumerate((("on", "C0"), ("off", "C3"))):
             if key not in r:
                 continue
             x = i + (0.2 * (2 * j - 1) if "off" in r else 0)
             ax.bar(x, r[f"{key} mean"], 0.38, yerr=r[f"{key} sd"], color=color, alpha=0.75, capsize=3,
-                   label={"on": "recall", "off": "memory off"}[key] if i == next(
-                       k for k, rr in enumerate(rows) if key in rr) else None)
+                   label=labels.pop(key, None))
             ax.plot([x] * len(r[key]), r[key], "k.", ms=4)
     ax.set_xticks(range(len(rows)), [f"{r['arm']}\n{r['parameters'] / 1e6:.2f}M" for r in rows])
     ax.set_ylabel("recall (%)")
