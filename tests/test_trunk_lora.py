@@ -277,8 +277,6 @@ ON = (*FUSED, "training.qlora_enabled=true")
     (("training.quantization_enabled=true", "training.quantization_type=fp8"), "fp8 is not a trunk storage"),
     (("training.mixed_precision=bf16", "training.quantization_enabled=true", "training.quantization_type=fp32"),
      "fp32 would hold the trunk apart from a training.mixed_precision: bf16 engine"),
-    (("training.quantization_enabled=true", "training.quantization_type=nf4"), "nf4 is a QLoRA trunk: it needs "
-                                                                                "training.qlora_enabled: true"),
 ])
 def test_refusals_name_their_key(overrides, message):
     from megamem.config import ConfigError
@@ -294,13 +292,3 @@ def test_accepted_precisions_name_the_engines():
                           f"training.quantization_type={'fp32' if precision == 'no' else 'bf16'}",
                           f"training.progressive.new_stack_precision={stack}")
         assert cfg.training.quantization_enabled
-
-
-def test_a_4bit_trunk_is_refused_by_the_device_check():
-    from megamem.config.trunk_lora import precision_problem
-
-    cfg = tiny_config(*ON, "training.quantization_enabled=true", "training.quantization_type=nf4")
-    assert "on CPU training.qlora_enabled / trunk_strategy: qlora means LoRA on a full-precision frozen trunk: set " \
-           "training.quantization_enabled: false" in precision_problem(cfg, on_cuda=False)
-    assert "not implemented in this version" in precision_problem(cfg, on_cuda=True)
-    assert precision_problem(tiny_config(*ON), on_cuda=False) is None

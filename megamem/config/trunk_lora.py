@@ -24,6 +24,8 @@ ALPHA_PATTERNS = {"constant": lambda v, k: v, "increasing": lambda v, k: v * 2 *
 ENGINE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "full": "no", "bfloat16": "bf16", "half": "fp16"}
 # training.quantization_type values a frozen trunk can be held at under an fp32 engine (megamem.train.trunk_precision)
 HALF = ("bf16", "fp16")
+# training.quantization_type values stored in 4 bits (bitsandbytes, CUDA): the trunk's LoRA base layers, any engine
+FOUR_BIT = ("nf4", "fp4")
 
 
 def _engine_name(mixed_precision: str) -> str:
@@ -34,6 +36,13 @@ def held_trunk_type(t: TrainingConfig) -> Optional[str]:
     """The dtype name (bf16 / fp16) a phase's frozen trunk is held at apart from the fp32 engine, or None (the
     trunk is at the engine's precision). Valid configs only (see _precision_problems)."""
     if t.quantization_enabled and t.quantization_type in HALF and t.mixed_precision == "no" and t.mode != "full":
+        return t.quantization_type
+    return None
+
+
+def four_bit_type(t: TrainingConfig) -> Optional[str]:
+    """nf4 / fp4 when a phase's trunk is stored in 4 bits (megamem.train.trunk_precision), else None."""
+    if t.quantization_enabled and t.quantization_type in FOUR_BIT and t.mode != "full":
         return t.quantization_type
     return None
 
@@ -184,37 +193,45 @@ def _precision_problems(cfg: MegamemConfig, problems: List[str]) -> None:
         problems.append("training.quantization_type: fp8 is not a trunk storage megamem has; float8 compute is "
                         "training.mixed_precision: fp8 (CUDA ≥ 8.9, torchao); set training.quantization_enabled: "
                         "false")
-    elif t.quantization_type in HALF and t.mixed_precision == "no":  # a half trunk under an fp32 engine
+    elif t.quantization_type in FOUR_BIT and t.mixed_precision == "fp8":
+        problems.append(f"training.quantization_type: {t.quantization_type} cannot be combined with training."
+                        "mixed_precision: fp8 (float8 would convert the trunk's 4-bit layers); use bf16")
+    elif t.quantization_type in FOUR_BIT or (t.quantization_type in HALF and t.mixed_precision == "no"):
+        # a trunk held apart from the engine: half under an fp32 engine, or 4-bit under any
         if t.mode == "full":
             problems.append(f"training.quantization_type: {t.quantization_type} holds a progressive phase's frozen "
                             "trunk: set training.mode: layerwise | blockwise | fused (tools/progressive.py), or "
                             "training.quantization_enabled: false")
         elif t.fusion_mode != "frozen":
             problems.append(f"training.quantization_type: {t.quantization_type}: with fusion_mode: trainable the "
-                            "trunk trains at the engine's fp32; a trunk held at half precision needs training."
-                            "fusion_mode: frozen")
+                            f"trunk trains at the engine's {_engine_name(t.mixed_precision)}; a trunk held at "
+                            f"{t.quantization_type} needs training.fusion_mode: frozen")
+        elif t.quantization_type in FOUR_BIT and not trunk_lora_on(t):
+            problems.append(f"training.quantization_type: {t.quantization_type} is a QLoRA trunk: it needs "
+                            "training.qlora_enabled: true")
     elif t.quantization_type in ENGINE and ENGINE[t.quantization_type] != t.mixed_precision:
         problems.append(f"training.quantization_type: {t.quantization_type} would hold the trunk apart from a "
                         f"training.mixed_precision: {t.mixed_precision} engine, which casts every weight to its dtype;"
                         " a trunk held apart (bf16 or fp16) needs training.mixed_precision: no, else set "
                         f"training.quantization_type: {_engine_name(t.mixed_precision)} or "
                         "training.quantization_enabled: false")
-    elif t.quantization_type in ("nf4", "fp4") and not trunk_lora_on(t):
-        problems.append(f"training.quantization_type: {t.quantization_type} is a QLoRA trunk: it needs "
-                        "training.qlora_enabled: true")
 
 
 def precision_problem(cfg: MegamemConfig, on_cuda: bool) -> Optional[str]:
-    """The 4-bit trunk (nf4 / fp4): on CPU the honest name of what runs is 'LoRA on a frozen trunk'."""
+    """The 4-bit trunk (nf4 / fp4) needs CUDA and bitsandbytes: on CPU the honest name of what runs is 'LoRA on a
+    frozen trunk', and megamem refuses to call it QLoRA."""
+    import importlib.util
+
     t = cfg.training
-    if not (t.quantization_enabled and t.quantization_type in ("nf4", "fp4")):
+    if not (t.quantization_enabled and t.quantization_type in FOUR_BIT):
         return None
     if not on_cuda:
         return (f"training.quantization_type: {t.quantization_type} (a 4-bit QLoRA trunk) needs CUDA and bitsandbytes; "
                 "on CPU training.qlora_enabled / trunk_strategy: qlora means LoRA on a full-precision frozen trunk: "
                 "set training.quantization_enabled: false (or quantization_type: bf16 with mixed_precision: no for a "
                 "half-precision one)")
-    return (f"training.quantization_type: {t.quantization_type}: 4-bit trunks of from-scratch stacks are not "
-            "implemented in this version (the adapter runs' model.load_in_4bit is); set "
-            "training.quantization_enabled: false for LoRA on a full-precision frozen trunk, or quantization_type: "
-            "bf16 with mixed_precision: no for a half-precision one")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return (f"training.quantization_type: {t.quantization_type} stores the trunk with bitsandbytes, which is not "
+                "installed: pip install bitsandbytes (or megamem's gpu extra), or set training.quantization_enabled: "
+                "false")
+    return None

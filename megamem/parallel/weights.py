@@ -77,8 +77,10 @@ def read_weights(path: str, what: str) -> Tuple[Dict[str, torch.Tensor], Megamem
     state.update(banks_from_checkpoint(folder))
     cfg = load_config(config)
     if cfg.model.base_model_name is None:  # from-scratch LoRA (memory.use_lora, training.qlora_enabled): plain
+        from ..adapter.four_bit import dequantize_state
         from ..adapter.lora import checkpoint_scalings, merge_lora_state
 
+        state = dequantize_state(state)  # a 4-bit trunk's packed base weights
         state = merge_lora_state(state, checkpoint_scalings(state, cfg))
     return state, cfg, folder
 

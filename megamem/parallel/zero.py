@@ -111,7 +111,7 @@ def gathered_state_dict(model: nn.Module, dtype: torch.dtype, rank: int,
             continue
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             if rank == 0:
-                out[name] = p.detach().to(dtype).clone().contiguous()
+                out[name] = p.detach().to(dtype if p.is_floating_point() else p.dtype).clone().contiguous()
     if rank == 0:
         for name, b in persistent_buffers(model):  # not scratch (PEER's expert counts) nor recomputed (RoPE)
             if keep is not None and name not in keep:

@@ -73,11 +73,16 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
     stage = zero_stage(ds)
     if cfg.training.mixed_precision == "fp16" and not on_cuda:
         problems.append("training.mixed_precision: fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or no")
-    from ..config.trunk_lora import precision_problem  # a 4-bit trunk (training.quantization_type)
+    from ..config.trunk_lora import four_bit_type, precision_problem  # a 4-bit trunk (quantization_type)
 
     message = precision_problem(cfg, on_cuda)
     if message:
         problems.append(message)
+    elif four_bit_type(cfg.training) and (stage == 3 or pipeline_stages(ds) > 1):
+        problems.append(f"training.quantization_type: {cfg.training.quantization_type} (a 4-bit trunk) runs on ZeRO-0/1/2 "
+                        "without pipeline stages: bitsandbytes' packed weights cannot be partitioned or cut into "
+                        "stages; use ds_configs/zero2.json, or training.quantization_type: bf16 with "
+                        "mixed_precision: no")
     if cfg.training.mixed_precision == "fp8":  # refused here, before any model is built (megamem/train/float8.py)
         from .float8 import device_capability, float8_problem, torchao_available
 

@@ -81,7 +81,12 @@ def _banks_frozen(model: nn.Module, cfg: MegamemConfig) -> bool:
 
 
 def plain_state(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """A from-scratch model's gathered state with its LoRA merged (the export every reader loads); as is without."""
+    """A from-scratch model's gathered state with its LoRA merged (the export every reader loads); as is without.
+    A 4-bit trunk's base weights are dequantized first (float32, what the layers compute with)."""
+    from ..adapter.four_bit import dequantize_state, packed_state
+
+    if any(hasattr(p, "quant_state") for p in model.parameters()):
+        state = dequantize_state({**state, **packed_state(model)})
     scalings = lora_scalings(model)
     return merge_lora_state(state, scalings) if scalings else state
 
