@@ -68,8 +68,13 @@ def test_every_sub_benchmark_reports_finite_ratios(quick):
     for v in rr:
         assert v["attended_rows"] == 16 and 1 <= v["distinct_chapters_per_layer"] <= v["picks_per_layer"] == 4
         assert v["vs_dense_attended"] == pytest.approx(v["step_s"] / v["dense_step_s"]) and _positive(v["step_s"])
+    be = r["bf16_engine"]["rows"]  # DeepSpeed's bf16 engine (fp32 master weights) vs the cast model and transformers
+    assert [v["system"] for v in be] == ["cast", "transformers", "engine_zero0", "engine_zero1"]
+    assert be[0]["vs_cast"] == 1.0 and be[1]["vs_transformers"] == 1.0
+    for v in be:
+        assert _positive(v["tokens_per_s"]) and v["vs_cast"] == pytest.approx(v["tokens_per_s"] / be[0]["tokens_per_s"])
     table = benchmark.table(quick)
-    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4 + 2 + 4 + 3 * 2 * 2 + 6  # one row per measured ratio
+    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4 + 2 + 4 + 3 * 2 * 2 + 6 + 2  # one row per measured ratio
 
 
 def test_window_attractor_cache_bytes_follow_the_formula(tmp_path):

@@ -14,7 +14,8 @@ measured here), generation (generate() vs transformers generate()), distributed 
 ZeRO-3, bank gather, expert-parallel all-to-all), peer_mla (PEER vs a dense MLP of the same active
 neurons: step time and loss; MLA vs GQA: KV-cache bytes per token and decode tokens/s), window_attractor
 (decode memory and tokens/s vs context length: plain RoPE, a sliding window, window + attractor; its own
-table too), routed_rows (sequence-routed chapters vs a dense bank of the rows they attend, fp32 and bf16).
+table too), routed_rows (sequence-routed chapters vs a dense bank of the rows they attend, fp32 and bf16),
+bf16_engine (DeepSpeed's bf16 engine with fp32 master weights vs the bf16-cast model and transformers).
 Writes JSON (--json) and PNG plots (--plot-dir).
 """
 from __future__ import annotations
@@ -72,7 +73,7 @@ SIZES = {
                  routed_rows=ROUTED_ROWS, iters=5, warmup=1),
 }
 ALL = ["vanilla", "memory", "chapters", "mfu", "generation", "distributed", "peer_mla", "window_attractor",
-       "routed_rows"]
+       "routed_rows", "bf16_engine"]
 
 
 def machine() -> dict:
@@ -153,6 +154,10 @@ def run(only, level: str = "default", iters=None, warmup=None, threads: int = 1,
             from perf import routed_rows
 
             res = routed_rows.run(s["routed_rows"], ["fp32", "bf16"], it, wu)
+        elif name == "bf16_engine":
+            from perf import bf16_engine
+
+            res = bf16_engine.run(m, [0, 1], it, wu)
         else:
             raise SystemExit(f"unknown sub-benchmark {name!r}; valid: {', '.join(ALL)}")
         out["results"][name] = res
@@ -234,6 +239,11 @@ def table(out: dict) -> str:
                      f"{v['memory_dim']}, {v['distinct_chapters_per_layer']:.1f} distinct of {v['picks_per_layer']} picks "
                      f"per layer) / dense {v['attended_rows']:,}-row bank, {v['dtype']}", v["vs_dense_attended"],
                      f"≤ {v['target']}", v["met"]))
+    for v in r.get("bf16_engine", {}).get("rows", []):
+        if v["system"].startswith("engine"):
+            rows.append((f"train tokens/s, DeepSpeed bf16 engine ({v['system'].split('_')[1]}: fp32 master weights) / "
+                         f"bf16-cast model, vanilla (batch {v['batch']}×{v['seq']}; / transformers cast: "
+                         f"{v['vs_transformers']:.2f})", v["vs_cast"], "", ""))
     lines = ["| measurement | ratio | target | met |", "|---|---|---|---|"]
     lines += [f"| {w} | {_fmt(x)} | {t} | {'yes' if m is True else 'no' if m is False else ''} |" for w, x, t, m in rows]
     return "\n".join(lines)
