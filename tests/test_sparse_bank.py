@@ -72,6 +72,31 @@ def test_row_sparse_adamw_is_adamw_on_touched_rows():
     assert opts[2].state[p_sparse]["exp_avg"][[0, 2, 3, 5]].abs().sum() == 0
 
 
+@pytest.mark.parametrize("rows", [[1, 3, 4], [4, 1, 3], [1, 4, 1, 3, 4]], ids=["sorted", "unsorted", "repeated"])
+def test_row_sparse_adamw_takes_uncoalesced_gradients_as_their_dense_sum(rows):
+    """autograd hands a leaf its sparse gradient without the coalesced flag: sorted unique rows are used as they
+    are (no copy of the values), unsorted or repeated ones coalesced (repeats summed) — AdamW on the dense sum."""
+    from megamem.train.sparse_adamw import coalesced
+
+    torch.manual_seed(0)
+    ref, mine = torch.nn.Parameter(torch.randn(6, 3)), torch.nn.Parameter(torch.randn(6, 3))
+    with torch.no_grad():
+        mine.copy_(ref)
+    opt_ref, opt = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.1), RowSparseAdamW([mine], lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.sparse_coo_tensor(torch.tensor([rows]), torch.randn(len(rows), 3), (6, 3), check_invariants=False)
+        assert not grad.is_coalesced()
+        ref.grad, mine.grad = grad.to_dense(), grad
+        fixed = coalesced(grad)
+        assert fixed.is_coalesced() and torch.equal(fixed.to_dense(), grad.to_dense())
+        if rows == sorted(set(rows)):
+            assert fixed._values().data_ptr() == grad._values().data_ptr()
+        opt_ref.step()
+        opt.step()
+        touched = sorted(set(rows))
+        assert torch.allclose(mine[touched], ref[touched], atol=1e-6)
+
+
 def test_gather_chapters_sparse_gradient_and_block_update():
     """Repeated chapters are summed; whole-chapter blocks are updated like AdamW on those rows."""
     from megamem.memory.sparse_rows import gather_chapters

@@ -17,6 +17,19 @@ from ..comm import all_gather, all_gather_counts, all_reduce
 from ..memory.chapters import tokens_per_chapter
 
 
+def coalesced(grad: torch.Tensor) -> torch.Tensor:
+    """A row-sparse gradient with sorted, unique rows. autograd hands a leaf its first sparse gradient rebuilt
+    without the coalesced flag its producer set (megamem's gathers emit sorted unique rows), and coalesce() would
+    then sort and copy every value row (1.4 s of an 11 s step at 1M rows): rows already strictly increasing are
+    only marked so; repeats (a bank read twice, gradients summed) are summed by coalesce()."""
+    if grad.is_coalesced():
+        return grad
+    idx = grad._indices()
+    if idx.shape[0] == 1 and bool((idx[0, 1:] > idx[0, :-1]).all()):
+        return torch.sparse_coo_tensor(idx, grad._values(), grad.shape, check_invariants=False, is_coalesced=True)
+    return grad.coalesce()
+
+
 class RowSparseAdamW(torch.optim.Optimizer):
     """AdamW that updates only the rows present in a sparse gradient (lazy Adam).
 
@@ -68,7 +81,7 @@ class RowSparseAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad.coalesce() if p.grad.is_sparse else p.grad
+                grad = coalesced(p.grad) if p.grad.is_sparse else p.grad
                 if self.process_group is not None:
                     grad = self._reduce(grad)
                 if self.world:  # data-parallel mean (expert shards: summed over all ranks' tokens)
