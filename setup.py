@@ -36,7 +36,7 @@ setup(
         "psutil>=5.0",  # tools/progressive.py finds the running phase's ranks to pass a preemption notice on
     ],
     extras_require={
-        "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.43"],
+        "gpu": ["flash-attn>=2.5", "bitsandbytes>=0.45"],
         "mpi": ["mpi4py>=3.1"],
         "wandb": ["wandb>=0.17"],
         # bitsandbytes: its CPU kernels run the 4-bit trunk tests (megamem itself refuses 4-bit off CUDA)

@@ -34,7 +34,8 @@ def test_every_sub_benchmark_reports_finite_ratios(quick):
     for v in r["vanilla"]["rows"]:
         assert _positive(v["ratio"]) and v["met"] == (v["ratio"] >= v["target"])
         assert v["ratio"] == pytest.approx(v["megamem_tokens_per_s"] / v["transformers_tokens_per_s"])
-    assert [v["memory_tokens"] for v in r["memory"]["rows"]] == [64, 256]
+    assert [(v["dtype"], v["memory_tokens"]) for v in r["memory"]["rows"]] == [
+        (d, n) for d in ("fp32", "bf16") for n in (64, 256)]
     for v in r["memory"]["rows"]:
         assert _positive(v["ratio"]) and v["step_gflop"] > v["vanilla_step_gflop"]
     modes = [(v["mode"], v["memory_tokens"]) for v in r["chapters"]["rows"]]
@@ -74,7 +75,7 @@ def test_every_sub_benchmark_reports_finite_ratios(quick):
     for v in be:
         assert _positive(v["tokens_per_s"]) and v["vs_cast"] == pytest.approx(v["tokens_per_s"] / be[0]["tokens_per_s"])
     table = benchmark.table(quick)
-    assert table.count("\n| ") == 2 + 2 + 4 + 2 + 2 + 2 + 4 + 2 + 4 + 3 * 2 * 2 + 6 + 2  # one row per measured ratio
+    assert table.count("\n| ") == 2 + 4 + 4 + 2 + 2 + 2 + 4 + 2 + 4 + 3 * 2 * 2 + 6 + 2  # one row per measured ratio
 
 
 def test_window_attractor_cache_bytes_follow_the_formula(tmp_path):

@@ -122,7 +122,7 @@ def run(only, level: str = "default", iters=None, warmup=None, threads: int = 1,
         elif name == "memory":
             from perf.efficiency import memory_efficiency
 
-            res = memory_efficiency(m, s["banks"], it, wu)
+            res = memory_efficiency(m, s["banks"], it, wu, ["fp32", "bf16"])
         elif name == "chapters":
             import bench_chapters
             from perf import chapters
@@ -185,8 +185,9 @@ def table(out: dict) -> str:
         rows.append((f"train tokens/s, megamem vanilla / transformers Llama, {v['dtype']} (batch {v['batch']}×{v['seq']})",
                      v["ratio"], f"≥ {v['target']}", v["met"]))
     for v in r.get("memory", {}).get("rows", []):
-        rows.append((f"achieved FLOP/s, memory model N_m={v['memory_tokens']:,} every layer / vanilla "
-                     f"({v['gflops']:.1f} / {v['vanilla_gflops']:.1f} GFLOP/s)", v["ratio"], "≥ 0.9", v["met"]))
+        rows.append((f"achieved FLOP/s, memory model N_m={v['memory_tokens']:,} every layer / vanilla, {v['dtype']} "
+                     f"({v['gflops']:.1f} / {v['vanilla_gflops']:.1f} GFLOP/s; step {v['step_s'] * 1e3:.0f} ms, "
+                     f"batch {v['batch']})", v["ratio"], "≥ 0.9", v["met"]))
     for v in r.get("chapters", {}).get("rows", []):
         rows.append((f"step time, {v['mode']} routing, {v['memory_tokens']:,} memory tokens / smallest bank "
                      f"(/ dense at smallest: {v['vs_dense_smallest_bank']:.2f})", v["vs_smallest_bank"],
@@ -272,7 +273,9 @@ def plots(out: dict, directory: str) -> list:
     mem = out["results"].get("memory")
     if mem:
         fig, ax = plt.subplots(figsize=(5, 4))
-        ax.plot([r["memory_tokens"] for r in mem["rows"]], [r["ratio"] for r in mem["rows"]], "o-")
+        for dtype in dict.fromkeys(r.get("dtype", "fp32") for r in mem["rows"]):
+            pts = [r for r in mem["rows"] if r.get("dtype", "fp32") == dtype]
+            ax.plot([r["memory_tokens"] for r in pts], [r["ratio"] for r in pts], "o-", label=dtype)
         ax.axhline(0.9, ls="--", c="gray", label="target 0.9")
         ax.set(xscale="log", xlabel="memory tokens (every layer)", ylabel="FLOP/s / vanilla FLOP/s",
                title="memory-attention efficiency")
