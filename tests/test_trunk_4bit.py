@@ -16,13 +16,12 @@ from conftest import tiny_config
 from dist_utils import run_ranks
 from synthetic_data import SyntheticLoader
 from test_train import ZERO, make_cfg
-from test_trunk_precision import PHASES, SGD, _model
+from test_trunk_precision import FUSED_LORA as ON, NF4_TRUNK as NF4, PHASES, SGD, _model
+from test_trunk_precision import preempted_schedule_like_the_unbroken
 
-NF4 = ("training.quantization_enabled=true", "training.quantization_type=nf4")
 # every linear layer's input width a multiple of bitsandbytes' 64-value block: its CPU kernels (0.50) compute wrong
 # products otherwise (megamem refuses 4-bit trunks off CUDA; these tests run them there)
 WIDE = ("model.hidden_dim=64", "model.intermediate_dim=128")
-ON = ("training.mode=fused", "training.block_size=2", "training.total_blocks=2", "training.qlora_enabled=true")
 
 
 def _on_cuda(monkeypatch=None):
@@ -230,49 +229,11 @@ def test_a_saved_4bit_state_loads_into_a_model_quantized_from_other_weights(tmp_
 
 
 def test_phases_continue_and_a_preempted_4bit_phase_resumes_like_the_unbroken_schedule(tmp_path, capsys, monkeypatch):
-    from megamem.config import save_config
-    from test_progressive import _tool
-    from test_progressive_resume import _run_in_process
-
     _on_cuda(monkeypatch)
-    tool = _tool()
-
-    def config_file(out):
-        path = str(tmp_path / f"{os.path.basename(out)}.yaml")
-        save_config(make_cfg(out, *PHASES, *WIDE, *SGD, *NF4, "training.steps_per_phase=3"), path)
-        return path
-
-    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-    assert tool.main(["--config", config_file(whole)], run=_run_in_process()) == 0
-    path = config_file(broken)
-    assert tool.main(["--config", path], run=_run_in_process(preempt_at=(2, 2))) == 75  # phase 2: 2 trunk blocks
-    assert "phase 2 was preempted" in capsys.readouterr().err
-    assert tool.main(["--config", path], run=_run_in_process()) == 0
-    for p in range(3):
-        a = load_file(os.path.join(whole, f"phase_{p}", "final", "model.safetensors"))
-        b = load_file(os.path.join(broken, f"phase_{p}", "final", "model.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), p
-        assert all(v.dtype == torch.float32 for v in a.values()) and not any("lora_" in k for k in a)
+    whole = preempted_schedule_like_the_unbroken(tmp_path, capsys, *WIDE, *SGD, *NF4)
     # phase 2 moved blocks 0 and 1 off phase 1's export: by its 4-bit rounding and its adapters' updates
     one, two = (load_file(os.path.join(whole, f"phase_{p}", "final", "model.safetensors")) for p in (1, 2))
     assert not torch.equal(one["blocks.1.mlp.down_proj.weight"], two["blocks.1.mlp.down_proj.weight"])
-
-
-@pytest.mark.parametrize("overrides,message", [
-    ((*NF4,), "training.quantization_type: nf4 holds a progressive phase's frozen trunk: set training.mode"),
-    (("training.mode=fused", "training.block_size=2", "training.total_blocks=2", "training.fusion_mode=trainable",
-      *NF4), "nf4: with fusion_mode: trainable the trunk trains at the engine's bf16; a trunk held at nf4 needs "
-             "training.fusion_mode: frozen"),
-    ((*ON, *NF4, "training.mixed_precision=fp8"), "nf4 cannot be combined with training.mixed_precision: fp8"),
-    (("training.mode=fused", "training.block_size=2", "training.total_blocks=2", *NF4),
-     "nf4 is a QLoRA trunk: it needs training.qlora_enabled: true"),
-])
-def test_refusals_name_their_key(overrides, message):
-    from megamem.config import ConfigError
-
-    with pytest.raises(ConfigError) as e:
-        tiny_config(*overrides)
-    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_the_device_check_refuses_cpu_a_missing_bitsandbytes_zero3_and_pipelines(monkeypatch):

@@ -23,6 +23,8 @@ PHASES = ("training.mode=fused", "training.block_size=1", "training.total_blocks
 SGD = ("training.optimizer=sgd", "training.learning_rate=0.2", "training.memory_lr=0.2",
        "training.current_block_lr=0.5", "training.qlora_lr=0.5")
 HELD = ("training.quantization_enabled=true", "training.quantization_type=bf16")
+NF4_TRUNK = ("training.quantization_enabled=true", "training.quantization_type=nf4")
+FUSED_LORA = ("training.mode=fused", "training.block_size=2", "training.total_blocks=2", "training.qlora_enabled=true")
 
 
 def _norm_names(model):
@@ -180,10 +182,10 @@ def test_zero2_and_zero3_hold_the_trunk_at_bf16_and_train_like_zero0(tmp_path):
     assert len(a) == 3 and torch.allclose(a, b, atol=1e-4, rtol=0), (a, b)  # the same arithmetic, other layout
 
 
-def test_phases_continue_and_a_preempted_held_phase_resumes_like_the_unbroken_schedule(tmp_path, capsys):
-    """tools/progressive.py chaining three phases (the real Trainer in process, as scripts/train.py runs it): each
-    phase starts from the previous export (fp32, merged), holds its trunk again; a phase preempted mid-way and
-    rerun ends bitwise where the unbroken schedule ends."""
+def preempted_schedule_like_the_unbroken(tmp_path, capsys, *overrides) -> str:
+    """tools/progressive.py chaining three phases of PHASES + overrides (the real Trainer in process, as
+    scripts/train.py runs it), once unbroken and once with phase 2 preempted mid-way and rerun: every phase's
+    export bitwise the same, fp32, merged. Returns the unbroken run's folder."""
     from megamem.config import save_config
     from test_progressive import _tool
     from test_progressive_resume import _run_in_process
@@ -192,7 +194,7 @@ def test_phases_continue_and_a_preempted_held_phase_resumes_like_the_unbroken_sc
 
     def config_file(out):
         path = str(tmp_path / f"{os.path.basename(out)}.yaml")
-        save_config(make_cfg(out, *PHASES, *SGD, *HELD, "training.steps_per_phase=3"), path)
+        save_config(make_cfg(out, *PHASES, *overrides, "training.steps_per_phase=3"), path)
         return path
 
     whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
@@ -206,11 +208,18 @@ def test_phases_continue_and_a_preempted_held_phase_resumes_like_the_unbroken_sc
         b = load_file(os.path.join(broken, f"phase_{p}", "final", "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), p
         assert all(v.dtype == torch.float32 for v in a.values()) and not any("lora_" in k for k in a)
-        if p > 0:  # the trunk's frozen weights without adapters are the previous export's, rounded once
-            prev = load_file(os.path.join(whole, f"phase_{p - 1}", "final", "model.safetensors"))
-            kept = [k for k in a if k.startswith("blocks.0.") and torch.equal(a[k], prev[k])]
-            assert kept and all(torch.equal(a[k], prev[k].to(torch.bfloat16).float()) for k in kept
-                                if "norm" not in k)
+    return whole
+
+
+def test_phases_continue_and_a_preempted_held_phase_resumes_like_the_unbroken_schedule(tmp_path, capsys):
+    """Each phase starts from the previous export (fp32, merged) and holds its trunk again."""
+    whole = preempted_schedule_like_the_unbroken(tmp_path, capsys, *SGD, *HELD)
+    for p in range(1, 3):
+        a = load_file(os.path.join(whole, f"phase_{p}", "final", "model.safetensors"))
+        # the trunk's frozen weights without adapters are the previous export's, rounded once
+        prev = load_file(os.path.join(whole, f"phase_{p - 1}", "final", "model.safetensors"))
+        kept = [k for k in a if k.startswith("blocks.0.") and torch.equal(a[k], prev[k])]
+        assert kept and all(torch.equal(a[k], prev[k].to(torch.bfloat16).float()) for k in kept if "norm" not in k)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -222,6 +231,15 @@ def test_phases_continue_and_a_preempted_held_phase_resumes_like_the_unbroken_sc
      "fp16 would hold the trunk apart from a training.mixed_precision: bf16 engine"),
     (("training.mixed_precision=bf16", "training.quantization_enabled=true", "training.quantization_type=fp32"),
      "needs training.mixed_precision: no, else set training.quantization_type: bf16"),
+    # the 4-bit trunk (tests/test_trunk_4bit.py)
+    ((*NF4_TRUNK,), "training.quantization_type: nf4 holds a progressive phase's frozen trunk: set training.mode"),
+    (("training.mode=fused", "training.block_size=2", "training.total_blocks=2", "training.fusion_mode=trainable",
+      *NF4_TRUNK), "nf4: with fusion_mode: trainable the trunk trains at the engine's bf16; a trunk held at nf4 "
+                   "needs training.fusion_mode: frozen"),
+    ((*FUSED_LORA, *NF4_TRUNK, "training.mixed_precision=fp8"),
+     "nf4 cannot be combined with training.mixed_precision: fp8"),
+    (("training.mode=fused", "training.block_size=2", "training.total_blocks=2", *NF4_TRUNK),
+     "nf4 is a QLoRA trunk: it needs training.qlora_enabled: true"),
 ])
 def test_refusals_name_their_key(overrides, message):
     from megamem.config import ConfigError
