@@ -307,3 +307,59 @@ def test_every_block_kind_runs_held_like_fp32_on_its_rounded_weights(tmp_path, k
     held.backward()
     for n, p in models[0].named_parameters():
         assert (p.grad is not None and bool(torch.isfinite(p.grad).all())) == p.requires_grad, n
+
+
+PEER_ALL = ("model.use_peer=true", "model.peer_layer_placement=all")  # every layer: growth keeps earlier ones
+
+
+def _peer_phase(out):
+    """Phase 1 of PHASES with PEER MLPs (BatchNorm on the query) through the real Trainer; buffers before/after."""
+    from megamem.folders import export_model
+    from megamem.train.progressive import phase_config
+    from megamem.train.trainer import Trainer
+
+    cfg = make_cfg(out, *PHASES, "training.steps_per_phase=3", *SGD, *PEER_ALL)
+    first = phase_config(cfg, 0)
+    export_model(_model(first, seed=3).state_dict(), first, None, os.path.join(first.training.output_dir, "final"), 1)
+    phase = phase_config(cfg, 1)
+    phase.training.init_data_from = None
+    phase.training.init_from_new_init = "zeros"  # PEER has no down_proj to zero for an identity block
+    trainer = Trainer(phase, ZERO[0], lambda split, rank, world: SyntheticLoader(61, 2, 16, rank, world, split))
+    before = {n: b.detach().clone() for n, b in trainer.model.named_buffers() if "query_norm" in n}
+    result = trainer.fit()
+    result.update(before=before, after={n: b.detach().clone() for n, b in trainer.model.named_buffers()
+                                        if "query_norm" in n})
+    return result
+
+
+def test_a_frozen_trunk_keeps_its_batch_norm_statistics(tmp_path):
+    """PEER's query BatchNorm in a frozen trunk normalises with its running statistics and never updates them
+    (as in eval); the trained block's BatchNorm keeps training mode and updates its own."""
+    r = run_ranks(_peer_phase, str(tmp_path / "peer"), world_size=1, tmp_path=tmp_path / "r1")[0]
+    trunk = [n for n in r["before"] if n.startswith("blocks.0.")]
+    assert trunk and len(r["train_losses"]) == 3
+    assert all(torch.equal(r["before"][n], r["after"][n]) for n in trunk)  # num_batches_tracked included
+    counted = "blocks.1.mlp.query_norm.num_batches_tracked"  # the trained block: one update a training step
+    assert r["after"][counted] == r["before"][counted] + 3
+    var = "blocks.1.mlp.query_norm.running_var"
+    assert not torch.equal(r["before"][var], r["after"][var])
+
+
+def test_frozen_batch_norm_normalises_with_its_running_statistics(tmp_path):
+    from megamem.train.trainable import apply_training_policy
+
+    cfg = make_cfg(str(tmp_path), *PHASES, "training.phase=2", *PEER_ALL)
+    model = _model(cfg)
+    apply_training_policy(model, cfg, seed=0)
+    model.train()
+    norm = model.blocks[0].mlp.query_norm
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(32, norm.num_features)
+    want = (x - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps) * norm.weight + norm.bias
+    stats = norm.running_mean.clone()
+    assert (norm(x) - want).abs().max() < 1e-5 and torch.equal(norm.running_mean, stats)
+    trained = model.blocks[2].mlp.query_norm
+    y = trained(x)  # the current block's norm: batch statistics (training mode)
+    assert (y.mean(0)).abs().max() < 1e-5 and not torch.equal(trained.running_mean, torch.zeros_like(stats))

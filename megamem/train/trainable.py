@@ -57,6 +57,7 @@ def apply_training_policy(model: nn.Module, cfg: MegamemConfig, seed: Optional[i
     set_trainable(model, cfg)  # the adapter builder ran it already; globs and from-scratch parts need it here
     if trunk_lora:
         train_trunk_lora(model)
+    freeze_norm_statistics(model)
     unique = {id(p): p for p in model.parameters()}.values()
     count = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731 - ZeRO-3: whole size
     counts = {"trainable": count(p for p in unique if p.requires_grad),
@@ -72,6 +73,25 @@ def apply_training_policy(model: nn.Module, cfg: MegamemConfig, seed: Optional[i
     if from_scratch:
         counts.update(hold_trunk(model, cfg))
     return counts
+
+
+def _eval_mode(module: nn.Module, args) -> None:
+    module.training = False
+
+
+def freeze_norm_statistics(model: nn.Module) -> int:
+    """BatchNorm layers whose weights are all frozen (a progressive trunk's PEER query norms, training.frozen)
+    keep their running statistics frozen too: every forward normalises with them, as in eval, and never updates
+    them, so a frozen block is bitwise unchanged, buffers included. Returns how many were frozen."""
+    frozen = 0
+    for module in model.modules():
+        params = list(module.parameters())
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and params \
+                and not any(p.requires_grad for p in params) and not getattr(module, "_megamem_frozen_stats", False):
+            module.register_forward_pre_hook(_eval_mode)
+            module._megamem_frozen_stats = True
+            frozen += 1
+    return frozen
 
 
 def _banks_frozen(model: nn.Module, cfg: MegamemConfig) -> bool:
