@@ -16,7 +16,6 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-QUANT_TYPES = ("nf4", "fp4")
 _STATS = ".quant_state.bitsandbytes__"  # the key that marks a packed weight's quant state
 
 

@@ -80,8 +80,8 @@ def layout_problems(cfg: MegamemConfig, ds: Dict[str, Any], on_cuda: bool, world
         problems.append(message)
     elif four_bit_type(cfg.training) and (stage == 3 or pipeline_stages(ds) > 1):
         problems.append(f"training.quantization_type: {cfg.training.quantization_type} (a 4-bit trunk) runs on "
-                        "ZeRO-0/1/2 without pipeline stages: bitsandbytes' packed weights cannot be partitioned or cut into "
-                        "stages; use ds_configs/zero2.json, or training.quantization_type: bf16 with "
+                        "ZeRO-0/1/2 without pipeline stages: bitsandbytes' packed weights cannot be partitioned or "
+                        "cut into stages; use ds_configs/zero2.json, or training.quantization_type: bf16 with "
                         "mixed_precision: no")
     if cfg.training.mixed_precision == "fp8":  # refused here, before any model is built (megamem/train/float8.py)
         from .float8 import device_capability, float8_problem, torchao_available
