@@ -46,7 +46,7 @@ LAUNCHERS = {"python", "python3", ".venv/bin/python", "deepspeed", "torchrun", "
 SCRIPT = re.compile(r"^(scripts/\w+\.py|tools/\w+\.py|tools/\w+\.sh|slurm/\w+\.sh)$")
 # scripts whose unknown --section.key arguments are config overrides
 TAKES_OVERRIDES = {"scripts/train.py", "scripts/eval.py", "tools/ablate.py", "tools/compare_adapters.py", "tools/progressive.py",
-                   "tools/bench_progressive.py",
+                   "tools/bench_progressive.py", "tools/bench_recall.py",
                    "slurm/pretrain.sh",
                    "slurm/adapter.sh"}
 # the sbatch scripts pass everything after the config to scripts/train.py

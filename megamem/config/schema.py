@@ -138,7 +138,7 @@ class MemoryConfig:
     memory_layer_indices: Optional[List[int]] = None
     memory_sharing: Literal["shared", "per_layer", "every_k_layers"] = "shared"
     memory_sharing_k: int = 2
-    memory_block_variant: Literal["A", "B"] = "A"
+    memory_block_variant: Literal["A", "B", "C"] = "A"  # C: the memory read takes the place of the layer's MLP
     memory_dropout: float = 0.0
     memory_top_k: Optional[int] = None  # each query head reads its k best-scoring rows only; null = all rows
     memory_qk_norm: bool = False  # RMS-normalised queries/keys with a learned per-head temperature

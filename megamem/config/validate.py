@@ -12,7 +12,7 @@ from .trunk_lora import trunk_lora_problems
 from .schema import RULER_TASKS, MegamemConfig, MLAConfig
 from .validate_attractor import validate_adapter_attractor, validate_attractor
 from .checks import _fraction, _positive
-from .validate_memory import _validate_memory
+from .validate_memory import _validate_memory, validate_layout_c
 
 
 ROTARY = ("rope", "rope_ntk", "hybrid")
@@ -339,6 +339,7 @@ def validate(cfg: MegamemConfig) -> List[str]:
                   "memory_num_kv_heads", "memory_layer_k", "memory_layer_n", "memory_sharing_k", "memory_rank",
                   "projection_rank", "memory_init_std")
         _fraction(problems, "memory", cfg.memory, "memory_dropout")
+        validate_layout_c(cfg, problems)
     _validate_adapter(cfg, problems)
     _validate_training(cfg, problems)
     _validate_parallel(cfg, problems)

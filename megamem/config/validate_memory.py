@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import List
 
 from .checks import _fraction, _positive
+from .layer_selection import peer_layers, select_layers
 from .schema import MegamemConfig
 
 
@@ -58,6 +59,24 @@ def _validate_memory(cfg: MegamemConfig, problems: List[str]) -> None:
     if mem.quantize_memory and mem.memory_quant_bits == 4 and bank_dim % 2:
         problems.append(f"memory.memory_quant_bits: 4 packs two values per byte and needs an even bank dim, got {bank_dim}")
     _validate_chapters(cfg, problems)
+    validate_layout_c(cfg, problems)
+
+
+def validate_layout_c(cfg: MegamemConfig, problems: List[str]) -> None:
+    """Layout C removes the MLP of the layers that read memory: only from-scratch blocks have one to remove."""
+    m, mem = cfg.model, cfg.memory
+    if mem.memory_block_variant != "C":
+        return
+    if m.base_model_name is not None:
+        problems.append("memory.memory_block_variant: C replaces a block's MLP; adapter runs (model.base_model_name) "
+                        "keep the base's MLPs: use A or B")
+    elif m.use_peer:
+        read = select_layers(mem.memory_layer_placement, m.num_layers, mem.memory_layer_k, mem.memory_layer_n,
+                             mem.memory_layer_indices)
+        both = sorted(set(read) & set(peer_layers(m)))
+        if both:
+            problems.append(f"memory.memory_block_variant: C replaces the MLP of layers {both}, where model.use_peer "
+                            f"puts PEER: place memory and PEER on different layers, or use layout A or B")
 
 
 def _reduced(cfg: MegamemConfig) -> bool:

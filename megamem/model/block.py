@@ -3,7 +3,8 @@
     x → x + attn(norm(x)) → [branches in slot after_attention] → x + mlp(norm(x)) → [branches in slot after_mlp]
 
 Each registered branch (megamem.model.branches) that applies to this layer is held under its name
-(`block.memory`); a branch that does not apply is None.
+(`block.memory`); a branch that does not apply is None. A branch with `replaces_mlp` (memory layout C)
+takes the MLP's place: the block then has no MLP (`block.mlp` and `block.mlp_norm` are None).
 
 `compute_dtype` (None by default) runs the block under torch.autocast at that dtype and returns its output at the
 input's dtype: how a progressive phase's frozen trunk held at bf16/fp16 runs inside an fp32 model
@@ -32,11 +33,12 @@ class Block(nn.Module):
         self.layer_idx = layer_idx
         self.attn_norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
         self.attn = build_attention(model, layer_idx)
-        self.mlp_norm = make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
-        self.mlp = build_mlp(model, layer_idx)
+        built = {name: factory(model, mem, layer_idx) for name, factory in BRANCHES.entries.items()}
+        replaced = any(b is not None and b.replaces_mlp for b in built.values())
+        self.mlp_norm = None if replaced else make_norm(model.hidden_dim, model.norm_eps, model.use_rms_norm)
+        self.mlp = None if replaced else build_mlp(model, layer_idx)
         self.slots: Dict[str, List[str]] = {slot: [] for slot in SLOTS}
-        for name, factory in BRANCHES.entries.items():
-            branch = factory(model, mem, layer_idx)
+        for name, branch in built.items():  # registered after the MLP: the module order (and init stream) as before
             setattr(self, name, branch)
             if branch is not None:
                 self.slots[branch.slot].append(name)
@@ -62,5 +64,6 @@ class Block(nn.Module):
     def _forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), ctx)
         x = self._run_slot("after_attention", x, ctx)
-        x = x + self.mlp(self.mlp_norm(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
         return self._run_slot("after_mlp", x, ctx)

@@ -89,10 +89,10 @@ def new_output_layers(model: nn.Module, new: Set[str]) -> List[nn.Parameter]:
         if not all(names[id(p)] in new for p in block.parameters()):
             continue  # a block the source holds (its new memory branch, if any, starts at zero by wo_init_zero)
         down = getattr(block.mlp, "down_proj", None)
-        if down is None:
+        if down is None and block.mlp is not None:
             raise ConfigError(f"training.init_from_new_init: identity needs an MLP with down_proj; layer "
                               f"{block.layer_idx} has {type(block.mlp).__name__} (use init_from_new_init: zeros)")
-        for module in [block.attn.o_proj, down] + [m for _, b in block.branches() for m in b.output_layers()]:
+        for module in [block.attn.o_proj] + ([down] if down is not None else []) + [m for _, b in block.branches() for m in b.output_layers()]:
             out += [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
     return out
 

@@ -18,11 +18,13 @@ class ResidualBranch(nn.Module):
       always_zero_init: zeroed whatever wo_init_zero says (a branch that must start as identity).
     - decoding state: kept in ctx.layer_cache().state under the branch's own keys.
     - residual(x, ctx): x + delta; a branch with more than one residual step overrides it.
+    - replaces_mlp: the block then has no MLP of its own; the branch stands where it was.
     """
 
     slot = "after_attention"
     param_group = "memory"
     always_zero_init = False
+    replaces_mlp = False
 
     def output_layers(self) -> List[nn.Module]:
         return []

@@ -2,6 +2,8 @@
 
 Layout A: x → self-attn → memory → MLP
 Layout B: x → self-attn → MLP → memory → MLP (a second MLP after the memory read)
+Layout C: x → self-attn → memory (the memory read stands where the MLP was, as memory layers do in
+          "Memory Layers at Scale", arXiv 2412.09764: the model cannot route what it stores around it)
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class MemoryBranch(ResidualBranch):
         else:
             self.mlp = None
         self.slot = "after_mlp" if mem.memory_block_variant == "B" else "after_attention"
+        self.replaces_mlp = mem.memory_block_variant == "C"
         self.checkpointed = mem.memory_gradient_checkpointing
 
     def output_layers(self) -> List[nn.Linear]:
