@@ -92,7 +92,8 @@ def new_output_layers(model: nn.Module, new: Set[str]) -> List[nn.Parameter]:
         if down is None and block.mlp is not None:
             raise ConfigError(f"training.init_from_new_init: identity needs an MLP with down_proj; layer "
                               f"{block.layer_idx} has {type(block.mlp).__name__} (use init_from_new_init: zeros)")
-        for module in [block.attn.o_proj] + ([down] if down is not None else []) + [m for _, b in block.branches() for m in b.output_layers()]:
+        branch_outputs = [m for _, b in block.branches() for m in b.output_layers()]
+        for module in [block.attn.o_proj] + ([down] if down is not None else []) + branch_outputs:
             out += [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
     return out
 
