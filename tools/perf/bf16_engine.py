@@ -15,25 +15,18 @@ from typing import Dict, List
 
 import torch
 
+from .distributed import TESTS, _ds, _engine_step
 from .models import build, hf_twin, megamem_config, random_ids, train_step
 from .timing import alternate, speedup
 
 
-def _engine_step(cfg, batch: int, stage: int, ids: torch.Tensor):
+def _engine(cfg, batch: int, stage: int):
     import deepspeed
 
-    ds = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "train_batch_size": batch,
-          "bf16": {"enabled": True}, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
-          "wall_clock_breakdown": False}
+    ds = dict(_ds(stage, batch), train_batch_size=batch, bf16={"enabled": True})  # one rank
     model = build(cfg, torch.float32)  # the engine casts it to bf16 and keeps the fp32 master weights
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)
-
-    def step():
-        loss = engine(ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-    return step
+    return deepspeed.initialize(model=model, optimizer=opt, config=ds, dist_init_required=False)[0]
 
 
 def _worker(size: Dict[str, int], stages: List[int], iters: int, warmup: int, cores: List[int], threads: int) -> Dict:
@@ -45,7 +38,7 @@ def _worker(size: Dict[str, int], stages: List[int], iters: int, warmup: int, co
     ids = random_ids(size["vocab"], batch, size["seq"])
     steps = {"cast": train_step(cast, ids), "transformers": train_step(hf_twin(cast, cfg, torch.bfloat16), ids, hf=True)}
     for stage in stages:
-        steps[f"engine_zero{stage}"] = _engine_step(cfg, batch, stage, ids)
+        steps[f"engine_zero{stage}"] = _engine_step(_engine(cfg, batch, stage), ids)
     res = alternate(steps, iters, warmup)
     tokens = batch * size["seq"]
     rows = [{"system": name, "batch": batch, "seq": size["seq"], "tokens_per_s": tokens / res[name]["median_s"],
@@ -55,7 +48,6 @@ def _worker(size: Dict[str, int], stages: List[int], iters: int, warmup: int, co
 
 
 def run(size: Dict[str, int], stages: List[int], iters: int, warmup: int) -> Dict:
-    from .distributed import TESTS
 
     sys.path.insert(0, TESTS)
     from dist_utils import run_ranks
