@@ -112,9 +112,16 @@ def test_bench_recall_end_to_end(tmp_path, capsys):
     rows = {r["arm"]: r for r in report["arms"]}
     assert rows["memory"]["on mean"] == pytest.approx(sum(rows["memory"]["on"]) / 2)
     assert (out / "recall.png").stat().st_size > 0 and "| memory |" in (out / "recall.md").read_text()
-    # a rerun keeps the trained runs and gives the same table
-    assert tool("bench_recall").main(args) == 0
-    assert json.loads((out / "recall.json").read_text())["arms"] == report["arms"]
-    assert "trained in" not in capsys.readouterr().out.split("| arm |")[-1]
+    # a rerun keeps the trained runs and gives the same table; the matched arm (layout C without MLPs has fewer
+    # parameters than vanilla, so matched is vanilla's config) reuses vanilla's runs instead of training them again
+    capsys.readouterr()
+    again = [*args[:7], "vanilla", "matched", "memory", *args[9:]]
+    assert tool("bench_recall").main(again) == 0
+    rerun = json.loads((out / "recall.json").read_text())
+    assert [r for r in rerun["arms"] if r["arm"] != "matched"] == report["arms"]
+    rows = {r["arm"]: r for r in rerun["arms"]}
+    assert rows["matched"]["on"] == rows["vanilla"]["on"] and not list((out / "runs").glob("matched-*"))
+    printed = capsys.readouterr().out
+    assert "trained in" not in printed and "matched: the same config as vanilla" in printed
     with pytest.raises(ConfigError, match="another --people"):
         tool("bench_recall").main([*args[:2], "--people", "31", *args[4:]])

@@ -2,7 +2,7 @@
 """Does the memory store facts? Recall of a synthetic knowledge corpus, arm against arm, over seeds.
 
     python tools/bench_recall.py --out outputs/bench_recall                       # configs/recall_tiny.yaml
-    python tools/bench_recall.py --out outputs/bench_recall --arms vanilla memory --seeds 0 1 --training.max_steps 600
+    python tools/bench_recall.py --out outputs/bench_recall --arms vanilla memory --seeds 0 1 --training.max_steps 300
 
 Writes a seeded knowledge corpus (megamem.eval.recall: made-up people with a city and a job each, every
 fact stated --repeats times in varied templates among filler; a word-level tokenizer, so a value is one
@@ -35,7 +35,7 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="benchmark folder: data/, runs/<arm>-s<seed>/, recall.{md,json,png}")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["vanilla", "matched", "memory"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--people", type=int, default=150, help="people in the knowledge base (2 facts each)")
+    p.add_argument("--people", type=int, default=300, help="people in the knowledge base (2 facts each)")
     p.add_argument("--repeats", type=int, default=8, help="times each fact is stated in the training corpus")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--deepspeed", help="DeepSpeed JSON for every run (default: scripts/train.py's own)")
@@ -59,7 +59,7 @@ def score(run_dir: str, prompts):
 
 def main(argv=None) -> int:
     from ablate import run_step
-    from megamem.config import load_config
+    from megamem.config import config_to_dict, load_config
     from megamem.eval.recall.bench import ARMS, markdown, plot, summarise, write_data
     from megamem.folders import write_json_file, write_text_file
 
@@ -74,16 +74,21 @@ def main(argv=None) -> int:
         prompts = [(r["prompt"], r["value"]) for r in map(json.loads, f)]
     runs = []
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    trains = {}  # resolved config → the first arm that trains it: an arm whose config equals it shares its runs
     for name in args.arms:
         extra = ARMS[name](base)
-        load_config(args.config, [*common, *extra])  # a bad arm × config is refused before anything trains
+        resolved = load_config(args.config, [*common, *extra])  # a bad arm × config is refused before anything trains
+        owner = trains.setdefault(json.dumps(config_to_dict(resolved), sort_keys=True, default=str), name)
+        if owner != name:
+            print(f"{name}: the same config as {owner} (e.g. matched when the memory model has no more parameters "
+                  f"than vanilla): its runs are {owner}'s", flush=True)
         for seed in args.seeds:
-            run_dir = os.path.join(out, "runs", f"{name}-s{seed}")
+            run_dir = os.path.join(out, "runs", f"{owner}-s{seed}")
             if not os.path.isfile(os.path.join(run_dir, "final", "config.yaml")):
                 start = time.perf_counter()
                 run_step([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", args.config, *ds,
                           *common, *extra, "--training.seed", str(seed), "--training.output_dir", run_dir],
-                         os.path.join(out, "runs", f"{name}-s{seed}.log"))
+                         os.path.join(out, "runs", f"{owner}-s{seed}.log"))
                 print(f"{name} seed {seed}: trained in {time.perf_counter() - start:.0f} s", flush=True)
             table, params = score(run_dir, prompts)
             runs.append({"arm": name, "seed": seed, "parameters": params, "recall": table, "overrides": extra})
