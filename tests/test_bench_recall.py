@@ -103,7 +103,7 @@ def test_bench_recall_end_to_end(tmp_path, capsys):
     args = ["--out", str(out), "--people", "30", "--repeats", "2", "--arms", "vanilla", "memory",
             "--seeds", "0", "1", "--training.max_steps", "6", "--training.save_steps", "6",
             "--training.eval_steps", "6", "--training.logging_steps", "3", "--memory.num_memory_tokens", "64",
-            "--model.num_layers", "2", "--memory.memory_layer_n", "1"]
+            "--model.num_layers", "2", "--memory.memory_layer_n", "1", "--memory.memory_block_variant", "C"]
     assert tool("bench_recall").main(args) == 0
     report = json.loads((out / "recall.json").read_text())
     assert [(r["arm"], r["seed"]) for r in report["runs"]] == [(a, s) for a in ("vanilla", "memory") for s in (0, 1)]
@@ -112,8 +112,9 @@ def test_bench_recall_end_to_end(tmp_path, capsys):
     rows = {r["arm"]: r for r in report["arms"]}
     assert rows["memory"]["on mean"] == pytest.approx(sum(rows["memory"]["on"]) / 2)
     assert (out / "recall.png").stat().st_size > 0 and "| memory |" in (out / "recall.md").read_text()
-    # a rerun keeps the trained runs and gives the same table; the matched arm (layout C without MLPs has fewer
-    # parameters than vanilla, so matched is vanilla's config) reuses vanilla's runs instead of training them again
+    # a rerun keeps the trained runs and gives the same table; the matched arm (layout C in every layer leaves no
+    # MLP, so the memory model has fewer parameters than vanilla and matched is vanilla's config) reuses vanilla's
+    # runs instead of training them again
     capsys.readouterr()
     again = [*args[:7], "vanilla", "matched", "memory", *args[9:]]
     assert tool("bench_recall").main(again) == 0

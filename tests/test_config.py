@@ -130,3 +130,16 @@ def test_bad_config_has_specific_message(tmp_path, text, overrides, message):
 def test_missing_file():
     with pytest.raises(ConfigError, match="config file not found: /nope.yaml"):
         load_config("/nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["base_small", "tiny_cpu", "recall_tiny"])
+def test_shipped_memory_configs_use_the_memory_recipe(name):
+    """The recipe the fact-recall benchmark chose (docs/diagnostics.md#the-recipe) is what the from-scratch memory
+    configs ship: every second layer reads the bank (layout A, the read starting at zero), sharp reads, the memory
+    at ≥ 3x the learning rate of the rest."""
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    m, t = cfg.memory, cfg.training
+    assert (m.memory_block_variant, m.memory_layer_placement, m.memory_layer_n) == ("A", "every_n", 2)
+    assert (m.memory_top_k, m.memory_qk_norm, m.memory_qk_temperature) == (32, True, 128)
+    assert (m.memory_init_std, m.wo_init_zero, m.vanilla_mode) == (1.0, True, False)
+    assert t.learning_rate is not None and t.memory_lr >= 3 * t.learning_rate

@@ -1,12 +1,11 @@
 """Layout C (memory.memory_block_variant: C): the memory read takes the place of the MLP of the layers that read it."""
 import math
-import os
 
 import pytest
 import torch
 
 from conftest import assert_future_never_changes_the_past, decode_in_chunks, tiny_config
-from megamem.config import ConfigError, load_config
+from megamem.config import ConfigError
 from megamem.eval.ablation import ablated
 from megamem.model import build_model
 
@@ -111,16 +110,3 @@ def test_layout_c_beside_peer_on_other_layers_is_accepted():
     cfg = tiny_config(*C, "model.use_peer=true", "model.peer_layer_placement=custom", "model.peer_layer_indices=[0]",
                       "model.peer_config.product_key_dim=[4, 4]", "model.peer_config.num_experts=16")
     assert cfg.memory.memory_block_variant == "C"
-
-
-@pytest.mark.parametrize("name", ["base_small", "tiny_cpu", "recall_tiny"])
-def test_shipped_memory_configs_use_the_memory_recipe(name):
-    """The recipe the fact-recall benchmark chose (docs/diagnostics.md#the-recipe) is what the from-scratch memory
-    configs ship: every second layer reads the bank in place of its MLP, sharp reads, the memory at ≥ 3x the
-    learning rate of the rest."""
-    cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml"))
-    m, t = cfg.memory, cfg.training
-    assert (m.memory_block_variant, m.memory_layer_placement, m.memory_layer_n) == ("C", "every_n", 2)
-    assert (m.memory_top_k, m.memory_qk_norm, m.memory_qk_temperature) == (32, True, 128)
-    assert (m.memory_init_std, m.wo_init_zero, m.vanilla_mode) == (1.0, False, False)
-    assert t.learning_rate is not None and t.memory_lr >= 3 * t.learning_rate
