@@ -3,9 +3,11 @@
 Arms (ARMS, a registry: name → the config overrides that make it from the benchmark's config):
   vanilla  the config without memory (memory.vanilla_mode), the same seed's base weights (fair twins);
   matched  vanilla with model.intermediate_dim widened until it has at least the memory model's parameters;
-  memory   the config as given (configs/recall_tiny.yaml: sharp reads, docs/diagnostics.md);
+  memory   the config as given (configs/recall_tiny.yaml: the memory recipe, docs/diagnostics.md#the-recipe);
   dense    the memory model with megamem's default reads: a softmax over every row, no qk-norm, bank std 0.02,
            W_o zero-initialised.
+An arm whose config equals an earlier arm's (matched, when the memory model has no more parameters than vanilla)
+shares that arm's runs (tools/bench_recall.py).
 """
 from __future__ import annotations
 
