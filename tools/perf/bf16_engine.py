@@ -48,7 +48,6 @@ def _worker(size: Dict[str, int], stages: List[int], iters: int, warmup: int, co
 
 
 def run(size: Dict[str, int], stages: List[int], iters: int, warmup: int) -> Dict:
-
     sys.path.insert(0, TESTS)
     from dist_utils import run_ranks
 
